@@ -1,0 +1,37 @@
+"""Snapshot storage: layout, manifests with checksums, atomic commit, validation, retention.
+
+This package has no torch dependency: the supervisor uses it to choose, verify and prune
+snapshots without importing the training stack, and workers use it to write and read them.
+"""
+
+from storage.errors import (
+    CorruptSnapshot,
+    DiskFull,
+    SnapshotNotFound,
+    StorageError,
+    TransientStorageError,
+)
+from storage.local import HashingFile, LocalSnapshotStore, SnapshotInfo, SnapshotWriter, fsync_dir
+from storage.logs import configure_logging
+from storage.manifest import FileEntry, Manifest
+from storage.retention import RetentionPolicy, plan_retention
+from storage.settings import StorageSettings
+
+__all__ = [
+    "CorruptSnapshot",
+    "DiskFull",
+    "FileEntry",
+    "HashingFile",
+    "LocalSnapshotStore",
+    "Manifest",
+    "RetentionPolicy",
+    "SnapshotInfo",
+    "SnapshotNotFound",
+    "SnapshotWriter",
+    "StorageError",
+    "StorageSettings",
+    "TransientStorageError",
+    "configure_logging",
+    "fsync_dir",
+    "plan_retention",
+]

@@ -1,0 +1,71 @@
+"""Names and paths of the checkpoint directory.
+
+One place decides how a step maps to a directory name and back, so that listing, selection and
+retention agree. Steps are always compared as integers parsed from the name, never by string
+order or mtime; anything that does not parse is junk to be ignored, never deleted.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+
+SNAPSHOTS_DIR = "snapshots"
+RUN_DIR = "run"
+EXPORTS_DIR = "exports"
+MANIFEST_NAME = "manifest.json"
+
+_STEP_WIDTH = 12
+_COMMITTED = re.compile(r"^step-(\d{1,18})$")
+_TEMP = re.compile(r"^\.tmp-step-(\d{1,18})-.+$")
+TEMP_PREFIX = ".tmp-step-"
+
+
+def snapshot_dirname(step: int) -> str:
+    """Directory name of the committed snapshot at `step`."""
+    if step < 0:
+        raise ValueError(f"step must be non-negative, got {step}")
+    return f"step-{step:0{_STEP_WIDTH}d}"
+
+
+def temp_dirname(step: int) -> str:
+    """A fresh temporary name for a snapshot being written; unique per writer and attempt."""
+    return f"{TEMP_PREFIX}{step:0{_STEP_WIDTH}d}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def parse_committed(name: str) -> int | None:
+    """The step of a committed snapshot directory name, or None for anything else."""
+    m = _COMMITTED.match(name)
+    return int(m.group(1)) if m else None
+
+
+def parse_temp(name: str) -> int | None:
+    """The step of a temporary (in-flight or abandoned) snapshot directory name, or None."""
+    m = _TEMP.match(name)
+    return int(m.group(1)) if m else None
+
+
+def snapshots_root(checkpoint_dir: str) -> str:
+    return os.path.join(checkpoint_dir, SNAPSHOTS_DIR)
+
+
+def run_root(checkpoint_dir: str) -> str:
+    return os.path.join(checkpoint_dir, RUN_DIR)
+
+
+def exports_root(checkpoint_dir: str) -> str:
+    return os.path.join(checkpoint_dir, EXPORTS_DIR)
+
+
+def is_safe_filename(name: str) -> bool:
+    """Snapshot file names are plain names: no separators, no dot-dirs, nothing hidden."""
+    return (
+        bool(name)
+        and name not in (".", "..")
+        and "/" not in name
+        and "\\" not in name
+        and "\x00" not in name
+        and not name.startswith(".")
+        and name != MANIFEST_NAME
+    )

@@ -1,0 +1,484 @@
+"""The local snapshot tier: atomic commit, validation and newest-valid selection on one disk.
+
+A snapshot is written into a temporary directory, every file hashed while it is written (no
+second read pass) and fsynced, the manifest written last and fsynced, the directory renamed into
+place and the parent directory fsynced. A crash at any point leaves either the previous state or
+the complete new snapshot, never a half snapshot under a committed name. Reads verify sizes and
+checksums against the manifest before a single byte is handed to the caller.
+"""
+
+from __future__ import annotations
+
+import builtins
+import errno
+import hashlib
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, replace
+from types import TracebackType
+from typing import Any
+
+import structlog
+
+from storage import layout
+from storage.errors import CorruptSnapshot, DiskFull, SnapshotNotFound, StorageError
+from storage.manifest import FileEntry, Manifest
+from storage.settings import StorageSettings
+
+log = structlog.get_logger("storage.local")
+
+PhaseHook = Callable[[str], None]
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SnapshotInfo:
+    """What is known about one committed snapshot on a tier.
+
+    `valid` is None when only listed (not checked), True/False after validation; `reason`
+    explains a False.
+    """
+
+    step: int
+    path: str
+    tier: str
+    manifest: Manifest | None
+    valid: bool | None
+    reason: str | None = None
+
+    @property
+    def digest(self) -> str | None:
+        return self.manifest.digest if self.manifest else None
+
+    @property
+    def bytes(self) -> int | None:
+        return self.manifest.total_bytes if self.manifest else None
+
+    @property
+    def created_at(self) -> float | None:
+        return self.manifest.created_at if self.manifest else None
+
+    def to_json(self) -> dict[str, Any]:
+        """The `snapshots --json` record (stable field names: tools rely on them)."""
+        return {
+            "step": self.step,
+            "tier": self.tier,
+            "valid": self.valid,
+            "reason": self.reason,
+            "digest": self.digest,
+            "bytes": self.bytes,
+            "created_at": self.created_at,
+            "path": self.path,
+            "epoch": self.manifest.epoch if self.manifest else None,
+            "run_id": self.manifest.run_id if self.manifest else None,
+            "metrics": dict(self.manifest.metadata.get("metrics") or {}) if self.manifest else {},
+        }
+
+
+def fsync_dir(path: str) -> None:
+    """Make a rename or create inside `path` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _raise_storage(exc: OSError, what: str) -> StorageError:
+    if exc.errno in _NO_SPACE:
+        return DiskFull(f"no space left while {what}: {exc.strerror}")
+    return StorageError(f"I/O error while {what}: {exc}")
+
+
+class HashingFile:
+    """A write-only file that computes its size and sha256 as bytes pass through.
+
+    Writing and hashing both release the GIL for large buffers, so a background writer thread
+    using this does not stall the training thread.
+    """
+
+    def __init__(self, path: str, chunk_bytes: int) -> None:
+        self.path = path
+        self._chunk = chunk_bytes
+        self._hash = hashlib.sha256()
+        self._size = 0
+        self._entry: FileEntry | None = None
+        try:
+            self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except OSError as exc:
+            raise _raise_storage(exc, f"creating {path}") from exc
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        if self._fd is None:
+            raise StorageError(f"write to closed snapshot file {self.path}")
+        view = memoryview(data).cast("B")
+        total = len(view)
+        pos = 0
+        try:
+            while pos < total:
+                chunk = view[pos : pos + self._chunk]
+                written = os.write(self._fd, chunk)
+                self._hash.update(chunk[:written])
+                pos += written
+        except OSError as exc:
+            raise _raise_storage(exc, f"writing {self.path}") from exc
+        self._size += total
+        return total
+
+    def close(self) -> FileEntry:
+        """Fsync and close; returns the entry for the manifest. Idempotent."""
+        if self._entry is not None:
+            return self._entry
+        fd, self._fd = self._fd, None
+        if fd is None:
+            raise StorageError(f"{self.path} was abandoned")
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            raise _raise_storage(exc, f"fsyncing {self.path}") from exc
+        finally:
+            os.close(fd)
+        self._entry = FileEntry(size=self._size, checksum=self._hash.hexdigest())
+        return self._entry
+
+    def discard(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> HashingFile:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if et is None:
+            self.close()
+        else:
+            self.discard()
+
+
+class SnapshotWriter:
+    """Writes one snapshot into a temporary directory and commits it atomically."""
+
+    def __init__(
+        self,
+        *,
+        root: str,
+        step: int,
+        settings: StorageSettings,
+        on_phase: PhaseHook | None,
+    ) -> None:
+        self.step = step
+        self._root = root
+        self._settings = settings
+        self._on_phase = on_phase
+        self.tmp_path = os.path.join(root, layout.temp_dirname(step))
+        self._files: dict[str, HashingFile] = {}
+        self._done = False
+        try:
+            os.mkdir(self.tmp_path)
+        except OSError as exc:
+            raise _raise_storage(exc, f"creating {self.tmp_path}") from exc
+
+    def open(self, name: str) -> HashingFile:
+        """A new file in the snapshot; hash computed while writing, fsynced on close."""
+        if self._done:
+            raise StorageError("snapshot writer already committed or aborted")
+        if not layout.is_safe_filename(name):
+            raise ValueError(f"invalid snapshot file name {name!r}")
+        if name in self._files:
+            raise ValueError(f"snapshot file {name!r} written twice")
+        f = HashingFile(os.path.join(self.tmp_path, name), self._settings.write_chunk_bytes)
+        self._files[name] = f
+        return f
+
+    def write_bytes(self, name: str, data: bytes | bytearray | memoryview) -> FileEntry:
+        with self.open(name) as f:
+            f.write(data)
+        return f.close()
+
+    def _phase(self, name: str) -> None:
+        if self._on_phase is not None:
+            self._on_phase(name)
+
+    def commit(
+        self,
+        *,
+        run_id: str,
+        epoch: int,
+        world_size: int,
+        digest: str,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> Manifest:
+        """Write the manifest last, rename into place, fsync the parent. Returns the manifest."""
+        if self._done:
+            raise StorageError("snapshot writer already committed or aborted")
+        try:
+            entries = {name: f.close() for name, f in self._files.items()}
+            self._phase("after_files")
+            manifest = Manifest(
+                run_id=run_id,
+                step=self.step,
+                epoch=epoch,
+                world_size=world_size,
+                files=entries,
+                digest=digest,
+                created_at=time.time(),
+                metadata=dict(metadata or {}),
+            )
+            with HashingFile(
+                os.path.join(self.tmp_path, layout.MANIFEST_NAME), self._settings.write_chunk_bytes
+            ) as mf:
+                mf.write(manifest.to_json())
+            fsync_dir(self.tmp_path)
+            self._phase("before_rename")
+            self._install()
+        except OSError as exc:
+            self.abort()
+            raise _raise_storage(exc, f"committing step {self.step}") from exc
+        except BaseException:
+            self.abort()
+            raise
+        self._done = True
+        log.info(
+            "snapshot.committed_local",
+            step=self.step,
+            bytes=manifest.total_bytes,
+            path=os.path.join(self._root, layout.snapshot_dirname(self.step)),
+        )
+        return manifest
+
+    def _install(self) -> None:
+        final = os.path.join(self._root, layout.snapshot_dirname(self.step))
+        displaced: str | None = None
+        if os.path.lexists(final):
+            # A committed dir at this step can only be one we failed to validate (or an identical
+            # re-save after resuming from an older snapshot): move it aside under a temp name so a
+            # crash between the two renames leaves only garbage that cleanup removes.
+            displaced = os.path.join(self._root, layout.temp_dirname(self.step) + "-displaced")
+            os.rename(final, displaced)
+            log.warning("snapshot.replacing_existing", step=self.step)
+        os.rename(self.tmp_path, final)
+        fsync_dir(self._root)
+        if displaced is not None:
+            shutil.rmtree(displaced, ignore_errors=True)
+
+    def abort(self) -> None:
+        """Remove the temporary directory; older snapshots are never touched."""
+        if self._done:
+            return
+        self._done = True
+        for f in self._files.values():
+            f.discard()
+        shutil.rmtree(self.tmp_path, ignore_errors=True)
+
+
+class LocalSnapshotStore:
+    """Snapshots under `<checkpoint_dir>/snapshots` on a local (node-attached) disk."""
+
+    tier = "local"
+
+    def __init__(self, checkpoint_dir: str, *, settings: StorageSettings | None = None) -> None:
+        self.checkpoint_dir = os.path.abspath(checkpoint_dir)
+        self.root = layout.snapshots_root(self.checkpoint_dir)
+        self._settings = settings or StorageSettings()
+        try:
+            os.makedirs(self.root, exist_ok=True)
+        except OSError as exc:
+            raise _raise_storage(exc, f"creating {self.root}") from exc
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def begin(self, step: int, *, on_phase: PhaseHook | None = None) -> SnapshotWriter:
+        """Start writing the snapshot at `step`; commit or abort the returned writer."""
+        if step < 0:
+            raise ValueError(f"step must be non-negative, got {step}")
+        return SnapshotWriter(root=self.root, step=step, settings=self._settings, on_phase=on_phase)
+
+    # -- listing and validation ------------------------------------------------------------
+
+    def path(self, step: int) -> str:
+        return os.path.join(self.root, layout.snapshot_dirname(step))
+
+    def _committed_steps(self) -> Iterator[tuple[int, str]]:
+        try:
+            entries = list(os.scandir(self.root))
+        except FileNotFoundError:
+            return
+        for e in entries:
+            step = layout.parse_committed(e.name)
+            if step is not None and e.is_dir(follow_symlinks=False):
+                yield step, e.path
+
+    def list(self) -> list[SnapshotInfo]:
+        """Committed snapshots, oldest first by step. Junk names are ignored.
+
+        Manifests are parsed (cheap) but files are not checked: `valid` is None, or False when
+        the manifest is missing or unreadable.
+        """
+        out = []
+        for step, path in sorted(self._committed_steps()):
+            try:
+                manifest = self._load_manifest(step, path)
+                out.append(
+                    SnapshotInfo(step=step, path=path, tier=self.tier, manifest=manifest, valid=None)
+                )
+            except CorruptSnapshot as exc:
+                out.append(
+                    SnapshotInfo(
+                        step=step, path=path, tier=self.tier, manifest=None, valid=False,
+                        reason=str(exc),
+                    )
+                )
+        return out
+
+    def _load_manifest(self, step: int, path: str) -> Manifest:
+        try:
+            with open(os.path.join(path, layout.MANIFEST_NAME), "rb") as f:
+                data = f.read()
+        except FileNotFoundError as exc:
+            raise CorruptSnapshot("manifest missing") from exc
+        except OSError as exc:
+            raise CorruptSnapshot(f"manifest unreadable: {exc.strerror}") from exc
+        manifest = Manifest.from_json(data)
+        if manifest.step != step:
+            raise CorruptSnapshot(f"manifest says step {manifest.step}, directory says {step}")
+        return manifest
+
+    def read_manifest(self, step: int) -> Manifest:
+        path = self.path(step)
+        if not os.path.isdir(path):
+            raise SnapshotNotFound(f"no committed snapshot at step {step} in {self.root}")
+        return self._load_manifest(step, path)
+
+    def validate(self, step: int, *, verify_checksums: bool = True) -> SnapshotInfo:
+        """Check the snapshot at `step`: manifest, then each file's size (and checksum)."""
+        path = self.path(step)
+        info = SnapshotInfo(step=step, path=path, tier=self.tier, manifest=None, valid=False)
+        try:
+            manifest = self.read_manifest(step)
+        except (CorruptSnapshot, SnapshotNotFound) as exc:
+            return replace(info, reason=str(exc))
+        info = replace(info, manifest=manifest)
+        try:
+            for name, entry in manifest.files.items():
+                self._check_file(path, name, entry, verify_checksums)
+        except CorruptSnapshot as exc:
+            return replace(info, reason=str(exc))
+        return replace(info, valid=True)
+
+    def _check_file(self, path: str, name: str, entry: FileEntry, verify: bool) -> None:
+        fpath = os.path.join(path, name)
+        try:
+            size = os.stat(fpath).st_size
+        except FileNotFoundError as exc:
+            raise CorruptSnapshot(f"{name}: missing") from exc
+        if size != entry.size:
+            raise CorruptSnapshot(f"{name}: size {size} != manifest {entry.size}")
+        if verify:
+            self._hash_file(fpath, name, entry, None)
+
+    def _hash_file(
+        self, fpath: str, name: str, entry: FileEntry, into: memoryview | None
+    ) -> None:
+        """Hash the file while reading it, into `into` (verifying loads) or a scratch buffer."""
+        h = hashlib.sha256()
+        chunk = self._settings.read_chunk_bytes
+        scratch = memoryview(bytearray(min(chunk, max(entry.size, 1)))) if into is None else None
+        total = 0
+        try:
+            with open(fpath, "rb", buffering=0) as f:
+                while True:
+                    view = scratch if scratch is not None else into[total : total + chunk]  # type: ignore[index]
+                    if len(view) == 0:
+                        # The caller's buffer is full: one more byte means the file grew.
+                        if f.read(1):
+                            raise CorruptSnapshot(f"{name}: larger than manifest size")
+                        break
+                    n = f.readinto(view)
+                    if not n:
+                        break
+                    h.update(view[:n])
+                    total += n
+        except FileNotFoundError as exc:
+            raise CorruptSnapshot(f"{name}: missing") from exc
+        except OSError as exc:
+            raise StorageError(f"reading {fpath}: {exc}") from exc
+        if total != entry.size:
+            raise CorruptSnapshot(f"{name}: read {total} bytes, manifest says {entry.size}")
+        if h.hexdigest() != entry.checksum:
+            raise CorruptSnapshot(f"{name}: checksum mismatch")
+
+    def newest_valid(
+        self,
+        *,
+        verify_checksums: bool = True,
+        cleanup: bool = False,
+        max_step: int | None = None,
+    ) -> SnapshotInfo | None:
+        """The highest-step valid snapshot, skipping (and optionally deleting) invalid ones."""
+        for info in reversed(self.list()):
+            if max_step is not None and info.step > max_step:
+                continue
+            checked = self.validate(info.step, verify_checksums=verify_checksums)
+            if checked.valid:
+                return checked
+            log.warning("snapshot.invalid", step=info.step, reason=checked.reason, tier=self.tier)
+            if cleanup:
+                self.delete(info.step)
+                log.info("snapshot.removed_invalid", step=info.step, reason=checked.reason)
+        return None
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def read_into(self, step: int, name: str, buffer: memoryview | bytearray) -> Manifest:
+        """Stream file `name` of the snapshot into `buffer` (exactly its size), verifying it."""
+        manifest = self.read_manifest(step)
+        entry = manifest.files.get(name)
+        if entry is None:
+            raise CorruptSnapshot(f"step {step}: manifest lists no file {name!r}")
+        view = memoryview(buffer).cast("B")
+        if len(view) != entry.size:
+            raise ValueError(f"buffer is {len(view)} bytes, {name} is {entry.size}")
+        self._hash_file(os.path.join(self.path(step), name), name, entry, view)
+        return manifest
+
+    def open_verified(self, step: int, name: str) -> bytes:
+        """The whole content of file `name`, checksum-verified."""
+        manifest = self.read_manifest(step)
+        entry = manifest.files.get(name)
+        if entry is None:
+            raise CorruptSnapshot(f"step {step}: manifest lists no file {name!r}")
+        buf = bytearray(entry.size)
+        self._hash_file(os.path.join(self.path(step), name), name, entry, memoryview(buf))
+        return bytes(buf)
+
+    # -- deletion --------------------------------------------------------------------------
+
+    def delete(self, step: int) -> None:
+        """Remove a committed snapshot; it disappears atomically (rename first), then is freed."""
+        path = self.path(step)
+        doomed = os.path.join(self.root, layout.temp_dirname(step) + "-deleted")
+        try:
+            os.rename(path, doomed)
+        except FileNotFoundError:
+            return
+        fsync_dir(self.root)
+        shutil.rmtree(doomed, ignore_errors=True)
+
+    def cleanup_abandoned(self) -> builtins.list[str]:
+        """Remove temporary snapshot dirs left by dead writers. Call only when no writer runs."""
+        removed: builtins.list[str] = []
+        try:
+            entries = list(os.scandir(self.root))
+        except FileNotFoundError:
+            return []
+        for e in entries:
+            if layout.parse_temp(e.name) is not None:
+                shutil.rmtree(e.path, ignore_errors=True)
+                removed.append(e.path)
+                log.info("snapshot.removed_abandoned", path=e.path)
+        return removed

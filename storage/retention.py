@@ -1,0 +1,77 @@
+"""Retention: which committed snapshots may be deleted.
+
+Pure logic over `SnapshotInfo` lists so it can be tested exhaustively. Keep-last-K, keep-every-N
+and keep-best-K (by a metric recorded in the manifest) are separate rules; a snapshot survives if
+any rule keeps it. Whatever the rules say, the newest valid snapshot and every protected step
+(in flight, not yet mirrored) are never deleted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from storage.local import SnapshotInfo
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetentionPolicy:
+    """Retention rules; all None/0 means keep everything."""
+
+    keep_last: int | None = None
+    keep_every: int | None = None
+    keep_best: int = 0
+    best_metric: str | None = None
+    best_mode: str = "max"
+
+    def __post_init__(self) -> None:
+        if self.keep_last is not None and self.keep_last < 1:
+            raise ValueError("keep_last must be at least 1 (the newest is always kept)")
+        if self.keep_every is not None and self.keep_every < 1:
+            raise ValueError("keep_every must be a positive number of steps")
+        if self.keep_best < 0:
+            raise ValueError("keep_best must be non-negative")
+        if self.keep_best and not self.best_metric:
+            raise ValueError("keep_best needs best_metric: the metric name to rank snapshots by")
+        if self.best_mode not in ("max", "min"):
+            raise ValueError(f"best_mode must be 'max' or 'min', got {self.best_mode!r}")
+
+    @property
+    def active(self) -> bool:
+        return self.keep_last is not None or self.keep_every is not None or self.keep_best > 0
+
+
+def _metric(info: SnapshotInfo, name: str) -> float | None:
+    if info.manifest is None:
+        return None
+    value = (info.manifest.metadata.get("metrics") or {}).get(name)
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def plan_retention(
+    snapshots: Sequence[SnapshotInfo],
+    policy: RetentionPolicy,
+    *,
+    protected: Iterable[int] = (),
+) -> list[int]:
+    """Steps to delete, ascending. Never the newest valid (or unchecked) one, never protected."""
+    if not policy.active or not snapshots:
+        return []
+    keep = set(protected)
+    by_step = sorted(snapshots, key=lambda s: s.step)
+    # Unchecked snapshots might turn out corrupt, so keep the newest *known* valid one as well.
+    newest_known = next((s.step for s in reversed(by_step) if s.valid is True), None)
+    newest_maybe = next((s.step for s in reversed(by_step) if s.valid is not False), None)
+    keep.update(step for step in (newest_known, newest_maybe) if step is not None)
+    candidates = [s for s in by_step if s.valid is not False]
+    if policy.keep_last is not None:
+        keep.update(s.step for s in candidates[-policy.keep_last :])
+    if policy.keep_every is not None:
+        keep.update(s.step for s in candidates if s.step % policy.keep_every == 0)
+    if policy.keep_best and policy.best_metric:
+        metric = policy.best_metric
+        scored = [(m, s.step) for s in candidates if (m := _metric(s, metric)) is not None]
+        # Ties go to the later step: it carries more training for the same score.
+        scored.sort(key=lambda ms: (ms[0] if policy.best_mode == "max" else -ms[0], ms[1]))
+        keep.update(step for _, step in scored[-policy.keep_best :])
+    return [s.step for s in by_step if s.step not in keep]
