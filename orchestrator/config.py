@@ -1,0 +1,217 @@
+"""The launch configuration: one frozen, validated value built from flags and a TOML file.
+
+``orchestrator launch`` turns its flags (and the optional ``--config FILE``) into a
+:class:`LaunchConfig`; everything downstream receives that value and never looks at argv again.
+Validation that needs no filesystem happens in ``__post_init__`` (a ``ValueError`` with the
+reason); :func:`check_launchable` adds the checks that look at the disk (script present,
+checkpoint dir writable) so that a bad launch fails with exit 2 before anything starts.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, fields
+from typing import Any
+
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_ENDPOINT = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):(?P<port>\d{1,5})$")
+BEST_MODES = ("max", "min")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LaunchConfig:
+    """Everything ``orchestrator launch`` was asked to do.
+
+    ``None`` for an optional knob means "not set": ``checkpoint_every=None`` leaves the interval
+    to the training script, ``keep_local=None`` keeps every local snapshot, ``hang_timeout=None``
+    disables the heartbeat watchdog, ``run_id=None`` is resolved at launch (see
+    ``runstate.stable_run_id``).
+    """
+
+    checkpoint_dir: str
+    script: str
+    script_args: tuple[str, ...] = ()
+    nodes: int = 1
+    nproc_per_node: int = 1
+    node_rank: int = 0
+    rdzv_endpoint: str | None = None
+    mirror: str | None = None
+    run_id: str | None = None
+    checkpoint_every: int | None = None
+    keep_local: int | None = None
+    keep_remote: int | None = None
+    keep_every: int | None = None
+    keep_best: int = 0
+    best_metric: str | None = None
+    best_mode: str = "max"
+    max_restarts: int = 3
+    grace: float = 30.0
+    hang_timeout: float | None = None
+    allow_config_change: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.checkpoint_dir:
+            raise ValueError("--checkpoint-dir is required")
+        if not self.script:
+            raise ValueError("a training SCRIPT is required")
+        if self.nodes < 1:
+            raise ValueError(f"--nodes must be >= 1, got {self.nodes}")
+        if self.nproc_per_node < 1:
+            raise ValueError(f"--nproc-per-node must be >= 1, got {self.nproc_per_node}")
+        if not 0 <= self.node_rank < self.nodes:
+            raise ValueError(f"--node-rank must be in [0, {self.nodes}), got {self.node_rank}")
+        if self.nodes > 1 and not self.rdzv_endpoint:
+            raise ValueError("--nodes > 1 needs --rdzv-endpoint HOST:PORT (shared by all nodes)")
+        if self.rdzv_endpoint is not None:
+            m = _ENDPOINT.match(self.rdzv_endpoint)
+            if m is None or not 0 < int(m.group("port")) < 65536:
+                raise ValueError(f"--rdzv-endpoint must be HOST:PORT, got {self.rdzv_endpoint!r}")
+        if self.run_id is not None and not _RUN_ID.match(self.run_id):
+            raise ValueError(
+                "--run-id must be 1-128 characters of letters, digits, '.', '_' or '-' "
+                f"starting with a letter or digit, got {self.run_id!r}"
+            )
+        if self.mirror is not None and not self.mirror:
+            raise ValueError("--mirror must not be empty")
+        _non_negative("--checkpoint-every", self.checkpoint_every)
+        _at_least_one("--keep-local", self.keep_local)
+        _at_least_one("--keep-remote", self.keep_remote)
+        _at_least_one("--keep-every", self.keep_every)
+        _non_negative("--keep-best", self.keep_best)
+        _non_negative("--max-restarts", self.max_restarts)
+        if self.keep_best and not self.best_metric:
+            raise ValueError("--keep-best needs --best-metric NAME (a metric in the manifests)")
+        if self.best_mode not in BEST_MODES:
+            raise ValueError(f"--best-mode must be one of {BEST_MODES}, got {self.best_mode!r}")
+        if not self.grace >= 0:
+            raise ValueError(f"--grace must be >= 0 seconds, got {self.grace}")
+        if self.hang_timeout is not None and not self.hang_timeout > 0:
+            raise ValueError(f"--hang-timeout must be > 0 seconds, got {self.hang_timeout}")
+
+    @property
+    def retention_active(self) -> bool:
+        """Whether any local retention rule is set (otherwise every snapshot is kept)."""
+        return self.keep_local is not None or self.keep_every is not None or self.keep_best > 0
+
+
+def _non_negative(flag: str, value: int | None) -> None:
+    if value is not None and value < 0:
+        raise ValueError(f"{flag} must be >= 0, got {value}")
+
+
+def _at_least_one(flag: str, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise ValueError(f"{flag} must be >= 1, got {value}")
+
+
+# The type each key of a TOML config file must have; bools are not ints here (TOML has both).
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "checkpoint_dir": (str,),
+    "script": (str,),
+    "script_args": (list,),
+    "nodes": (int,),
+    "nproc_per_node": (int,),
+    "node_rank": (int,),
+    "rdzv_endpoint": (str,),
+    "mirror": (str,),
+    "run_id": (str,),
+    "checkpoint_every": (int,),
+    "keep_local": (int,),
+    "keep_remote": (int,),
+    "keep_every": (int,),
+    "keep_best": (int,),
+    "best_metric": (str,),
+    "best_mode": (str,),
+    "max_restarts": (int,),
+    "grace": (int, float),
+    "hang_timeout": (int, float),
+    "allow_config_change": (bool,),
+}
+CONFIG_KEYS = frozenset(_FIELD_TYPES)
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    """Read a TOML config file into ``LaunchConfig`` field values.
+
+    Keys are the long flag names, with dashes or underscores (``max-restarts`` or
+    ``max_restarts``); an unknown key or a value of the wrong type is a ``ValueError``.
+    """
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"config file {path} does not exist") from None
+    except OSError as exc:
+        raise ValueError(f"config file {path} is unreadable: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"config file {path} is not valid TOML: {exc}") from None
+    out: dict[str, Any] = {}
+    for raw_key, value in doc.items():
+        key = raw_key.replace("-", "_")
+        if key not in _FIELD_TYPES:
+            known = ", ".join(sorted(k.replace("_", "-") for k in CONFIG_KEYS))
+            raise ValueError(f"config file {path}: unknown key {raw_key!r} (known: {known})")
+        if key in out:
+            raise ValueError(f"config file {path}: key {raw_key!r} given twice")
+        expected = _FIELD_TYPES[key]
+        if isinstance(value, bool) and bool not in expected:
+            raise ValueError(f"config file {path}: {raw_key} must not be a boolean")
+        if not isinstance(value, expected):
+            names = " or ".join(t.__name__ for t in expected)
+            raise ValueError(f"config file {path}: {raw_key} must be {names}, got {value!r}")
+        if key == "script_args":
+            if not all(isinstance(a, str) for a in value):
+                raise ValueError(f"config file {path}: script-args must be a list of strings")
+            value = tuple(value)
+        if key == "checkpoint_dir":
+            # Relative to the config file, like every tool that reads paths from a file.
+            value = os.path.join(os.path.dirname(os.path.abspath(path)), value)
+        out[key] = value
+    return out
+
+
+def build_config(
+    explicit: Mapping[str, Any], file_values: Mapping[str, Any] | None = None
+) -> LaunchConfig:
+    """Merge defaults < config file < explicit flags into a validated :class:`LaunchConfig`.
+
+    ``explicit`` holds only the flags the user actually gave (absent or None = not given).
+    """
+    merged: dict[str, Any] = dict(file_values or {})
+    for key, value in explicit.items():
+        if key not in CONFIG_KEYS:
+            raise ValueError(f"unknown launch option {key!r}")
+        if value is not None:
+            merged[key] = value
+    for f in fields(LaunchConfig):
+        if f.default is MISSING and f.default_factory is MISSING and f.name not in merged:
+            flag = "SCRIPT" if f.name == "script" else "--" + f.name.replace("_", "-")
+            raise ValueError(f"{flag} is required")
+    if "script_args" in merged:
+        merged["script_args"] = tuple(merged["script_args"])
+    return LaunchConfig(**merged)
+
+
+def check_launchable(config: LaunchConfig) -> None:
+    """Filesystem checks done before anything is launched; ``ValueError`` with the reason."""
+    if not os.path.isfile(config.script):
+        raise ValueError(f"training script {config.script} does not exist or is not a file")
+    if not os.access(config.script, os.R_OK):
+        raise ValueError(f"training script {config.script} is not readable")
+    directory = os.path.abspath(config.checkpoint_dir)
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise ValueError(f"checkpoint dir {directory} exists and is not a directory")
+    try:
+        os.makedirs(os.path.join(directory, "run"), exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"checkpoint dir {directory} cannot be created: {exc.strerror}") from None
+    probe = os.path.join(directory, "run", f".write-probe-{os.getpid()}")
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"ok")
+        os.unlink(probe)
+    except OSError as exc:
+        raise ValueError(f"checkpoint dir {directory} is not writable: {exc.strerror}") from None

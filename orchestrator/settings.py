@@ -1,0 +1,138 @@
+"""Supervisor tunables, and the only module of ``orchestrator`` that reads ``os.environ``.
+
+Every knob the supervisor, launcher and status commands use that is not a user-facing flag
+lives in :class:`Settings` with an ``ORCH_*`` environment override, so that tests can shrink
+backoffs and poll intervals without touching code, and every other module receives plain
+values. The environment handed to torchrun is also captured here (:func:`inherited_environment`)
+so that the launcher never reads the process environment itself.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+LOG_FORMATS = ("json", "console")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Tunables of the supervisor; see ``ENV_NAMES`` for the variable overriding each one."""
+
+    #: First restart delay; doubles per consecutive failure up to ``backoff_max_s``.
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 30.0
+    #: Uniform random jitter added to each delay, so that many nodes do not relaunch in lockstep.
+    backoff_jitter_s: float = 1.0
+    #: How often the supervisor loop polls the worker group and heartbeats.
+    poll_interval_s: float = 0.2
+    #: How often snapshots are listed (retention, newest_local_step) and state.json refreshed.
+    scan_interval_s: float = 1.0
+    #: torchrun's own ``--monitor-interval``: how fast it notices a dead rank.
+    monitor_interval_s: float = 0.1
+    #: Process-group timeout passed to workers: a collective never waits torch's 30 minutes.
+    pg_timeout_s: float = 60.0
+    #: Consecutive failed attempts without progress after which the supervisor gives up early.
+    crash_loop_attempts: int = 3
+    #: Bound on waiting for SIGKILLed processes to disappear.
+    kill_wait_s: float = 10.0
+    #: Bound on draining torchrun's output after it exited.
+    tee_join_s: float = 5.0
+    #: ``status --watch`` refresh period and overall bound.
+    watch_interval_s: float = 2.0
+    watch_max_s: float = 24 * 3600.0
+    #: ``json`` or ``console``; None picks by whether stderr is a terminal.
+    log_format: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in (
+            "backoff_initial_s",
+            "backoff_max_s",
+            "poll_interval_s",
+            "scan_interval_s",
+            "monitor_interval_s",
+            "pg_timeout_s",
+            "kill_wait_s",
+            "tee_join_s",
+            "watch_interval_s",
+            "watch_max_s",
+        ):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{ENV_NAMES[name]} must be > 0, got {getattr(self, name)}")
+        if self.backoff_jitter_s < 0:
+            raise ValueError(f"{ENV_NAMES['backoff_jitter_s']} must be >= 0")
+        if self.backoff_max_s < self.backoff_initial_s:
+            raise ValueError(
+                f"{ENV_NAMES['backoff_max_s']} must be >= {ENV_NAMES['backoff_initial_s']}"
+            )
+        if self.crash_loop_attempts < 1:
+            raise ValueError(f"{ENV_NAMES['crash_loop_attempts']} must be >= 1")
+        if self.log_format is not None and self.log_format not in LOG_FORMATS:
+            raise ValueError(f"ORCH_LOG_FORMAT must be one of {LOG_FORMATS}, got {self.log_format!r}")
+
+    def worker_log_format(self) -> str:
+        """The log format workers are told to use: explicit, else follow the supervisor's tty."""
+        if self.log_format is not None:
+            return self.log_format
+        return "console" if sys.stderr.isatty() else "json"
+
+
+ENV_NAMES: dict[str, str] = {
+    "backoff_initial_s": "ORCH_BACKOFF_INITIAL_S",
+    "backoff_max_s": "ORCH_BACKOFF_MAX_S",
+    "backoff_jitter_s": "ORCH_BACKOFF_JITTER_S",
+    "poll_interval_s": "ORCH_POLL_INTERVAL_S",
+    "scan_interval_s": "ORCH_SCAN_INTERVAL_S",
+    "monitor_interval_s": "ORCH_TORCHRUN_MONITOR_INTERVAL_S",
+    "pg_timeout_s": "ORCH_PG_TIMEOUT_S",
+    "crash_loop_attempts": "ORCH_CRASH_LOOP_ATTEMPTS",
+    "kill_wait_s": "ORCH_KILL_WAIT_S",
+    "tee_join_s": "ORCH_TEE_JOIN_S",
+    "watch_interval_s": "ORCH_WATCH_INTERVAL_S",
+    "watch_max_s": "ORCH_WATCH_MAX_S",
+    "log_format": "ORCH_LOG_FORMAT",
+}
+
+
+def _parse_float(name: str, raw: str) -> float:
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a number, got {raw!r}") from None
+
+
+def _parse_int(name: str, raw: str) -> int:
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Settings from ``env`` (default: the process environment); ValueError names a bad one."""
+    source = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    for f in fields(Settings):
+        var = ENV_NAMES[f.name]
+        raw = source.get(var, "").strip()
+        if not raw:
+            continue
+        parse: Callable[[str, str], Any]
+        if f.name == "log_format":
+            values[f.name] = raw
+            continue
+        parse = _parse_int if f.name == "crash_loop_attempts" else _parse_float
+        values[f.name] = parse(var, raw)
+    return Settings(**values)
+
+
+def inherited_environment() -> dict[str, str]:
+    """A copy of the supervisor's environment: the base of every torchrun child's environment.
+
+    ``ORCH_FAULTS`` and the user's own variables (``OMP_NUM_THREADS``, AWS credentials, ...)
+    reach the workers through it untouched.
+    """
+    return dict(os.environ)

@@ -1,0 +1,112 @@
+"""End-to-end integrity: corrupt snapshots, junk, disk full, spent budgets, changed config."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e import harness
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
+
+
+def _interrupted_run(ckpt: Path) -> harness.Result:
+    """A run that dies at step 73 with no restart budget: snapshots 20, 40, 60 remain."""
+    result = harness.launch(ckpt, faults="step_end@73:rank=0", max_restarts=0)
+    assert result.rc == 1, result.stderr[-3000:]
+    return result
+
+
+def _corrupt(snapshot_dir: Path, how: str) -> None:
+    data = snapshot_dir / "tensors.bin"
+    if how == "bitflip":
+        raw = bytearray(data.read_bytes())
+        raw[len(raw) // 2] ^= 0x01
+        data.write_bytes(bytes(raw))
+    elif how == "truncate":
+        with open(data, "r+b") as f:
+            f.truncate(data.stat().st_size // 2)
+    elif how == "no-manifest":
+        (snapshot_dir / "manifest.json").unlink()
+    else:
+        raise ValueError(how)
+
+
+def test_budget_spent_exits_1_with_root_cause(ckpt: Path) -> None:
+    result = _interrupted_run(ckpt)
+    assert "rank 0" in result.stderr and "SIGKILL" in result.stderr, result.stderr[-3000:]
+    st = result.status()
+    assert st["phase"] == "failed" and "SIGKILL" in st["last_failure"]
+    assert [s["step"] for s in result.snapshots()] == [20, 40, 60]
+
+
+@pytest.mark.parametrize("how", ["bitflip", "truncate", "no-manifest"])
+def test_corrupt_newest_falls_back(golden: dict[int, str], ckpt: Path, how: str) -> None:
+    _interrupted_run(ckpt)
+    _corrupt(ckpt / "snapshots" / "step-000000000060", how)
+    listed = {s["step"]: s for s in harness.snapshots(ckpt, verify=True)}
+    assert listed[60]["valid"] is False and listed[60]["reason"]
+    assert listed[40]["valid"] is True
+    result = harness.launch(ckpt)
+    harness.assert_matches_golden(result, golden)
+    assert result.status()["resumed_from_step"] == 40
+
+
+def test_junk_in_checkpoint_dir_is_ignored(golden: dict[int, str], ckpt: Path) -> None:
+    snaps = ckpt / "snapshots"
+    snaps.mkdir(parents=True)
+    junk = [snaps / "notes.txt", snaps / "step-abc", snaps / "step-", snaps / ".DS_Store"]
+    for j in junk:
+        j.write_text("junk")
+    (snaps / "random-dir").mkdir()
+    (ckpt / "README.txt").write_text("mine")
+    result = harness.launch(ckpt)
+    harness.assert_matches_golden(result, golden)
+    for j in [*junk, snaps / "random-dir", ckpt / "README.txt"]:
+        assert j.exists(), f"{j} was removed"
+
+
+def test_changed_hyperparameters_refused(ckpt: Path) -> None:
+    _interrupted_run(ckpt)
+    result = harness.launch(ckpt, script_args=("--lr", "0.5"))
+    assert result.rc == 1
+    assert "lr" in result.stderr and "allow-config-change" in result.stderr, result.stderr[-3000:]
+    assert result.status()["restarts"] == 0, "a fatal config mismatch must not be retried"
+    allowed = harness.launch(ckpt, script_args=("--lr", "0.5"), extra_launch=("--allow-config-change",))
+    assert allowed.rc == 0, allowed.stderr[-3000:]
+    assert allowed.status()["resumed_from_step"] == 60
+
+
+@contextlib.contextmanager
+def _tmpfs(path: Path, size: str) -> Iterator[None]:
+    path.mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_disk_full_fails_loudly_and_keeps_older_snapshots(tmp_path: Path) -> None:
+    ckpt = tmp_path / "small"
+    with _tmpfs(ckpt, "3m"):
+        result = harness.launch(ckpt, max_restarts=2)
+        assert result.rc == 1
+        assert "space" in result.stderr.lower(), result.stderr[-3000:]
+        snaps = result.snapshots()
+        assert snaps, "at least one snapshot fitted before the disk filled"
+        assert all(s["valid"] for s in snaps), snaps
+        assert not [n for n in os.listdir(ckpt / "snapshots") if n.startswith(".tmp")]
+        saved = tmp_path / "copy"
+        shutil.copytree(ckpt / "snapshots", saved)
+    assert json.loads((saved / sorted(os.listdir(saved))[-1] / "manifest.json").read_text())

@@ -1,0 +1,81 @@
+"""End-to-end recovery: kill workers at chosen points, finish bit-identical to the golden run."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from tests.e2e import harness
+from tests.e2e.harness import EVERY, STEPS
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
+
+
+def test_golden_run_is_reproducible(golden: dict[int, str], ckpt: Path) -> None:
+    """Two uninterrupted runs agree: otherwise no comparison below would mean anything."""
+    result = harness.launch(ckpt)
+    harness.assert_matches_golden(result, golden)
+    assert sorted(golden) == list(range(EVERY, STEPS + 1, EVERY))
+    st = result.status()
+    assert st["phase"] == "done" and st["restarts"] == 0 and st["resumed_from_step"] is None
+
+
+def test_sigkill_rank1_mid_epoch_external(golden: dict[int, str], ckpt: Path) -> None:
+    """SIGKILL of rank 1 from outside at an arbitrary mid-epoch step (not a snapshot step)."""
+    proc = harness.start(ckpt, script_args=("--step-delay", "0.05"))
+    try:
+        beat = harness.wait_for(
+            lambda: (p := harness.progress(ckpt, 1)) and p["step"] >= 50 and p, timeout=180,
+            what="rank 1 to pass step 50",
+        )
+        os.kill(int(beat["pid"]), signal.SIGKILL)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        harness.kill_group(proc)
+    result = harness.Result(proc.returncode, out, err, ckpt)
+    harness.assert_matches_golden(result, golden)
+    st = result.status()
+    assert st["restarts"] == 1
+    assert st["resumed_from_step"] is not None and st["resumed_from_step"] % EVERY == 0
+    assert 40 <= st["resumed_from_step"] <= beat["step"]
+
+
+def test_fault_rank1_step_end(golden: dict[int, str], ckpt: Path) -> None:
+    """Rank 1 dies right after step 53 (epoch 2, mid-epoch); resume from 40."""
+    result = harness.launch(ckpt, faults="step_end@53:rank=1")
+    harness.assert_matches_golden(result, golden)
+    st = result.status()
+    assert st["restarts"] == 1 and st["resumed_from_step"] == 40
+    assert "SIGKILL" in (st["last_failure"] or ""), st["last_failure"]
+
+
+@pytest.mark.parametrize("point", ["after_staging", "after_files", "before_rename"])
+def test_sigkill_rank0_during_save(golden: dict[int, str], ckpt: Path, point: str) -> None:
+    """Rank 0 killed inside the save of step 60: that snapshot never counts, resume from 40."""
+    result = harness.launch(ckpt, faults=f"{point}@60:rank=0")
+    harness.assert_matches_golden(result, golden)
+    assert result.status()["resumed_from_step"] == 40
+    leftovers = [n for n in os.listdir(ckpt / "snapshots") if n.startswith(".tmp")]
+    assert leftovers == [], f"abandoned temp dirs survived: {leftovers}"
+
+
+def test_sigkill_after_commit_resumes_from_that_snapshot(golden: dict[int, str], ckpt: Path) -> None:
+    result = harness.launch(ckpt, faults="after_commit@60:rank=0")
+    harness.assert_matches_golden(result, golden)
+    assert result.status()["resumed_from_step"] == 60
+
+
+def test_dataloader_workers(golden_workers: dict[int, str], ckpt: Path) -> None:
+    """Mid-epoch resume with DataLoader worker processes: no batch repeated or skipped."""
+    result = harness.launch(ckpt, faults="step_end@57:rank=1", script_args=("--workers", "2"))
+    harness.assert_matches_golden(result, golden_workers)
+    assert result.status()["resumed_from_step"] == 40
+
+
+def test_keep_local_retention_during_recovery(golden: dict[int, str], ckpt: Path) -> None:
+    result = harness.launch(ckpt, faults="step_end@73:rank=0", extra_launch=("--keep-local", "2"))
+    got = harness.assert_matches_golden(result, golden)
+    assert sorted(got) == [STEPS - EVERY, STEPS]

@@ -1,0 +1,122 @@
+"""Typed error family of the worker-side library and the process-level error handler.
+
+Every error the trainer raises on purpose derives from :class:`TrainerError`; the subclasses
+of :class:`FatalTrainerError` mean that relaunching the worker group cannot help (a changed
+configuration, bad arguments, a different world size), which the supervisor learns through the
+``fatal`` field of the error file written by :func:`write_error_file`. Storage failures
+(``CorruptSnapshot``, ``DiskFull``, ...) keep their own types from ``storage.errors`` so that
+their names reach the error file and the logs unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+import traceback
+from collections.abc import Mapping
+from typing import Any
+
+#: Exit status of a worker that failed in a way a relaunch cannot fix (sysexits EX_CONFIG).
+EXIT_FATAL = 78
+#: Exit status of a worker that failed in a way a relaunch may fix.
+EXIT_FAILURE = 1
+
+
+class TrainerError(Exception):
+    """Base class of every error raised on purpose by the ``trainer`` package."""
+
+    fatal: bool = False
+
+
+class FatalTrainerError(TrainerError):
+    """An error that a relaunch of the worker group cannot fix."""
+
+    fatal = True
+
+
+class UsageError(FatalTrainerError):
+    """Bad arguments or settings given to the training script or the library."""
+
+
+class ConfigMismatch(FatalTrainerError):
+    """The hyperparameters of the run differ from those recorded in the snapshot to resume."""
+
+    def __init__(self, step: int, differences: Mapping[str, tuple[Any, Any]]) -> None:
+        self.step = step
+        self.differences = dict(differences)
+        keys = ", ".join(sorted(self.differences))
+        details = "; ".join(
+            f"{k}: snapshot={self.differences[k][0]!r} now={self.differences[k][1]!r}"
+            for k in sorted(self.differences)
+        )
+        super().__init__(
+            f"hyperparameters differ from snapshot step {step} in keys [{keys}] ({details}); "
+            "set ORCH_ALLOW_CONFIG_CHANGE=1 or allow_config_change=True to resume anyway"
+        )
+
+
+class WorldSizeMismatch(FatalTrainerError):
+    """The snapshot was written by a worker group of a different size."""
+
+    def __init__(self, step: int, saved: int, current: int) -> None:
+        self.step = step
+        self.saved = saved
+        self.current = current
+        super().__init__(
+            f"snapshot step {step} was written with world size {saved} but this group has "
+            f"world size {current}; resuming with a different world size is not supported"
+        )
+
+
+class CodecError(TrainerError):
+    """A state object cannot be encoded, or a stored tree/arena pair cannot be decoded."""
+
+
+class ResumeError(TrainerError):
+    """A snapshot could not be selected or loaded consistently on every rank."""
+
+
+class SnapshotError(TrainerError):
+    """A snapshot could not be taken (inconsistent ranks, bad state)."""
+
+
+def error_record(exc: BaseException, *, rank: int, attempt: int) -> dict[str, Any]:
+    """Build the JSON object of ``run/errors/attempt-<A>/rank-<R>.json`` for ``exc``."""
+    return {
+        "rank": rank,
+        "attempt": attempt,
+        "time": time.time(),
+        "type": type(exc).__name__,
+        "message": str(exc),
+        "traceback": "".join(traceback.format_exception(exc)),
+        "fatal": is_fatal(exc),
+    }
+
+
+def is_fatal(exc: BaseException) -> bool:
+    """Tell whether relaunching cannot fix ``exc`` (see :class:`FatalTrainerError`)."""
+    return bool(getattr(exc, "fatal", False))
+
+
+def write_error_file(
+    checkpoint_dir: str, exc: BaseException, *, rank: int, attempt: int
+) -> str:
+    """Write the error file of this rank and attempt atomically and return its path."""
+    directory = os.path.join(checkpoint_dir, "run", "errors", f"attempt-{attempt}")
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, f"rank-{rank}.json")
+    data = json.dumps(error_record(exc, rank=rank, attempt=attempt), indent=1).encode()
+    fd, tmp = tempfile.mkstemp(prefix=f".rank-{rank}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
