@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import os
 import re
-import tomllib
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, fields
 from typing import Any
+
+import tomllib
 
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _ENDPOINT = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):(?P<port>\d{1,5})$")
@@ -162,7 +163,7 @@ def load_config_file(path: str) -> dict[str, Any]:
         if not isinstance(value, expected):
             names = " or ".join(t.__name__ for t in expected)
             raise ValueError(f"config file {path}: {raw_key} must be {names}, got {value!r}")
-        if key == "script_args":
+        if key == "script_args" and isinstance(value, list):
             if not all(isinstance(a, str) for a in value):
                 raise ValueError(f"config file {path}: script-args must be a list of strings")
             value = tuple(value)

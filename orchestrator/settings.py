@@ -81,9 +81,9 @@ class Settings:
 
 
 ENV_NAMES: dict[str, str] = {
-    "backoff_initial_s": "ORCH_BACKOFF_INITIAL_S",
-    "backoff_max_s": "ORCH_BACKOFF_MAX_S",
-    "backoff_jitter_s": "ORCH_BACKOFF_JITTER_S",
+    "backoff_initial_s": "ORCH_RESTART_BACKOFF_INITIAL_S",
+    "backoff_max_s": "ORCH_RESTART_BACKOFF_MAX_S",
+    "backoff_jitter_s": "ORCH_RESTART_BACKOFF_JITTER_S",
     "poll_interval_s": "ORCH_POLL_INTERVAL_S",
     "scan_interval_s": "ORCH_SCAN_INTERVAL_S",
     "monitor_interval_s": "ORCH_TORCHRUN_MONITOR_INTERVAL_S",

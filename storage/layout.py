@@ -17,8 +17,10 @@ EXPORTS_DIR = "exports"
 MANIFEST_NAME = "manifest.json"
 
 _STEP_WIDTH = 12
-_COMMITTED = re.compile(r"^step-(\d{1,18})$")
-_TEMP = re.compile(r"^\.tmp-step-(\d{1,18})-.+$")
+# ASCII digits only (`\d` would accept other scripts' digits, which int() parses) and full
+# matches only (`$` accepts a trailing newline).
+_COMMITTED = re.compile(r"step-([0-9]{1,30})")
+_TEMP = re.compile(r"\.tmp-step-([0-9]{1,30})-.+", re.DOTALL)
 TEMP_PREFIX = ".tmp-step-"
 
 
@@ -35,14 +37,21 @@ def temp_dirname(step: int) -> str:
 
 
 def parse_committed(name: str) -> int | None:
-    """The step of a committed snapshot directory name, or None for anything else."""
-    m = _COMMITTED.match(name)
-    return int(m.group(1)) if m else None
+    """The step of a committed snapshot directory name, or None for anything else.
+
+    Only the canonical name `snapshot_dirname(step)` counts: `step-9` or `step-0000000000009`
+    would parse to a step whose `path()` is a different directory, so they are junk.
+    """
+    m = _COMMITTED.fullmatch(name)
+    if m is None:
+        return None
+    step = int(m.group(1))
+    return step if snapshot_dirname(step) == name else None
 
 
 def parse_temp(name: str) -> int | None:
     """The step of a temporary (in-flight or abandoned) snapshot directory name, or None."""
-    m = _TEMP.match(name)
+    m = _TEMP.fullmatch(name)
     return int(m.group(1)) if m else None
 
 

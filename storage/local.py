@@ -14,6 +14,7 @@ import errno
 import hashlib
 import os
 import shutil
+import stat
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
@@ -31,6 +32,10 @@ log = structlog.get_logger("storage.local")
 
 PhaseHook = Callable[[str], None]
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+# Errors that say the snapshot's own structure is wrong (a listed file is a directory, its name is
+# impossible), as opposed to the environment failing (EIO, EMFILE, EACCES): the former make a
+# snapshot invalid, the latter are raised so that a good snapshot is never deleted for them.
+_BAD_PATH = (errno.ENOENT, errno.EISDIR, errno.ENOTDIR, errno.ENAMETOOLONG, errno.ELOOP)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,6 +91,14 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _is_real_dir(path: str) -> bool:
+    """A directory, not a symlink to one."""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
 def _raise_storage(exc: OSError, what: str) -> StorageError:
     if exc.errno in _NO_SPACE:
         return DiskFull(f"no space left while {what}: {exc.strerror}")
@@ -99,9 +112,12 @@ class HashingFile:
     using this does not stall the training thread.
     """
 
-    def __init__(self, path: str, chunk_bytes: int) -> None:
+    def __init__(
+        self, path: str, chunk_bytes: int, *, on_error: Callable[[], None] | None = None
+    ) -> None:
         self.path = path
         self._chunk = chunk_bytes
+        self._on_error = on_error
         self._hash = hashlib.sha256()
         self._size = 0
         self._entry: FileEntry | None = None
@@ -123,6 +139,7 @@ class HashingFile:
                 self._hash.update(chunk[:written])
                 pos += written
         except OSError as exc:
+            self._failed()
             raise _raise_storage(exc, f"writing {self.path}") from exc
         self._size += total
         return total
@@ -137,11 +154,18 @@ class HashingFile:
         try:
             os.fsync(fd)
         except OSError as exc:
-            raise _raise_storage(exc, f"fsyncing {self.path}") from exc
-        finally:
             os.close(fd)
+            self._failed()
+            raise _raise_storage(exc, f"fsyncing {self.path}") from exc
+        os.close(fd)
         self._entry = FileEntry(size=self._size, checksum=self._hash.hexdigest())
         return self._entry
+
+    def _failed(self) -> None:
+        """A write or fsync failed: the file is unusable; let the owner free the space now."""
+        self.discard()
+        if self._on_error is not None:
+            self._on_error()
 
     def discard(self) -> None:
         if self._fd is not None:
@@ -191,7 +215,13 @@ class SnapshotWriter:
             raise ValueError(f"invalid snapshot file name {name!r}")
         if name in self._files:
             raise ValueError(f"snapshot file {name!r} written twice")
-        f = HashingFile(os.path.join(self.tmp_path, name), self._settings.write_chunk_bytes)
+        # A failed write (disk full, I/O error) aborts the whole snapshot at once, so the space
+        # of the partial snapshot is freed even if the caller forgets to call abort().
+        f = HashingFile(
+            os.path.join(self.tmp_path, name),
+            self._settings.write_chunk_bytes,
+            on_error=self.abort,
+        )
         self._files[name] = f
         return f
 
@@ -264,7 +294,11 @@ class SnapshotWriter:
         os.rename(self.tmp_path, final)
         fsync_dir(self._root)
         if displaced is not None:
-            shutil.rmtree(displaced, ignore_errors=True)
+            if _is_real_dir(displaced):
+                shutil.rmtree(displaced, ignore_errors=True)
+            else:
+                # A file or symlink squatting on the committed name (never a snapshot).
+                os.unlink(displaced)
 
     def abort(self) -> None:
         """Remove the temporary directory; older snapshots are never touched."""
@@ -350,7 +384,7 @@ class LocalSnapshotStore:
 
     def read_manifest(self, step: int) -> Manifest:
         path = self.path(step)
-        if not os.path.isdir(path):
+        if not _is_real_dir(path):  # what list() would show: symlinks and files are junk
             raise SnapshotNotFound(f"no committed snapshot at step {step} in {self.root}")
         return self._load_manifest(step, path)
 
@@ -373,9 +407,16 @@ class LocalSnapshotStore:
     def _check_file(self, path: str, name: str, entry: FileEntry, verify: bool) -> None:
         fpath = os.path.join(path, name)
         try:
-            size = os.stat(fpath).st_size
+            st = os.stat(fpath)
         except FileNotFoundError as exc:
             raise CorruptSnapshot(f"{name}: missing") from exc
+        except OSError as exc:
+            if exc.errno in _BAD_PATH:
+                raise CorruptSnapshot(f"{name}: {exc.strerror}") from exc
+            raise StorageError(f"checking {fpath}: {exc}") from exc
+        if not stat.S_ISREG(st.st_mode):
+            raise CorruptSnapshot(f"{name}: not a regular file")
+        size = st.st_size
         if size != entry.size:
             raise CorruptSnapshot(f"{name}: size {size} != manifest {entry.size}")
         if verify:
@@ -406,6 +447,8 @@ class LocalSnapshotStore:
         except FileNotFoundError as exc:
             raise CorruptSnapshot(f"{name}: missing") from exc
         except OSError as exc:
+            if exc.errno in _BAD_PATH:
+                raise CorruptSnapshot(f"{name}: {exc.strerror}") from exc
             raise StorageError(f"reading {fpath}: {exc}") from exc
         if total != entry.size:
             raise CorruptSnapshot(f"{name}: read {total} bytes, manifest says {entry.size}")
@@ -461,6 +504,9 @@ class LocalSnapshotStore:
     def delete(self, step: int) -> None:
         """Remove a committed snapshot; it disappears atomically (rename first), then is freed."""
         path = self.path(step)
+        if not _is_real_dir(path):
+            # Nothing committed there. A file or symlink under the name is junk: never deleted.
+            return
         doomed = os.path.join(self.root, layout.temp_dirname(step) + "-deleted")
         try:
             os.rename(path, doomed)
@@ -477,7 +523,8 @@ class LocalSnapshotStore:
         except FileNotFoundError:
             return []
         for e in entries:
-            if layout.parse_temp(e.name) is not None:
+            # Only directories: a file or symlink under a temporary name is not ours.
+            if layout.parse_temp(e.name) is not None and e.is_dir(follow_symlinks=False):
                 shutil.rmtree(e.path, ignore_errors=True)
                 removed.append(e.path)
                 log.info("snapshot.removed_abandoned", path=e.path)

@@ -93,32 +93,64 @@ class Manifest:
 
     @classmethod
     def from_json(cls, data: bytes) -> Manifest:
-        """Parse a manifest; any malformation is a `CorruptSnapshot`, never a crash."""
+        """Parse a manifest; any malformation is a `CorruptSnapshot`, never a crash.
+
+        Types are checked, not coerced (a string step or a boolean size is corruption), and
+        non-finite numbers (`NaN`, `Infinity`, which Python's json accepts) are rejected
+        anywhere in the document, so an accepted manifest can always be written back out.
+        """
         try:
-            doc = json.loads(data)
+            doc = json.loads(data, parse_constant=_reject_constant)
             if not isinstance(doc, dict):
                 raise ValueError("manifest is not a JSON object")
             files_doc = doc["files"]
             if not isinstance(files_doc, dict):
                 raise ValueError("'files' is not an object")
-            files = {
-                str(n): FileEntry(size=int(e["size"]), checksum=str(e["checksum"]))
-                for n, e in files_doc.items()
-            }
+            files = {}
+            for n, e in files_doc.items():
+                if not isinstance(e, dict):
+                    raise ValueError(f"file entry {n!r} is not an object")
+                files[n] = FileEntry(size=_int(e, "size"), checksum=_str(e, "checksum"))
             metadata = doc.get("metadata", {})
             if not isinstance(metadata, dict):
                 raise ValueError("'metadata' is not an object")
+            created_at = doc["created_at"]
+            if isinstance(created_at, bool) or not isinstance(created_at, (int, float)):
+                raise ValueError("'created_at' is not a number")
+            checksum_algorithm = doc.get("checksum_algorithm", CHECKSUM_ALGORITHM)
+            if not isinstance(checksum_algorithm, str):
+                raise ValueError("'checksum_algorithm' is not a string")
             return cls(
-                format_version=int(doc["format_version"]),
-                run_id=str(doc["run_id"]),
-                step=int(doc["step"]),
-                epoch=int(doc["epoch"]),
-                world_size=int(doc["world_size"]),
+                format_version=_int(doc, "format_version"),
+                run_id=_str(doc, "run_id"),
+                step=_int(doc, "step"),
+                epoch=_int(doc, "epoch"),
+                world_size=_int(doc, "world_size"),
                 files=files,
-                digest=str(doc["digest"]),
-                created_at=float(doc["created_at"]),
-                checksum_algorithm=str(doc.get("checksum_algorithm", CHECKSUM_ALGORITHM)),
+                digest=_str(doc, "digest"),
+                created_at=float(created_at),
+                checksum_algorithm=checksum_algorithm,
                 metadata=metadata,
             )
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-            raise CorruptSnapshot(f"unreadable manifest: {exc}") from exc
+        except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
+            # UnicodeDecodeError and json.JSONDecodeError are ValueErrors; RecursionError comes
+            # from absurdly deep nesting.
+            raise CorruptSnapshot(f"unreadable manifest: {exc!r}"[:500]) from exc
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"non-finite number {name} in manifest")
+
+
+def _int(doc: Mapping[str, Any], key: str) -> int:
+    value = doc[key]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{key!r} is not an integer: {value!r}"[:200])
+    return value
+
+
+def _str(doc: Mapping[str, Any], key: str) -> str:
+    value = doc[key]
+    if not isinstance(value, str):
+        raise ValueError(f"{key!r} is not a string: {value!r}"[:200])
+    return value

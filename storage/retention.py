@@ -8,7 +8,8 @@ any rule keeps it. Whatever the rules say, the newest valid snapshot and every p
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from storage.local import SnapshotInfo
@@ -42,10 +43,20 @@ class RetentionPolicy:
 
 
 def _metric(info: SnapshotInfo, name: str) -> float | None:
+    """The snapshot's finite numeric `metrics[name]`, or None (missing, odd type, NaN)."""
     if info.manifest is None:
         return None
-    value = (info.manifest.metadata.get("metrics") or {}).get(name)
-    return float(value) if isinstance(value, (int, float)) else None
+    metrics = info.manifest.metadata.get("metrics")
+    if not isinstance(metrics, Mapping):
+        return None
+    value = metrics.get(name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        score = float(value)
+    except OverflowError:  # an int too large for a float
+        return None
+    return score if math.isfinite(score) else None
 
 
 def plan_retention(
@@ -62,7 +73,7 @@ def plan_retention(
     # Unchecked snapshots might turn out corrupt, so keep the newest *known* valid one as well.
     newest_known = next((s.step for s in reversed(by_step) if s.valid is True), None)
     newest_maybe = next((s.step for s in reversed(by_step) if s.valid is not False), None)
-    keep.update(step for step in (newest_known, newest_maybe) if step is not None)
+    keep.update(step for step in (newest_maybe,) if step is not None)
     candidates = [s for s in by_step if s.valid is not False]
     if policy.keep_last is not None:
         keep.update(s.step for s in candidates[-policy.keep_last :])

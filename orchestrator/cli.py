@@ -1,0 +1,301 @@
+"""The ``orchestrator`` command line: ``launch``, ``status`` and ``snapshots``.
+
+A thin layer: it parses arguments, turns every configuration problem into exit status 2
+before anything is launched, wires the real clock, store, worker group and signal handlers into
+a :class:`~orchestrator.supervisor.Supervisor`, and maps its outcome to the exit codes of the
+user-facing contract (0 done, 1 failed with the root cause on stderr, 2 usage, 75 preempted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from types import FrameType
+from typing import Any
+
+from orchestrator.clock import RealClock
+from orchestrator.config import LaunchConfig, build_config, check_launchable, load_config_file
+from orchestrator.launcher import TorchrunGroup, kill_orphans
+from orchestrator.runstate import (
+    EventLog,
+    LockHeld,
+    RunLock,
+    RunPaths,
+    next_attempt,
+    stable_run_id,
+)
+from orchestrator.settings import Settings, inherited_environment, load_settings
+from orchestrator.status import (
+    TERMINAL_PHASES,
+    NoRunState,
+    render_snapshots,
+    render_status,
+    snapshot_records,
+    status_document,
+)
+from orchestrator.supervisor import EXIT_FAILED, EXIT_USAGE, StopRequest, Supervisor
+from storage import LocalSnapshotStore, configure_logging
+from storage.errors import StorageError
+
+PROG = "orchestrator"
+
+
+def _int_arg(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def _float_arg(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser (public so the docs and tests can render it)."""
+    parser = argparse.ArgumentParser(prog=PROG, description="Fault-tolerant launcher for PyTorch training.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    # Every launch flag defaults to None so that only flags actually given override --config.
+    launch = sub.add_parser("launch", help="run a training script under supervision")
+    launch.add_argument("--nodes", type=_int_arg, help="number of nodes (default 1)")
+    launch.add_argument("--nproc-per-node", type=_int_arg, help="ranks on this node (default 1)")
+    launch.add_argument("--node-rank", type=_int_arg, help="this node's rank (default 0)")
+    launch.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="c10d rendezvous endpoint")
+    launch.add_argument("--checkpoint-dir", metavar="DIR", help="node-local checkpoint dir")
+    launch.add_argument("--mirror", metavar="URL", help="remote tier URL (not supported yet)")
+    launch.add_argument("--run-id", metavar="ID", help="run id (default: stable per dir)")
+    launch.add_argument("--checkpoint-every", type=_int_arg, metavar="STEPS")
+    launch.add_argument("--keep-local", type=_int_arg, metavar="K", help="keep the last K")
+    launch.add_argument("--keep-remote", type=_int_arg, metavar="K")
+    launch.add_argument("--keep-every", type=_int_arg, metavar="N", help="also keep steps divisible by N")
+    launch.add_argument("--keep-best", type=_int_arg, metavar="K", help="also keep the K best")
+    launch.add_argument("--best-metric", metavar="NAME", help="metric ranking --keep-best")
+    launch.add_argument("--best-mode", choices=("max", "min"))
+    launch.add_argument("--max-restarts", type=_int_arg, metavar="K", help="default 3")
+    launch.add_argument("--grace", type=_float_arg, metavar="SECONDS", help="default 30")
+    launch.add_argument("--hang-timeout", type=_float_arg, metavar="SECONDS")
+    launch.add_argument(
+        "--allow-config-change", action="store_true", default=None, help="resume despite changed "
+        "hyperparameters"
+    )
+    launch.add_argument("--config", metavar="FILE", help="TOML file with defaults for the flags")
+    launch.add_argument("script", nargs="?", metavar="SCRIPT", help="the training script")
+    launch.add_argument("script_args", nargs=argparse.REMAINDER, metavar="SCRIPT_ARGS")
+
+    status = sub.add_parser("status", help="show the state of a run")
+    _add_location(status)
+    status.add_argument("--json", action="store_true", help="one JSON object")
+    status.add_argument("--watch", action="store_true", help="refresh until the run ends")
+
+    snaps = sub.add_parser("snapshots", help="list snapshots")
+    _add_location(snaps)
+    snaps.add_argument("--verify", action="store_true", help="check every file's checksum")
+    snaps.add_argument("--json", action="store_true", help="a JSON list, oldest first")
+    return parser
+
+
+def _add_location(p: argparse.ArgumentParser) -> None:
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--checkpoint-dir", metavar="DIR")
+    where.add_argument("--mirror", metavar="URL")
+
+
+def _error(command: str, message: str) -> None:
+    print(f"{PROG} {command}: error: {message}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``orchestrator`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    if args.command == "launch":
+        return _launch(args)
+    if args.command == "status":
+        return _status(args)
+    return _snapshots(args)
+
+
+# -- launch --------------------------------------------------------------------------------
+
+
+_LAUNCH_KEYS = (
+    "nodes",
+    "nproc_per_node",
+    "node_rank",
+    "rdzv_endpoint",
+    "checkpoint_dir",
+    "mirror",
+    "run_id",
+    "checkpoint_every",
+    "keep_local",
+    "keep_remote",
+    "keep_every",
+    "keep_best",
+    "best_metric",
+    "best_mode",
+    "max_restarts",
+    "grace",
+    "hang_timeout",
+    "allow_config_change",
+    "script",
+)
+
+
+def _launch(args: argparse.Namespace) -> int:
+    explicit: dict[str, Any] = {k: getattr(args, k) for k in _LAUNCH_KEYS}
+    script_args = list(args.script_args)
+    if script_args[:1] == ["--"]:
+        script_args = script_args[1:]
+    if args.script is not None:
+        explicit["script_args"] = script_args
+    try:
+        settings = load_settings()
+        file_values = load_config_file(args.config) if args.config else {}
+        config = build_config(explicit, file_values)
+        if config.mirror is not None:
+            raise ValueError("--mirror is not supported yet (the remote tier arrives later)")
+        check_launchable(config)
+    except ValueError as exc:
+        _error("launch", str(exc))
+        return EXIT_USAGE
+    paths = RunPaths.of(config.checkpoint_dir)
+    lock = RunLock(paths.lock)
+    try:
+        lock.acquire()
+    except LockHeld as exc:
+        _error("launch", f"{paths.checkpoint_dir} is in use: {exc}")
+        return EXIT_USAGE
+    try:
+        return _supervise(config=config, settings=settings, paths=paths)
+    finally:
+        lock.release()
+
+
+def _supervise(*, config: LaunchConfig, settings: Settings, paths: RunPaths) -> int:
+    run_id = config.run_id or stable_run_id(paths)
+    configure_logging(
+        fmt=settings.log_format, run_id=run_id, node_rank=config.node_rank, rank=None, attempt=None
+    )
+    clock = RealClock()
+    events = EventLog(paths.events, clock=clock, run_id=run_id)
+    try:
+        orphans = kill_orphans(paths.checkpoint_dir, settings.kill_wait_s)
+        if orphans:
+            events.emit("supervisor.orphans_killed", pids=orphans)
+        first_attempt = next_attempt(paths)
+        events.emit(
+            "supervisor.started",
+            pid=os.getpid(),
+            first_attempt=first_attempt,
+            nodes=config.nodes,
+            nproc_per_node=config.nproc_per_node,
+            max_restarts=config.max_restarts,
+            script=config.script,
+        )
+        group = TorchrunGroup(
+            config=config,
+            settings=settings,
+            run_id=run_id,
+            base_env=inherited_environment(),
+            log_path=paths.attempt_log,
+            echo=sys.stderr.buffer,
+        )
+        stop = StopRequest()
+        supervisor = Supervisor(
+            config=config,
+            settings=settings,
+            run_id=run_id,
+            paths=paths,
+            clock=clock,
+            group=group,
+            store=LocalSnapshotStore(paths.checkpoint_dir),
+            events=events,
+            stop=stop,
+            first_attempt=first_attempt,
+            pid=os.getpid(),
+        )
+
+        def on_signal(signum: int, _frame: FrameType | None) -> None:
+            stop.request(signum)
+
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            outcome = supervisor.run()
+        except StorageError as exc:
+            _error("launch", f"run failed: storage error: {exc}")
+            return EXIT_FAILED
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+    finally:
+        events.close()
+    if outcome.exit_code != 0 and outcome.failure:
+        print(f"{PROG}: run failed: {outcome.failure}", file=sys.stderr)
+    return outcome.exit_code
+
+
+# -- status and snapshots ------------------------------------------------------------------
+
+
+def _checkpoint_dir(command: str, args: argparse.Namespace) -> str | None:
+    # Storage logs (e.g. an invalid snapshot) must go to stderr: stdout carries --json output.
+    configure_logging(fmt=None, run_id=None, node_rank=None, rank=None, attempt=None)
+    if args.mirror is not None:
+        _error(command, "the remote tier is not available yet (--mirror); use --checkpoint-dir")
+        return None
+    if not os.path.isdir(args.checkpoint_dir):
+        _error(command, f"checkpoint dir {args.checkpoint_dir} does not exist")
+        return None
+    return str(args.checkpoint_dir)
+
+
+def _status(args: argparse.Namespace) -> int:
+    directory = _checkpoint_dir("status", args)
+    if directory is None:
+        return EXIT_USAGE
+    try:
+        settings = load_settings()
+    except ValueError as exc:
+        _error("status", str(exc))
+        return EXIT_USAGE
+    clock = RealClock()
+    deadline = clock.monotonic() + settings.watch_max_s
+    while True:
+        try:
+            doc = status_document(directory, clock=clock)
+        except NoRunState as exc:
+            _error("status", str(exc))
+            return EXIT_FAILED
+        if args.json:
+            print(json.dumps(doc, sort_keys=True), flush=True)
+        else:
+            print(render_status(doc), flush=True)
+        ended = doc.get("phase") in TERMINAL_PHASES or not doc.get("supervisor_alive")
+        if not args.watch or ended or clock.monotonic() >= deadline:
+            return 0
+        if not args.json:
+            print(flush=True)
+        clock.sleep(settings.watch_interval_s)
+
+
+def _snapshots(args: argparse.Namespace) -> int:
+    directory = _checkpoint_dir("snapshots", args)
+    if directory is None:
+        return EXIT_USAGE
+    records = snapshot_records(directory, verify=args.verify)
+    if args.json:
+        print(json.dumps(records, sort_keys=True))
+    else:
+        print(render_snapshots(records))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

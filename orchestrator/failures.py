@@ -1,0 +1,234 @@
+"""Root cause of a failed attempt, from the workers' error files or torchrun's failure summary.
+
+A failing worker's top-level handler writes ``run/errors/attempt-<A>/rank-<R>.json``; the root
+cause is the record with the smallest ``time`` (later ranks usually fail *because* the first one
+died). A rank that was SIGKILLed or OOM-killed writes nothing, so the fallback is the "Root Cause
+(first observed failure)" block torchrun prints when it gives up, which names the rank, its exit
+code and, for a signal, the signal's name.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+from dataclasses import dataclass
+
+from orchestrator.runstate import RunPaths, read_json
+
+#: Exit status the trainer uses for failures a relaunch cannot fix (sysexits EX_CONFIG); only
+#: consulted when no error file says so itself.
+FATAL_EXIT_CODE = 78
+_MESSAGE_LIMIT = 500
+_LOG_TAIL_BYTES = 256 * 1024
+_ERROR_FILE = re.compile(r"^rank-(\d+)\.json$")
+_ROOT_CAUSE = "Root Cause (first observed failure):"
+_OTHER_FAILURES = "Failures:"
+#: torchrun stops the surviving ranks with SIGTERM: such deaths are consequences, never causes.
+_TEARDOWN_SIGNALS = ("SIGTERM",)
+_FIELD = re.compile(r"^\s*(?P<key>rank|exitcode|traceback|error_file)\s*:\s*(?P<value>.*?)\s*$")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Failure:
+    """Why an attempt failed, in one line for operators plus what the restart policy needs."""
+
+    summary: str
+    fatal: bool
+    rank: int | None = None
+    exit_code: int | None = None
+    source: str = "exit_code"
+
+
+@dataclass(frozen=True, kw_only=True)
+class TorchrunRootCause:
+    """The parsed "Root Cause (first observed failure)" block of torchrun's output."""
+
+    rank: int | None
+    exit_code: int | None
+    signal_name: str | None
+    traceback: str | None
+
+    def describe(self) -> str:
+        who = f"rank {self.rank}" if self.rank is not None else "a worker"
+        if self.signal_name:
+            return f"{who} killed by {self.signal_name}"
+        if self.exit_code is not None:
+            return f"{who} exited with code {self.exit_code}"
+        return f"{who} failed"
+
+
+def signal_name(code: int) -> str | None:
+    """``SIGKILL`` for -9 (Popen's convention for death by signal); None otherwise."""
+    if code >= 0:
+        return None
+    try:
+        return signal.Signals(-code).name
+    except ValueError:
+        return f"signal {-code}"
+
+
+def _parse_entry(values: dict[str, str]) -> TorchrunRootCause:
+    rank: int | None = None
+    if m_rank := re.match(r"^(-?\d+)", values.get("rank", "")):
+        rank = int(m_rank.group(1))
+    exit_code: int | None = None
+    sig: str | None = None
+    if m_exit := re.match(r"^(-?\d+)", values.get("exitcode", "")):
+        exit_code = int(m_exit.group(1))
+        sig = signal_name(exit_code)
+    if m_sig := re.search(r"\((SIG[A-Z0-9]+)\)", values.get("exitcode", "")):
+        sig = m_sig.group(1)
+    tb = values.get("traceback")
+    if tb and tb.startswith("To enable traceback"):
+        tb = None
+    return TorchrunRootCause(rank=rank, exit_code=exit_code, signal_name=sig, traceback=tb)
+
+
+def _parse_entries(block: str) -> list[TorchrunRootCause]:
+    """The ``[i]:`` entries of one block of torchrun's failure summary."""
+    entries: list[dict[str, str]] = []
+    for line in block.splitlines():
+        if line.startswith("====="):
+            break
+        if re.match(r"^\[\d+\]:\s*$", line.strip()):
+            entries.append({})
+            continue
+        m = _FIELD.match(line)
+        if m and entries and m.group("key") not in entries[-1]:
+            entries[-1][m.group("key")] = m.group("value")
+    return [_parse_entry(e) for e in entries]
+
+
+def parse_torchrun_root_cause(text: str) -> TorchrunRootCause | None:
+    """Parse the last root-cause block in torchrun output; None when there is none."""
+    start = text.rfind(_ROOT_CAUSE)
+    if start < 0:
+        return None
+    entries = _parse_entries(text[start + len(_ROOT_CAUSE) :])
+    return entries[0] if entries else None
+
+
+def parse_torchrun_failures(text: str) -> list[TorchrunRootCause]:
+    """Every failed rank torchrun reported in its last summary, root cause first."""
+    start = text.rfind(_ROOT_CAUSE)
+    if start < 0:
+        return []
+    root = _parse_entries(text[start + len(_ROOT_CAUSE) :])
+    others_at = text.rfind(_OTHER_FAILURES, 0, start)
+    others = _parse_entries(text[others_at + len(_OTHER_FAILURES) : start]) if others_at >= 0 else []
+    return root + others
+
+
+def _clip(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= _MESSAGE_LIMIT else text[: _MESSAGE_LIMIT - 3] + "..."
+
+
+@dataclass(frozen=True, kw_only=True)
+class _ErrorFile:
+    rank: int
+    time: float
+    kind: str
+    message: str
+    fatal: bool
+
+    def describe(self) -> str:
+        return f"rank {self.rank}: {self.kind}: {self.message}" if self.message else (
+            f"rank {self.rank}: {self.kind}"
+        )
+
+
+def _read_error_files(errors_dir: str) -> list[_ErrorFile]:
+    """The attempt's error files, earliest first (junk skipped)."""
+    try:
+        names = sorted(os.listdir(errors_dir))
+    except FileNotFoundError:
+        return []
+    records = []
+    for name in names:
+        m = _ERROR_FILE.match(name)
+        if not m:
+            continue
+        doc = read_json(os.path.join(errors_dir, name))
+        if doc is None:
+            continue
+        when = doc.get("time")
+        records.append(
+            _ErrorFile(
+                rank=int(m.group(1)),
+                time=float(when) if isinstance(when, (int, float)) else float("inf"),
+                kind=str(doc.get("type") or "Error"),
+                message=str(doc.get("message") or ""),
+                fatal=doc.get("fatal") is True,
+            )
+        )
+    records.sort(key=lambda r: (r.time, r.rank))
+    return records
+
+
+def _read_tail(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - _LOG_TAIL_BYTES))
+            return f.read().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+def diagnose(paths: RunPaths, attempt: int, exit_code: int) -> Failure:
+    """The root cause of attempt ``attempt`` whose torchrun exited with ``exit_code``.
+
+    Order of evidence: a rank killed by a signal (other than torchrun's own SIGTERM teardown)
+    that wrote no error file died first, since its peers' errors ("connection closed by peer")
+    are consequences of its death; else the earliest error file; else torchrun's root cause;
+    else torchrun's own exit status. Any error file with ``fatal: true`` makes the failure fatal.
+    """
+    files = _read_error_files(paths.errors_dir(attempt))
+    reported = parse_torchrun_failures(_read_tail(paths.attempt_log(attempt)))
+    fatal_files = [f for f in files if f.fatal]
+    wrote = {f.rank for f in files}
+    killed = [
+        r
+        for r in reported
+        if r.signal_name and r.signal_name not in _TEARDOWN_SIGNALS and r.rank not in wrote
+    ]
+    if killed:
+        summary = killed[0].describe()
+        if files:
+            summary += f" (then {files[0].describe()})"
+        return Failure(
+            summary=_clip(summary),
+            fatal=bool(fatal_files),
+            rank=killed[0].rank,
+            exit_code=killed[0].exit_code,
+            source="torchrun",
+        )
+    if files:
+        first = files[0]
+        summary = first.describe()
+        if fatal_files and not first.fatal:
+            summary += f" (rank {fatal_files[0].rank} reported a fatal error)"
+        return Failure(
+            summary=_clip(summary), fatal=bool(fatal_files), rank=first.rank, source="error_file"
+        )
+    if reported:
+        root = reported[0]
+        return Failure(
+            summary=_clip(root.describe()),
+            fatal=root.exit_code == FATAL_EXIT_CODE,
+            rank=root.rank,
+            exit_code=root.exit_code,
+            source="torchrun",
+        )
+    sig = signal_name(exit_code)
+    how = f"killed by {sig}" if sig else f"exited with code {exit_code}"
+    return Failure(
+        summary=f"torchrun {how} without a worker error report "
+        f"(see {paths.attempt_log(attempt)})",
+        fatal=False,
+        exit_code=exit_code,
+        source="exit_code",
+    )

@@ -1,0 +1,407 @@
+"""Starting, watching and stopping one worker group: a torchrun child per attempt.
+
+torchrun always runs with ``--max-restarts=0``: every restart is a fresh torchrun process with a
+fresh rendezvous, because torchrun's in-place restart after a SIGKILLed rank fails on gloo
+(``connectFullMesh ... Connection refused`` to a stale peer). torchrun starts each rank in its
+own session, so signals to torchrun's process group never reach the ranks; instead every process
+of an attempt carries a unique ``ORCH_LAUNCH_TOKEN`` in its environment, and :func:`find_processes`
+finds them all through ``/proc`` (even ranks orphaned by a dead torchrun) so that nothing of an
+attempt survives into the next one. torchrun gets ``PR_SET_PDEATHSIG=SIGTERM``: if the supervisor
+dies, even by SIGKILL, torchrun is told to stop and tears its ranks down itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from typing import IO, Protocol
+
+import structlog
+
+from orchestrator.config import LaunchConfig
+from orchestrator.settings import Settings
+
+log = structlog.get_logger("orchestrator.launcher")
+
+TOKEN_VAR = "ORCH_LAUNCH_TOKEN"
+_PR_SET_PDEATHSIG = 1
+
+
+class WorkerGroup(Protocol):
+    """One attempt's worker group, as the supervisor sees it."""
+
+    def start(self, attempt: int, resume_step: int | None) -> None:
+        """Launch the group for ``attempt``, resuming from ``resume_step`` (None = fresh)."""
+        ...
+
+    def poll(self) -> int | None:
+        """The group's exit status once it has exited (and nothing of it is left), else None."""
+        ...
+
+    def terminate(self, grace_s: float) -> int:
+        """Ask the group to stop, SIGKILL whatever is left after ``grace_s``; its exit status."""
+        ...
+
+    def kill(self) -> None:
+        """SIGKILL every process of the group and wait until they are gone."""
+        ...
+
+
+# -- processes of an attempt ---------------------------------------------------------------
+
+
+def find_processes(required: Mapping[str, str], *, present: Sequence[str] = ()) -> list[int]:
+    """Pids of live processes whose environment has every ``required`` pair and ``present`` var.
+
+    Linux ``/proc``: processes of other users, and zombies, have an unreadable or empty
+    environment and are skipped, so only our own live processes can match.
+    """
+    needles = [f"{k}={v}".encode() for k, v in required.items()]
+    prefixes = [f"{k}=".encode() for k in present]
+    own = os.getpid()
+    found: list[int] = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == own:
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+        except OSError:
+            continue
+        if all(n in env for n in needles) and all(
+            any(item.startswith(p) for item in env) for p in prefixes
+        ):
+            found.append(int(entry))
+    return found
+
+
+def _pidfd(pid: int) -> int | None:
+    try:
+        return os.pidfd_open(pid)
+    except ProcessLookupError:
+        return None
+
+
+def kill_and_wait(pids: Sequence[int], timeout_s: float) -> list[int]:
+    """SIGKILL ``pids`` and wait (event-driven, on pidfds) until they exit; pids still alive."""
+    fds: dict[int, int] = {}
+    for pid in pids:
+        fd = _pidfd(pid)
+        if fd is None:
+            continue
+        fds[fd] = pid
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    try:
+        poller = select.poll()
+        for fd in fds:
+            poller.register(fd, select.POLLIN)
+        pending = set(fds)
+        deadline_ms = int(timeout_s * 1000)
+        while pending and deadline_ms > 0:
+            before = _now_ms()
+            for fd, _ in poller.poll(deadline_ms):
+                pending.discard(fd)
+                poller.unregister(fd)
+            deadline_ms -= _now_ms() - before
+        return [fds[fd] for fd in pending]
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _now_ms() -> int:
+    return int(time.monotonic() * 1000)
+
+
+# -- output tee ----------------------------------------------------------------------------
+
+
+class Tee:
+    """Copies a pipe to several sinks on a background thread until EOF.
+
+    The pipe is always drained to EOF, even when a sink fails (a full disk, a closed stderr):
+    a stalled pipe would block torchrun's and the ranks' writes and hang the group. A failed
+    sink is dropped and its error kept; an unexpected error of the thread itself is kept too and
+    re-raised by :meth:`check` and :meth:`join`, so nothing fails silently.
+    """
+
+    def __init__(self, source: IO[bytes], sinks: Mapping[str, IO[bytes]]) -> None:
+        self._source = source
+        self._sinks = dict(sinks)
+        self.sink_errors: dict[str, OSError] = {}
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="torchrun-tee", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            fd = self._source.fileno()
+            while chunk := os.read(fd, 65536):
+                for name, sink in list(self._sinks.items()):
+                    try:
+                        sink.write(chunk)
+                        sink.flush()
+                    except OSError as exc:
+                        self.sink_errors[name] = exc
+                        del self._sinks[name]
+        except BaseException as exc:  # re-raised on the supervisor's thread by check()/join()
+            self._error = exc
+
+    def check(self) -> None:
+        """Re-raise the thread's own failure, if any."""
+        if self._error is not None:
+            raise RuntimeError("the torchrun output tee thread failed") from self._error
+
+    def join(self, timeout_s: float) -> bool:
+        """Wait for EOF; False if the pipe is still open after ``timeout_s``."""
+        self._thread.join(timeout_s)
+        self.check()
+        return not self._thread.is_alive()
+
+
+# -- the torchrun worker group -------------------------------------------------------------
+
+
+def _make_pdeathsig(sig: signal.Signals) -> Callable[[], None]:
+    """A preexec function setting the child's parent-death signal.
+
+    libc is resolved here, in the parent: between fork and exec the child must not take locks
+    (ctypes' loader does). PR_SET_PDEATHSIG fires when the *thread* that forked exits, so
+    groups must be started from the supervisor's main thread.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    prctl = libc.prctl
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+        if os.getppid() != parent:
+            # The supervisor died before the death signal was armed: it will never come.
+            os.kill(os.getpid(), sig)
+
+    return preexec
+
+
+def build_torchrun_command(config: LaunchConfig, settings: Settings, rdzv_id: str) -> list[str]:
+    """torchrun's argv for one attempt (``--max-restarts=0``: we relaunch, never torchrun)."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nnodes={config.nodes}",
+        f"--nproc-per-node={config.nproc_per_node}",
+    ]
+    if config.nodes == 1:
+        # A fresh c10d store on a free port each attempt: no state shared with the last one.
+        cmd.append("--standalone")
+    else:
+        cmd += [
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={config.rdzv_endpoint}",
+            f"--rdzv-id={rdzv_id}",
+            f"--node-rank={config.node_rank}",
+        ]
+    cmd += [
+        "--max-restarts=0",
+        f"--monitor-interval={settings.monitor_interval_s:g}",
+        config.script,
+        *config.script_args,
+    ]
+    return cmd
+
+
+def build_worker_env(
+    *,
+    base: Mapping[str, str],
+    config: LaunchConfig,
+    settings: Settings,
+    run_id: str,
+    attempt: int,
+    resume_step: int | None,
+    token: str,
+) -> dict[str, str]:
+    """The environment of torchrun and its ranks (the contract in docs/INTERNALS.md)."""
+    env = dict(base)
+    env.update(
+        {
+            "ORCH_CHECKPOINT_DIR": os.path.abspath(config.checkpoint_dir),
+            "ORCH_RUN_ID": run_id,
+            "ORCH_ATTEMPT": str(attempt),
+            "ORCH_NODE_RANK": str(config.node_rank),
+            "ORCH_RESUME_STEP": "none" if resume_step is None else str(resume_step),
+            "ORCH_ALLOW_CONFIG_CHANGE": "1" if config.allow_config_change else "0",
+            "ORCH_PG_TIMEOUT_S": f"{settings.pg_timeout_s:g}",
+            "ORCH_LOG_FORMAT": settings.worker_log_format(),
+            TOKEN_VAR: token,
+        }
+    )
+    if config.checkpoint_every is None:
+        # Unset = the script's own interval; a value inherited from the caller's shell would
+        # otherwise silently override it.
+        env.pop("ORCH_CHECKPOINT_EVERY", None)
+    else:
+        env["ORCH_CHECKPOINT_EVERY"] = str(config.checkpoint_every)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    # Ranks write into a pipe: unbuffered, their last words before a crash reach the log.
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+class TorchrunGroup:
+    """The real :class:`WorkerGroup`: ``python -m torch.distributed.run`` as a child process."""
+
+    def __init__(
+        self,
+        *,
+        config: LaunchConfig,
+        settings: Settings,
+        run_id: str,
+        base_env: Mapping[str, str],
+        log_path: Callable[[int], str],
+        echo: IO[bytes] | None,
+    ) -> None:
+        self._config = config
+        self._settings = settings
+        self._run_id = run_id
+        self._base_env = dict(base_env)
+        self._log_path = log_path
+        self._echo = echo
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._tee: Tee | None = None
+        self._log: IO[bytes] | None = None
+        self._token = ""
+        self._attempt = -1
+        self._status: int | None = None
+
+    def start(self, attempt: int, resume_step: int | None) -> None:
+        if self._proc is not None and self._status is None:
+            raise RuntimeError("the previous attempt's worker group is still running")
+        self._token = uuid.uuid4().hex
+        self._attempt = attempt
+        self._status = None
+        cmd = build_torchrun_command(self._config, self._settings, f"{self._run_id}-{attempt}")
+        env = build_worker_env(
+            base=self._base_env,
+            config=self._config,
+            settings=self._settings,
+            run_id=self._run_id,
+            attempt=attempt,
+            resume_step=resume_step,
+            token=self._token,
+        )
+        path = self._log_path(attempt)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        self._log = open(path, "ab")  # noqa: SIM115 - closed when the attempt ends
+        self._proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            preexec_fn=_make_pdeathsig(signal.SIGTERM),
+        )
+        sinks: dict[str, IO[bytes]] = {"log": self._log}
+        if self._echo is not None:
+            sinks["stderr"] = self._echo
+        if self._proc.stdout is None:
+            raise RuntimeError("torchrun was started without an output pipe")
+        self._tee = Tee(self._proc.stdout, sinks)
+        log.info("launcher.torchrun_started", pid=self._proc.pid, attempt=attempt, cmd=cmd)
+
+    @property
+    def pid(self) -> int | None:
+        """torchrun's pid while an attempt is running."""
+        return self._proc.pid if self._proc is not None else None
+
+    def poll(self) -> int | None:
+        if self._proc is None:
+            raise RuntimeError("poll() before start()")
+        if self._status is not None:
+            return self._status
+        if self._tee is not None:
+            self._tee.check()
+        code = self._proc.poll()
+        if code is None:
+            return None
+        self._finish(code)
+        return code
+
+    def terminate(self, grace_s: float) -> int:
+        if self._proc is None:
+            raise RuntimeError("terminate() before start()")
+        if self._status is not None:
+            return self._status
+        # torchrun forwards SIGTERM to every rank (each in its own session) and waits for them.
+        with contextlib.suppress(ProcessLookupError):
+            self._proc.send_signal(signal.SIGTERM)
+        try:
+            code = self._proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            log.warning("launcher.grace_expired", grace_s=grace_s, attempt=self._attempt)
+            self.kill()
+            code = self._proc.wait()
+        self._finish(code)
+        return code
+
+    def kill(self) -> None:
+        if self._proc is None:
+            return
+        pids = set(find_processes({TOKEN_VAR: self._token}))
+        if self._proc.poll() is None:
+            pids.add(self._proc.pid)
+        left = kill_and_wait(sorted(pids), self._settings.kill_wait_s)
+        if left:
+            log.error("launcher.unkillable", pids=left, attempt=self._attempt)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._proc.wait(timeout=self._settings.kill_wait_s)
+        if self._proc.returncode is not None:
+            self._finish(self._proc.returncode)
+
+    def _finish(self, code: int) -> None:
+        """After torchrun exited: remove stragglers of the attempt, drain and close the log."""
+        if self._status is not None:
+            return
+        self._status = code
+        stragglers = find_processes({TOKEN_VAR: self._token})
+        if stragglers:
+            # Ranks orphaned by a torchrun that died abruptly would keep the old process group
+            # (and its gloo sockets) alive into the next attempt.
+            log.warning("launcher.stragglers_killed", pids=stragglers, attempt=self._attempt)
+            kill_and_wait(stragglers, self._settings.kill_wait_s)
+        if self._tee is not None:
+            if not self._tee.join(self._settings.tee_join_s):
+                log.warning("launcher.output_still_open", attempt=self._attempt)
+            for sink, exc in self._tee.sink_errors.items():
+                log.warning("launcher.output_sink_failed", sink=sink, error=str(exc))
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        if self._proc is not None and self._proc.stdout is not None:
+            self._proc.stdout.close()
+
+
+def kill_orphans(checkpoint_dir: str, timeout_s: float) -> list[int]:
+    """SIGKILL processes left by an earlier supervisor of ``checkpoint_dir``; their pids.
+
+    Call only while holding the dir's lock: then no live supervisor owns such processes, and
+    ranks orphaned when a supervisor was SIGKILLed must not write into the new run.
+    """
+    # Only processes we launched carry a launch token: a shell that merely exported
+    # ORCH_CHECKPOINT_DIR must never be touched.
+    pids = find_processes(
+        {"ORCH_CHECKPOINT_DIR": os.path.abspath(checkpoint_dir)}, present=(TOKEN_VAR,)
+    )
+    if pids:
+        kill_and_wait(pids, timeout_s)
+    return pids

@@ -1,0 +1,469 @@
+"""The supervisor: one explicit state machine that runs attempts until the job is done or lost.
+
+Phases: ``starting`` (pick the newest verified snapshot, launch a worker group), ``running``
+(watch exit status, heartbeats and new snapshots), ``recovering`` (back off before the next
+attempt), ``checkpointing`` (reserved for preemption: emergency snapshot before exit), and the
+terminal ``done`` and ``failed``. One loop drives every transition; it reads and waits on time
+only through an injected :class:`~orchestrator.clock.Clock` and talks to the workers only through
+a :class:`~orchestrator.launcher.WorkerGroup`, files in the checkpoint dir and exit codes, so
+tests run the whole policy with a fake clock and a scripted group.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Protocol
+
+import structlog
+from tenacity import RetryCallState, Retrying, wait_exponential_jitter
+
+from orchestrator.clock import Clock
+from orchestrator.config import LaunchConfig
+from orchestrator.failures import Failure, diagnose
+from orchestrator.launcher import WorkerGroup
+from orchestrator.runstate import (
+    EventLog,
+    Heartbeat,
+    NodeState,
+    RunPaths,
+    RunState,
+    read_heartbeats,
+    write_json_atomic,
+)
+from orchestrator.settings import Settings
+from storage import RetentionPolicy, SnapshotInfo, plan_retention
+from storage.errors import StorageError
+
+log = structlog.get_logger("orchestrator.supervisor")
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+#: Preempted after a committed emergency snapshot: relaunch to resume (sysexits EX_TEMPFAIL).
+EXIT_PREEMPTED = 75
+
+
+class Phase(str, Enum):
+    """Supervisor phases; the values appear in ``state.json`` and ``status``."""
+
+    STARTING = "starting"
+    RUNNING = "running"
+    RECOVERING = "recovering"
+    CHECKPOINTING = "checkpointing"
+    DONE = "done"
+    FAILED = "failed"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (Phase.DONE, Phase.FAILED)
+
+
+class SnapshotStore(Protocol):
+    """The part of ``storage.LocalSnapshotStore`` the supervisor uses."""
+
+    def list(self) -> list[SnapshotInfo]:
+        """Committed snapshots, oldest first, unchecked."""
+        ...
+
+    def validate(self, step: int, *, verify_checksums: bool = True) -> SnapshotInfo:
+        """The snapshot at ``step`` with ``valid`` and ``reason`` filled in."""
+        ...
+
+    def delete(self, step: int) -> None:
+        """Remove the committed snapshot at ``step``."""
+        ...
+
+    def cleanup_abandoned(self) -> Sequence[str]:
+        """Remove temporary dirs of dead writers; their paths."""
+        ...
+
+
+class StopRequest:
+    """Set from a signal handler; the loop notices it on its next turn."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def request(self, signum: int) -> None:
+        """Record the first stop signal (later ones change nothing)."""
+        if self.signum is None:
+            self.signum = signum
+
+
+class Backoff:
+    """Restart delays: exponential from ``initial_s`` to ``max_s`` plus uniform jitter (tenacity)."""
+
+    def __init__(self, *, initial_s: float, max_s: float, jitter_s: float) -> None:
+        self._wait = wait_exponential_jitter(multiplier=initial_s, max=max_s, jitter=jitter_s)
+        self._retrying = Retrying()
+
+    def delay(self, failures: int) -> float:
+        """Delay before the relaunch following the ``failures``-th consecutive failure (>= 1)."""
+        state = RetryCallState(retry_object=self._retrying, fn=None, args=(), kwargs={})
+        state.attempt_number = max(1, failures)
+        return float(self._wait(state))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Outcome:
+    """How the supervisor ended: the process exit code and the root cause of a failure."""
+
+    exit_code: int
+    phase: Phase
+    failure: str | None
+
+
+class Supervisor:
+    """Runs worker-group attempts under the restart policy until done or failed."""
+
+    def __init__(
+        self,
+        *,
+        config: LaunchConfig,
+        settings: Settings,
+        run_id: str,
+        paths: RunPaths,
+        clock: Clock,
+        group: WorkerGroup,
+        store: SnapshotStore,
+        events: EventLog,
+        stop: StopRequest,
+        first_attempt: int = 0,
+        pid: int = 0,
+    ) -> None:
+        self._config = config
+        self._settings = settings
+        self._run_id = run_id
+        self._paths = paths
+        self._clock = clock
+        self._group = group
+        self._store = store
+        self._events = events
+        self._stop = stop
+        self._pid = pid
+        self._backoff = Backoff(
+            initial_s=settings.backoff_initial_s,
+            max_s=settings.backoff_max_s,
+            jitter_s=settings.backoff_jitter_s,
+        )
+        self._retention = RetentionPolicy(
+            keep_last=config.keep_local,
+            keep_every=config.keep_every,
+            keep_best=config.keep_best,
+            best_metric=config.best_metric,
+            best_mode=config.best_mode,
+        )
+        self._phase = Phase.STARTING
+        self._attempt = first_attempt
+        self._restarts = 0
+        self._group_running = False
+        self._resume_step: int | None = None
+        self._step: int | None = None
+        self._last_failure: str | None = None
+        self._exit_code = EXIT_FAILED
+        self._newest_local: int | None = None
+        self._known_steps: tuple[int, ...] | None = None
+        self._started_at = clock.time()
+        self._attempt_progressed = False
+        self._no_progress_streak = 0
+        self._failure_streak = 0
+        self._recover_at = 0.0
+        self._next_scan = 0.0
+        self._last_beat: Heartbeat | None = None
+        self._last_activity = 0.0
+        self._hang_failure: Failure | None = None
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def run(self) -> Outcome:
+        """Drive the state machine to ``done`` or ``failed``; never leaves workers behind."""
+        structlog.contextvars.bind_contextvars(attempt=self._attempt)
+        self._write_state()
+        try:
+            while not self._phase.terminal:
+                if self._stop.signum is not None:
+                    self._interrupted(self._stop.signum)
+                elif self._phase is Phase.STARTING:
+                    self._start_attempt()
+                elif self._phase is Phase.RUNNING:
+                    self._watch()
+                elif self._phase is Phase.RECOVERING:
+                    self._wait_backoff()
+                else:
+                    raise RuntimeError(f"phase {self._phase.value} is not handled yet")
+        except BaseException as exc:
+            # Whatever went wrong in the supervisor itself, the workers must not outlive it.
+            if self._group_running:
+                self._group.kill()
+                self._group_running = False
+            self._last_failure = f"supervisor error: {type(exc).__name__}: {exc}"
+            self._enter(Phase.FAILED)
+            raise
+        failure = self._last_failure if self._exit_code != EXIT_OK else None
+        return Outcome(exit_code=self._exit_code, phase=self._phase, failure=failure)
+
+    def _enter(self, phase: Phase) -> None:
+        if phase is not self._phase:
+            log.info("supervisor.phase", phase=phase.value, previous=self._phase.value)
+        self._phase = phase
+        self._write_state()
+
+    # -- starting ------------------------------------------------------------------------
+
+    def _start_attempt(self) -> None:
+        structlog.contextvars.bind_contextvars(attempt=self._attempt)
+        removed = list(self._store.cleanup_abandoned())
+        if removed:
+            self._events.emit("supervisor.abandoned_removed", attempt=self._attempt, paths=removed)
+        self._resume_step = self._select_resume()
+        self._events.emit(
+            "supervisor.resume_selected", attempt=self._attempt, step=self._resume_step
+        )
+        if self._resume_step is not None:
+            self._step = self._resume_step
+        self._attempt_progressed = False
+        self._hang_failure = None
+        self._last_beat = None
+        try:
+            self._group.start(self._attempt, self._resume_step)
+        except OSError as exc:
+            self._give_up(f"cannot start the worker group: {exc}", reason="start_failed")
+            return
+        self._group_running = True
+        now = self._clock.monotonic()
+        self._last_activity = now
+        self._next_scan = now + self._settings.scan_interval_s
+        self._events.emit(
+            "supervisor.attempt_started",
+            attempt=self._attempt,
+            restarts=self._restarts,
+            resume_step=self._resume_step,
+            nproc_per_node=self._config.nproc_per_node,
+        )
+        self._enter(Phase.RUNNING)
+
+    def _select_resume(self) -> int | None:
+        """The newest snapshot that passes full checksum verification; invalid ones are removed.
+
+        Equivalent to ``store.newest_valid(verify_checksums=True, cleanup=True)``, spelled out
+        so that every rejected snapshot becomes a ``supervisor.snapshot_invalid`` event.
+        """
+        for info in reversed(self._store.list()):
+            checked = self._store.validate(info.step, verify_checksums=True)
+            if checked.valid:
+                return checked.step
+            self._events.emit(
+                "supervisor.snapshot_invalid",
+                attempt=self._attempt,
+                step=info.step,
+                reason=checked.reason,
+                path=info.path,
+            )
+            self._store.delete(info.step)
+        return None
+
+    # -- running -------------------------------------------------------------------------
+
+    def _watch(self) -> None:
+        code = self._group.poll()
+        if code is not None:
+            self._group_running = False
+            self._attempt_ended(code)
+            return
+        self._read_progress()
+        now = self._clock.monotonic()
+        if now >= self._next_scan:
+            self._next_scan = now + self._settings.scan_interval_s
+            self._scan_snapshots()
+            self._write_state()
+        if self._hung(now):
+            return
+        self._clock.sleep(self._settings.poll_interval_s)
+
+    def _hung(self, now: float) -> bool:
+        timeout = self._config.hang_timeout
+        if timeout is None or now - self._last_activity <= timeout:
+            return False
+        silent = now - self._last_activity
+        last = "none yet" if self._step is None else str(self._step)
+        self._hang_failure = Failure(
+            summary=f"no heartbeat progress for {silent:.0f}s (--hang-timeout {timeout:g}s); "
+            f"last step {last}",
+            fatal=False,
+            source="hang",
+        )
+        self._events.emit("supervisor.hang_detected", attempt=self._attempt, silent_s=silent)
+        code = self._group.terminate(self._config.grace)
+        self._group_running = False
+        self._attempt_ended(code)
+        return True
+
+    def _read_progress(self) -> None:
+        beats = [b for b in read_heartbeats(self._paths) if b.attempt == self._attempt]
+        if not beats:
+            return
+        newest = max(beats, key=lambda b: (b.step, b.time))
+        self._step = newest.step if self._step is None else max(self._step, newest.step)
+        baseline = -1 if self._resume_step is None else self._resume_step
+        if newest.step > baseline:
+            self._attempt_progressed = True
+        if self._last_beat is None or (newest.step, newest.time) != (
+            self._last_beat.step,
+            self._last_beat.time,
+        ):
+            # Measured on our monotonic clock when *we* saw it change: immune to wall-clock
+            # jumps and to skew between the workers' clocks and ours.
+            self._last_activity = self._clock.monotonic()
+        self._last_beat = newest
+
+    def _scan_snapshots(self) -> None:
+        infos = self._store.list()
+        usable = [i.step for i in infos if i.valid is not False]
+        self._newest_local = max(usable) if usable else None
+        baseline = -1 if self._resume_step is None else self._resume_step
+        if self._newest_local is not None and self._newest_local > baseline:
+            self._attempt_progressed = True
+        steps = tuple(i.step for i in infos)
+        if steps != self._known_steps:
+            self._known_steps = steps
+            self._apply_retention(infos)
+
+    def _apply_retention(self, infos: list[SnapshotInfo]) -> None:
+        if not self._config.retention_active or not infos:
+            return
+        # The snapshot the running ranks resumed from may still be being read by them.
+        reading = self._group_running and self._resume_step is not None
+        protected = {self._resume_step} if reading else set()
+        doomed = plan_retention(infos, self._retention, protected=protected)
+        deleted: list[int] = []
+        for step in doomed:
+            try:
+                self._store.delete(step)
+            except (StorageError, OSError) as exc:
+                self._events.emit("retention.failed", step=step, error=str(exc))
+                continue
+            deleted.append(step)
+        if deleted:
+            self._events.emit("retention.deleted", steps=deleted, tier="local")
+            self._known_steps = tuple(i.step for i in self._store.list())
+
+    # -- after an attempt ----------------------------------------------------------------
+
+    def _attempt_ended(self, code: int) -> None:
+        self._read_progress()
+        # Re-plan retention even if no snapshot appeared: the resume point is unprotected now.
+        self._known_steps = None
+        self._scan_snapshots()
+        if code == 0:
+            self._events.emit("supervisor.finished", attempt=self._attempt, step=self._step)
+            # last_failure stays: it is the run's most recent failure, recovered from or not.
+            self._exit_code = EXIT_OK
+            self._enter(Phase.DONE)
+            return
+        failure = diagnose(self._paths, self._attempt, code)
+        if self._hang_failure is not None:
+            failure = self._hang_failure
+        self._last_failure = failure.summary
+        progressed = self._attempt_progressed
+        self._no_progress_streak = 0 if progressed else self._no_progress_streak + 1
+        self._failure_streak = 1 if progressed else self._failure_streak + 1
+        self._events.emit(
+            "supervisor.attempt_failed",
+            attempt=self._attempt,
+            exit_code=code,
+            root_cause=failure.summary,
+            source=failure.source,
+            failed_rank=failure.rank,
+            fatal=failure.fatal,
+            progressed=progressed,
+        )
+        if failure.fatal:
+            self._give_up(failure.summary, reason="fatal")
+        elif self._restarts >= self._config.max_restarts:
+            self._give_up(failure.summary, reason="restart_budget_spent")
+        elif self._no_progress_streak >= self._settings.crash_loop_attempts:
+            self._give_up(failure.summary, reason="crash_loop")
+        else:
+            delay = self._backoff.delay(self._failure_streak)
+            self._events.emit(
+                "supervisor.backoff",
+                attempt=self._attempt,
+                delay_s=round(delay, 3),
+                restarts=self._restarts + 1,
+                max_restarts=self._config.max_restarts,
+            )
+            self._recover_at = self._clock.monotonic() + delay
+            self._enter(Phase.RECOVERING)
+
+    def _give_up(self, root_cause: str, *, reason: str) -> None:
+        self._last_failure = root_cause
+        self._exit_code = EXIT_FAILED
+        self._events.emit(
+            "supervisor.gave_up",
+            attempt=self._attempt,
+            reason=reason,
+            root_cause=root_cause,
+            restarts=self._restarts,
+            no_progress_attempts=self._no_progress_streak,
+        )
+        self._enter(Phase.FAILED)
+
+    def _wait_backoff(self) -> None:
+        remaining = self._recover_at - self._clock.monotonic()
+        if remaining > 0:
+            # Short naps so that a stop signal is honoured promptly during a long backoff.
+            self._clock.sleep(min(remaining, self._settings.poll_interval_s))
+            return
+        self._restarts += 1
+        self._attempt += 1
+        structlog.contextvars.bind_contextvars(attempt=self._attempt)
+        self._enter(Phase.STARTING)
+
+    def _interrupted(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        self._events.emit("supervisor.interrupted", attempt=self._attempt, signal=name)
+        if self._group_running:
+            code = self._group.terminate(self._config.grace)
+            self._group_running = False
+            self._events.emit("supervisor.workers_terminated", attempt=self._attempt, exit_code=code)
+        self._scan_snapshots()
+        self._last_failure = f"supervisor stopped by {name}; workers terminated"
+        # 128 + signal number, the shell's convention for "ended by this signal".
+        self._exit_code = 128 + signum
+        self._enter(Phase.FAILED)
+
+    # -- run state -----------------------------------------------------------------------
+
+    def state(self) -> RunState:
+        """The current ``state.json`` content."""
+        now = self._clock.time()
+        age = None if self._last_beat is None else max(0.0, round(now - self._last_beat.time, 3))
+        return RunState(
+            run_id=self._run_id,
+            phase=self._phase.value,
+            attempt=self._attempt,
+            restarts=self._restarts,
+            preemptions=0,
+            step=self._step,
+            resumed_from_step=self._resume_step,
+            last_failure=self._last_failure,
+            newest_local_step=self._newest_local,
+            newest_remote_step=None,
+            mirror_lag_steps=None,
+            started_at=self._started_at,
+            updated_at=now,
+            pid=self._pid,
+            nodes=[
+                NodeState(
+                    node_rank=self._config.node_rank,
+                    heartbeat_age_s=age,
+                    phase=self._phase.value,
+                )
+            ],
+        )
+
+    def _write_state(self) -> None:
+        write_json_atomic(self._paths.state, self.state().to_json())

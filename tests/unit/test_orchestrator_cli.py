@@ -1,0 +1,241 @@
+"""The CLI in-process: bad input exits 2 and launches nothing; status and snapshots views."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+
+from orchestrator import cli
+from orchestrator.runstate import RunLock, RunPaths, write_json_atomic
+from storage import LocalSnapshotStore
+
+pytestmark = pytest.mark.timeout(20)
+
+DIGEST = "sha256:" + "ab" * 32
+
+
+class NoLaunch:
+    def __init__(self, **_: Any) -> None:
+        raise AssertionError("a worker group was created")
+
+
+@pytest.fixture(autouse=True)
+def _no_launch(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setattr(cli, "TorchrunGroup", NoLaunch)
+    yield
+    # main() configures structlog onto this test's captured stderr, which pytest closes.
+    structlog.reset_defaults()
+    structlog.contextvars.clear_contextvars()
+
+
+@pytest.fixture
+def script(tmp_path: Path) -> str:
+    p = tmp_path / "train.py"
+    p.write_text("print('hi')\n")
+    return str(p)
+
+
+def launch(*argv: str) -> int:
+    return cli.main(["launch", *argv])
+
+
+def test_missing_script_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ck = tmp_path / "ck"
+    assert launch("--checkpoint-dir", str(ck), str(tmp_path / "nope.py")) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not (ck / "run" / "logs").exists()
+
+
+def test_no_script_at_all_exits_2(tmp_path: Path) -> None:
+    assert launch("--checkpoint-dir", str(tmp_path / "ck")) == 2
+
+
+def test_negative_max_restarts_exits_2(tmp_path: Path, script: str,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    assert launch("--checkpoint-dir", str(tmp_path / "ck"), "--max-restarts", "-1", script) == 2
+    assert "--max-restarts must be >= 0" in capsys.readouterr().err
+
+
+def test_unknown_flag_exits_2(tmp_path: Path, script: str) -> None:
+    with pytest.raises(SystemExit) as exc:
+        launch("--checkpoint-dir", str(tmp_path / "ck"), "--bogus", "1", script)
+    assert exc.value.code == 2
+
+
+def test_non_integer_flag_exits_2(tmp_path: Path, script: str) -> None:
+    with pytest.raises(SystemExit) as exc:
+        launch("--checkpoint-dir", str(tmp_path / "ck"), "--nproc-per-node", "two", script)
+    assert exc.value.code == 2
+
+
+def test_nodes_without_endpoint_exits_2(tmp_path: Path, script: str,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    assert launch("--checkpoint-dir", str(tmp_path / "ck"), "--nodes", "2", script) == 2
+    assert "--rdzv-endpoint" in capsys.readouterr().err
+
+
+def test_mirror_is_refused_for_now_without_echoing_it(tmp_path: Path, script: str,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    url = "s3://AKIAKEY:supersecret@bucket/run"
+    assert launch("--checkpoint-dir", str(tmp_path / "ck"), "--mirror", url, script) == 2
+    err = capsys.readouterr().err
+    assert "not supported yet" in err
+    assert "supersecret" not in err
+
+
+def test_unwritable_checkpoint_dir_exits_2(tmp_path: Path, script: str) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert launch("--checkpoint-dir", str(blocker / "ck"), script) == 2
+
+
+def test_dir_held_by_live_supervisor_exits_2(tmp_path: Path, script: str,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    ck = tmp_path / "ck"
+    lock = RunLock(RunPaths.of(str(ck)).lock)
+    lock.acquire()
+    try:
+        assert launch("--checkpoint-dir", str(ck), script) == 2
+    finally:
+        lock.release()
+    err = capsys.readouterr().err
+    assert "held by a live supervisor" in err and f"pid {os.getpid()}" in err
+
+
+def test_bad_config_file_exits_2(tmp_path: Path, script: str) -> None:
+    conf = tmp_path / "c.toml"
+    conf.write_text("wat = 1\n")
+    assert launch("--config", str(conf), "--checkpoint-dir", str(tmp_path / "ck"), script) == 2
+
+
+def test_bad_settings_env_exits_2(tmp_path: Path, script: str,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ORCH_POLL_INTERVAL_S", "soon")
+    assert launch("--checkpoint-dir", str(tmp_path / "ck"), script) == 2
+
+
+def test_status_and_snapshots_refuse_mirror(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["status", "--mirror", "s3://b/x"]) == 2
+    assert cli.main(["snapshots", "--mirror", "s3://b/x", "--json"]) == 2
+    assert "not available yet" in capsys.readouterr().err
+
+
+def test_status_needs_exactly_one_location() -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["status"])
+    assert exc.value.code == 2
+
+
+def _snapshot_dir(tmp_path: Path) -> Path:
+    ck = tmp_path / "ck"
+    store = LocalSnapshotStore(str(ck))
+    for step in (5, 10, 20, 100):
+        w = store.begin(step)
+        w.write_bytes("tensors.bin", bytes(32))
+        w.commit(run_id="r", epoch=0, world_size=1, digest=DIGEST)
+    with open(Path(store.path(10)) / "tensors.bin", "r+b") as f:
+        f.write(b"\x01")  # same size, wrong checksum
+    os.remove(Path(store.path(20)) / "manifest.json")
+    shutil.rmtree(store.path(5))
+    os.makedirs(ck / "snapshots" / "junk")
+    return ck
+
+
+def test_snapshots_json_oldest_first(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ck = _snapshot_dir(tmp_path)
+    capsys.readouterr()
+    assert cli.main(["snapshots", "--checkpoint-dir", str(ck), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["step"] for r in rows] == [10, 20, 100]
+    for r in rows:
+        assert {"step", "tier", "valid", "digest", "bytes", "created_at", "path"} <= set(r)
+        assert r["tier"] == "local" and r["verified"] is False
+    # Without --verify only sizes are checked: the flipped byte goes unnoticed.
+    assert [r["valid"] for r in rows] == [True, False, True]
+    assert "manifest" in rows[1]["reason"]
+    assert rows[2]["digest"] == DIGEST and rows[2]["bytes"] == 32
+
+
+def test_snapshots_verify_checks_checksums(tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    ck = _snapshot_dir(tmp_path)
+    capsys.readouterr()
+    assert cli.main(["snapshots", "--checkpoint-dir", str(ck), "--verify", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["valid"] for r in rows] == [False, False, True]
+    assert "checksum" in rows[0]["reason"]
+    assert all(r["verified"] for r in rows)
+
+
+def test_snapshots_table_and_empty(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ck = _snapshot_dir(tmp_path)
+    capsys.readouterr()
+    assert cli.main(["snapshots", "--checkpoint-dir", str(ck)]) == 0
+    out = capsys.readouterr().out
+    assert "100" in out and "NO" in out
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli.main(["snapshots", "--checkpoint-dir", str(empty), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+    assert not (empty / "snapshots").exists(), "a read-only command creates nothing"
+
+
+def test_status_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ck = _snapshot_dir(tmp_path)
+    capsys.readouterr()
+    paths = RunPaths.of(str(ck))
+    os.makedirs(paths.progress_dir)
+    write_json_atomic(paths.state, {
+        "run_id": "r1", "phase": "running", "attempt": 2, "restarts": 2, "preemptions": 0,
+        "step": 40, "resumed_from_step": 10, "last_failure": "rank 1 killed by SIGKILL",
+        "newest_local_step": 20, "newest_remote_step": None, "mirror_lag_steps": None,
+        "started_at": 1.0, "updated_at": 2.0, "pid": 1,
+        "nodes": [{"node_rank": 0, "heartbeat_age_s": 1.0, "phase": "running"}],
+    })
+    (Path(paths.progress_dir) / "rank-0.json").write_text(json.dumps(
+        {"pid": 1, "rank": 0, "step": 45, "epoch": 0, "time": 1.0, "attempt": 2}))
+    assert cli.main(["status", "--checkpoint-dir", str(ck), "--json", "--watch"]) == 0
+    doc = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("run_id", "phase", "step", "restarts", "preemptions", "resumed_from_step",
+                "last_failure", "newest_local_step", "newest_remote_step", "mirror_lag_steps",
+                "nodes"):
+        assert key in doc
+    assert doc["step"] == 45
+    assert doc["newest_local_step"] == 100
+    assert doc["supervisor_alive"] is False
+    assert doc["nodes"][0]["phase"] == "unknown"  # no supervisor holds the lock any more
+    assert doc["nodes"][0]["heartbeat_age_s"] > 1000
+    assert cli.main(["status", "--checkpoint-dir", str(ck)]) == 0
+    assert "rank 1 killed by SIGKILL" in capsys.readouterr().out
+
+
+def test_status_without_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["status", "--checkpoint-dir", str(tmp_path)]) == 1
+    assert "no run found" in capsys.readouterr().err
+    assert cli.main(["status", "--checkpoint-dir", str(tmp_path / "missing")]) == 2
+
+
+@pytest.mark.parametrize("command", [[], ["launch"], ["status"], ["snapshots"]])
+def test_help_renders(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.main([*command, "--help"])
+    assert exc.value.code == 0
+    assert "usage: orchestrator" in capsys.readouterr().out
+
+
+def test_cli_never_imports_torch_or_trainer() -> None:
+    code = (
+        "import sys, orchestrator.cli, orchestrator.supervisor, orchestrator.launcher\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'trainer')]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

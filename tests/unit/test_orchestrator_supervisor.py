@@ -1,0 +1,493 @@
+"""The supervisor's state machine driven by a fake clock and a scripted worker group.
+
+No process is started and nothing sleeps: the fake clock advances instantly, and each scripted
+attempt writes the files real workers would (heartbeats, snapshots, error files) before it
+"exits" with a chosen status. A real ``LocalSnapshotStore`` keeps snapshot handling honest.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orchestrator.config import LaunchConfig
+from orchestrator.runstate import EventLog, RunPaths, next_attempt, read_events, read_state
+from orchestrator.settings import Settings
+from orchestrator.supervisor import (
+    EXIT_FAILED,
+    EXIT_OK,
+    Backoff,
+    Phase,
+    StopRequest,
+    Supervisor,
+)
+from storage import LocalSnapshotStore
+
+pytestmark = pytest.mark.timeout(30)
+
+DIGEST = "sha256:" + "0" * 64
+
+
+class FakeClock:
+    """Time that only moves when someone sleeps."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.sleeps: list[float] = []
+        self.on_sleep: Callable[[], None] | None = None
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def time(self) -> float:
+        return 1_800_000_000.0 + self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+        if self.on_sleep is not None:
+            self.on_sleep()
+
+
+Hook = Callable[[int, "int | None"], None]
+
+
+@dataclass
+class Attempt:
+    """One scripted attempt: runs ``polls`` polls, then ``on_exit`` and exits with ``code``."""
+
+    code: int
+    polls: int = 3
+    on_start: Hook | None = None
+    on_exit: Hook | None = None
+    hang: bool = False
+
+
+@dataclass
+class FakeGroup:
+    script: list[Attempt]
+    starts: list[tuple[int, int | None]] = field(default_factory=list)
+    terminations: list[float] = field(default_factory=list)
+    kills: int = 0
+    _left: int = 0
+    _current: Attempt | None = None
+
+    def start(self, attempt: int, resume_step: int | None) -> None:
+        if len(self.starts) >= len(self.script):
+            raise AssertionError("more attempts than scripted")
+        self._current = self.script[len(self.starts)]
+        self.starts.append((attempt, resume_step))
+        self._left = self._current.polls
+        if self._current.on_start is not None:
+            self._current.on_start(attempt, resume_step)
+
+    def poll(self) -> int | None:
+        cur = self._current
+        assert cur is not None
+        if cur.hang:
+            return None
+        self._left -= 1
+        if self._left > 0:
+            return None
+        if cur.on_exit is not None:
+            cur.on_exit(*self.starts[-1])
+        return cur.code
+
+    def terminate(self, grace_s: float) -> int:
+        self.terminations.append(grace_s)
+        return -signal.SIGTERM
+
+    def kill(self) -> None:
+        self.kills += 1
+
+
+class Env:
+    """A checkpoint dir plus helpers that play the workers' part."""
+
+    def __init__(self, root: Path, clock: FakeClock) -> None:
+        self.dir = str(root / "ckpt")
+        self.paths = RunPaths.of(self.dir)
+        self.store = LocalSnapshotStore(self.dir)
+        self.clock = clock
+
+    def snapshot(self, step: int, *, corrupt: bool = False, metrics: dict[str, float] | None = None) -> None:
+        w = self.store.begin(step)
+        w.write_bytes("tensors.bin", bytes(range(64)))
+        w.commit(
+            run_id="r", epoch=0, world_size=2, digest=DIGEST,
+            metadata={"metrics": metrics or {}},
+        )
+        if corrupt:
+            path = os.path.join(self.store.path(step), "tensors.bin")
+            with open(path, "r+b") as f:
+                f.write(b"\xff")
+
+    def heartbeat(self, attempt: int, step: int, rank: int = 0) -> None:
+        os.makedirs(self.paths.progress_dir, exist_ok=True)
+        doc = {"pid": 1, "rank": rank, "step": step, "epoch": 0, "time": self.clock.time(),
+               "attempt": attempt}
+        with open(os.path.join(self.paths.progress_dir, f"rank-{rank}.json"), "w") as f:
+            json.dump(doc, f)
+
+    def error_file(self, attempt: int, rank: int, *, when: float, fatal: bool = False,
+                   message: str = "boom", kind: str = "RuntimeError") -> None:
+        d = self.paths.errors_dir(attempt)
+        os.makedirs(d, exist_ok=True)
+        doc = {"rank": rank, "attempt": attempt, "time": when, "type": kind, "message": message,
+               "traceback": "Traceback ...", "fatal": fatal}
+        with open(os.path.join(d, f"rank-{rank}.json"), "w") as f:
+            json.dump(doc, f)
+
+    def events(self) -> list[dict[str, Any]]:
+        return read_events(self.paths)
+
+    def names(self) -> list[str]:
+        return [e["event"] for e in self.events()]
+
+    def state(self) -> dict[str, Any]:
+        doc = read_state(self.paths)
+        assert doc is not None
+        return doc
+
+
+SETTINGS = Settings(
+    backoff_initial_s=1.0, backoff_max_s=8.0, backoff_jitter_s=0.5, poll_interval_s=0.5,
+    scan_interval_s=1.0, crash_loop_attempts=3,
+)
+
+
+def make(
+    tmp_path: Path,
+    script: list[Attempt] | Callable[[Env], list[Attempt]],
+    *,
+    settings: Settings = SETTINGS,
+    stop: StopRequest | None = None,
+    first_attempt: int = 0,
+    **config: Any,
+) -> tuple[Supervisor, FakeGroup, Env, FakeClock]:
+    clock = FakeClock()
+    env = Env(tmp_path, clock)
+    os.makedirs(env.paths.run_dir, exist_ok=True)
+    attempts = script(env) if callable(script) else script
+    group = FakeGroup(attempts)
+    cfg = LaunchConfig(checkpoint_dir=env.dir, script="train.py", nproc_per_node=2, **config)
+    sup = Supervisor(
+        config=cfg, settings=settings, run_id="r", paths=env.paths, clock=clock, group=group,
+        store=env.store, events=EventLog(env.paths.events, clock=clock, run_id="r"),
+        stop=stop or StopRequest(), first_attempt=first_attempt, pid=123,
+    )
+    return sup, group, env, clock
+
+
+def test_fresh_start_runs_to_done(tmp_path: Path) -> None:
+    def script(env: Env) -> list[Attempt]:
+        def work(attempt: int, _resume: int | None) -> None:
+            env.heartbeat(attempt, 5)
+            env.snapshot(5)
+        return [Attempt(0, on_exit=work)]
+
+    sup, group, env, _ = make(tmp_path, script)
+    out = sup.run()
+    assert (out.exit_code, out.phase, out.failure) == (EXIT_OK, Phase.DONE, None)
+    assert group.starts == [(0, None)]
+    state = env.state()
+    assert state["phase"] == "done"
+    assert state["step"] == 5
+    assert state["newest_local_step"] == 5
+    assert state["resumed_from_step"] is None
+    assert state["restarts"] == 0
+    assert state["pid"] == 123
+    assert state["nodes"][0]["node_rank"] == 0
+    assert env.names() == [
+        "supervisor.resume_selected", "supervisor.attempt_started", "supervisor.finished",
+    ]
+
+
+def test_crash_then_resume_from_newest_valid_snapshot(tmp_path: Path) -> None:
+    def script(env: Env) -> list[Attempt]:
+        def crash(attempt: int, _resume: int | None) -> None:
+            env.heartbeat(attempt, 25)
+            env.snapshot(10)
+            env.snapshot(20, corrupt=True)  # same size: only a checksum check catches it
+            env.error_file(attempt, 1, when=5.0, message="CUDA went away")
+        return [Attempt(1, on_exit=crash), Attempt(0)]
+
+    sup, group, env, _ = make(tmp_path, script)
+    out = sup.run()
+    assert out.exit_code == EXIT_OK
+    assert group.starts == [(0, None), (1, 10)]
+    assert not os.path.exists(env.store.path(20)), "the corrupt snapshot is removed"
+    invalid = [e for e in env.events() if e["event"] == "supervisor.snapshot_invalid"]
+    assert [e["step"] for e in invalid] == [20]
+    assert "checksum" in invalid[0]["reason"]
+    failed = next(e for e in env.events() if e["event"] == "supervisor.attempt_failed")
+    assert failed["root_cause"] == "rank 1: RuntimeError: CUDA went away"
+    assert failed["progressed"] is True
+    state = env.state()
+    assert (state["restarts"], state["resumed_from_step"], state["attempt"]) == (1, 10, 1)
+    assert state["last_failure"] == "rank 1: RuntimeError: CUDA went away"  # kept after recovery
+
+
+def test_budget_spent_fails_with_root_cause(tmp_path: Path) -> None:
+    def script(env: Env) -> list[Attempt]:
+        def crash(attempt: int, _resume: int | None) -> None:
+            env.heartbeat(attempt, 100 + attempt)  # progress every time: not a crash loop
+            env.error_file(attempt, 0, when=9.0, message="late")
+            env.error_file(attempt, 1, when=3.0, message=f"first failure {attempt}")
+        return [Attempt(1, on_exit=crash) for _ in range(3)]
+
+    sup, group, env, _ = make(tmp_path, script, max_restarts=2)
+    out = sup.run()
+    assert out.exit_code == EXIT_FAILED
+    assert out.failure == "rank 1: RuntimeError: first failure 2"
+    assert len(group.starts) == 3
+    gave_up = next(e for e in env.events() if e["event"] == "supervisor.gave_up")
+    assert gave_up["reason"] == "restart_budget_spent"
+    state = env.state()
+    assert (state["phase"], state["restarts"]) == ("failed", 2)
+    assert state["last_failure"] == out.failure
+
+
+def test_fatal_error_file_fails_at_once(tmp_path: Path) -> None:
+    def script(env: Env) -> list[Attempt]:
+        def crash(attempt: int, _resume: int | None) -> None:
+            env.error_file(attempt, 0, when=1.0, fatal=True, kind="ConfigMismatch",
+                           message="lr differs")
+            env.error_file(attempt, 1, when=2.0, message="peer died")
+        return [Attempt(78, on_exit=crash), Attempt(0)]
+
+    sup, group, env, _ = make(tmp_path, script, max_restarts=5)
+    out = sup.run()
+    assert out.exit_code == EXIT_FAILED
+    assert group.starts == [(0, None)]
+    assert out.failure == "rank 0: ConfigMismatch: lr differs"
+    assert next(e for e in env.events() if e["event"] == "supervisor.gave_up")["reason"] == "fatal"
+
+
+def test_fatal_flag_on_a_later_rank_still_stops(tmp_path: Path) -> None:
+    def script(env: Env) -> list[Attempt]:
+        def crash(attempt: int, _resume: int | None) -> None:
+            env.error_file(attempt, 0, when=1.0, message="peer died")
+            env.error_file(attempt, 1, when=2.0, fatal=True, message="bad args")
+        return [Attempt(1, on_exit=crash)]
+
+    sup, group, _, _ = make(tmp_path, script, max_restarts=5)
+    out = sup.run()
+    assert out.exit_code == EXIT_FAILED and len(group.starts) == 1
+    assert out.failure is not None and "rank 1 reported a fatal error" in out.failure
+
+
+def test_crash_loop_without_progress_gives_up_early(tmp_path: Path) -> None:
+    def script(env: Env) -> list[Attempt]:
+        env.snapshot(10)
+
+        def crash(attempt: int, resume: int | None) -> None:
+            assert resume == 10
+            env.heartbeat(attempt, 10)  # back at the resume point: no progress
+        return [Attempt(1, on_exit=crash) for _ in range(10)]
+
+    sup, group, env, _ = make(tmp_path, script, max_restarts=9)
+    out = sup.run()
+    assert out.exit_code == EXIT_FAILED
+    assert len(group.starts) == 3
+    gave_up = next(e for e in env.events() if e["event"] == "supervisor.gave_up")
+    assert gave_up["reason"] == "crash_loop"
+    assert gave_up["no_progress_attempts"] == 3
+    assert env.state()["restarts"] == 2
+
+
+def test_progress_resets_the_crash_loop_counter(tmp_path: Path) -> None:
+    def script(env: Env) -> list[Attempt]:
+        def stuck(attempt: int, _resume: int | None) -> None:
+            pass
+
+        def advance(attempt: int, _resume: int | None) -> None:
+            env.heartbeat(attempt, 50 + attempt)
+        hooks = [stuck, stuck, advance, stuck, stuck, advance]
+        return [Attempt(1, on_exit=h) for h in hooks] + [Attempt(0)]
+
+    sup, group, _, _ = make(tmp_path, script, max_restarts=10)
+    assert sup.run().exit_code == EXIT_OK
+    assert len(group.starts) == 7
+
+
+def test_backoff_grows_and_is_bounded_between_attempts(tmp_path: Path) -> None:
+    sup, group, env, clock = make(tmp_path, [Attempt(1, polls=1) for _ in range(4)] + [Attempt(0)],
+                                  max_restarts=10,
+                                  settings=Settings(backoff_initial_s=1.0, backoff_max_s=3.0,
+                                                    backoff_jitter_s=0.5, poll_interval_s=0.25,
+                                                    crash_loop_attempts=10))
+    start_times: list[float] = []
+    original = group.start
+
+    def timed_start(attempt: int, resume_step: int | None) -> None:
+        start_times.append(clock.now)
+        original(attempt, resume_step)
+
+    group.start = timed_start  # type: ignore[method-assign]
+    assert sup.run().exit_code == EXIT_OK
+    delays = [e["delay_s"] for e in env.events() if e["event"] == "supervisor.backoff"]
+    assert len(delays) == 4
+    assert 1.0 <= delays[0] <= 1.5
+    assert 2.0 <= delays[1] <= 2.5
+    assert delays[2] == delays[3] == 3.0
+    gaps = [b - a for a, b in itertools.pairwise(start_times)]
+    for gap, delay in zip(gaps, delays, strict=True):
+        assert gap >= delay - 0.001  # waited out the backoff (delay_s is rounded to ms)
+
+
+def test_backoff_has_jitter() -> None:
+    b = Backoff(initial_s=1.0, max_s=60.0, jitter_s=1.0)
+    samples = {round(b.delay(3), 6) for _ in range(50)}
+    assert len(samples) > 10
+    assert all(4.0 <= s <= 5.0 for s in samples)
+    assert b.delay(50) == 60.0
+
+
+def test_root_cause_from_torchrun_log_when_no_error_file(tmp_path: Path) -> None:
+    fixture = Path(__file__).parent / "fixtures" / "orchestrator_torchrun_sigkill.txt"
+
+    def script(env: Env) -> list[Attempt]:
+        def killed(attempt: int, _resume: int | None) -> None:
+            os.makedirs(env.paths.logs_dir, exist_ok=True)
+            Path(env.paths.attempt_log(attempt)).write_text(fixture.read_text())
+        return [Attempt(1, on_exit=killed)]
+
+    sup, _, _, _ = make(tmp_path, script, max_restarts=0)
+    out = sup.run()
+    assert out.failure == "rank 1 killed by SIGKILL"
+
+
+def test_hang_is_killed_and_relaunched(tmp_path: Path) -> None:
+    def script(env: Env) -> list[Attempt]:
+        def one_beat(attempt: int, _resume: int | None) -> None:
+            env.heartbeat(attempt, 3)
+        return [Attempt(0, hang=True, on_start=one_beat), Attempt(0)]
+
+    sup, group, env, clock = make(tmp_path, script, hang_timeout=20.0, grace=7.0)
+    out = sup.run()
+    assert out.exit_code == EXIT_OK
+    assert group.terminations == [7.0]
+    failed = next(e for e in env.events() if e["event"] == "supervisor.attempt_failed")
+    assert failed["source"] == "hang"
+    assert "hang-timeout 20s" in failed["root_cause"]
+    assert 20.0 <= clock.now < 40.0
+
+
+def test_stop_signal_terminates_workers_and_exits_non_zero(tmp_path: Path) -> None:
+    stop = StopRequest()
+    sup, group, env, clock = make(tmp_path, [Attempt(0, hang=True)], stop=stop, grace=5.0)
+
+    def signal_later() -> None:
+        if clock.now >= 2.0:
+            stop.request(signal.SIGTERM)
+
+    clock.on_sleep = signal_later
+    out = sup.run()
+    assert out.exit_code == 128 + signal.SIGTERM
+    assert out.phase is Phase.FAILED
+    assert group.terminations == [5.0]
+    assert "SIGTERM" in (out.failure or "")
+    assert env.state()["phase"] == "failed"
+    assert "supervisor.interrupted" in env.names()
+
+
+def test_retention_keeps_last_k_and_the_resume_point_while_running(tmp_path: Path) -> None:
+    seen: list[list[int]] = []
+
+    def script(env: Env) -> list[Attempt]:
+        env.snapshot(5)
+
+        def work(attempt: int, _resume: int | None) -> None:
+            for step in (10, 20, 30):
+                env.snapshot(step)
+        return [Attempt(0, polls=6, on_start=work)]
+
+    sup, group, env, clock = make(tmp_path, script, keep_local=2)
+    clock.on_sleep = lambda: seen.append([i.step for i in env.store.list()])
+    assert sup.run().exit_code == EXIT_OK
+    assert group.starts == [(0, 5)]
+    # While the ranks run, the snapshot they resumed from is protected...
+    assert [5, 20, 30] in seen
+    # ...once they are gone, keep-last-2 alone decides.
+    assert [i.step for i in env.store.list()] == [20, 30]
+    deleted = [e["steps"] for e in env.events() if e["event"] == "retention.deleted"]
+    assert deleted == [[10], [5]]
+
+
+def test_no_retention_without_rules(tmp_path: Path) -> None:
+    def script(env: Env) -> list[Attempt]:
+        def work(attempt: int, _resume: int | None) -> None:
+            for step in (10, 20, 30):
+                env.snapshot(step)
+        return [Attempt(0, on_exit=work)]
+
+    sup, _, env, _ = make(tmp_path, script)
+    assert sup.run().exit_code == EXIT_OK
+    assert [i.step for i in env.store.list()] == [10, 20, 30]
+
+
+def test_abandoned_temp_dirs_are_cleaned_before_each_attempt(tmp_path: Path) -> None:
+    def script(env: Env) -> list[Attempt]:
+        os.makedirs(os.path.join(env.store.root, ".tmp-step-000000000040-99-abcd"))
+        return [Attempt(0)]
+
+    sup, _, env, _ = make(tmp_path, script)
+    assert sup.run().exit_code == EXIT_OK
+    assert os.listdir(env.store.root) == []
+    assert "supervisor.abandoned_removed" in env.names()
+
+
+def test_state_is_written_while_running(tmp_path: Path) -> None:
+    seen: list[str] = []
+
+    def script(env: Env) -> list[Attempt]:
+        def beat(attempt: int, _resume: int | None) -> None:
+            env.heartbeat(attempt, 7)
+        return [Attempt(0, polls=10, on_start=beat)]
+
+    sup, _, env, clock = make(tmp_path, script)
+    clock.on_sleep = lambda: seen.append(env.state()["phase"])
+    sup.run()
+    assert "running" in seen
+    assert env.state()["step"] == 7
+
+
+def test_start_failure_is_reported(tmp_path: Path) -> None:
+    sup, group, _, _ = make(tmp_path, [Attempt(0)])
+
+    def broken(attempt: int, resume_step: int | None) -> None:
+        raise FileNotFoundError(2, "No such file", "python")
+
+    group.start = broken  # type: ignore[method-assign]
+    out = sup.run()
+    assert out.exit_code == EXIT_FAILED
+    assert out.failure is not None and "cannot start" in out.failure
+
+
+def test_supervisor_bug_kills_the_group(tmp_path: Path) -> None:
+    sup, group, env, _ = make(tmp_path, [Attempt(0, hang=True)])
+
+    def explode() -> int | None:
+        raise ZeroDivisionError("bug")
+
+    group.poll = explode  # type: ignore[method-assign]
+    with pytest.raises(ZeroDivisionError):
+        sup.run()
+    assert group.kills == 1
+    assert env.state()["phase"] == "failed"
+
+
+def test_attempt_numbers_continue_across_supervisor_launches(tmp_path: Path) -> None:
+    sup, group, env, _ = make(tmp_path, [Attempt(1, polls=1), Attempt(0)], max_restarts=1)
+    sup.run()
+    assert [a for a, _ in group.starts] == [0, 1]
+    assert next_attempt(env.paths) == 2

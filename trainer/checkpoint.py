@@ -1,0 +1,590 @@
+"""Barrier-synchronised, rank-0 asynchronous snapshots and verified, bit-exact resume.
+
+:class:`Checkpointer` ties a :class:`~trainer.state.TrainingState` to a checkpoint directory.
+``resume()`` selects a snapshot (the supervisor's ``ORCH_RESUME_STEP``, or the newest valid one
+picked by rank 0 and broadcast), checks its hyperparameters and world size, reads its files with
+checksum verification and restores the shared state plus each rank's own RNGs and loader
+position. ``step_done()`` writes the heartbeat, fires fault points, tracks the best metric and,
+every ``every`` steps, takes a snapshot: every rank sends its per-rank state to rank 0, which
+copies all tensors into a reused staging arena and hands it to a background writer thread; the
+training thread never pickles tensors nor touches the disk for a snapshot. ``finish()`` takes the
+final snapshot and writes the weights-only export ``exports/last.pt``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import numpy as np
+import structlog
+import torch
+import torch.distributed as dist
+
+from storage import LocalSnapshotStore, Manifest
+from storage.errors import CorruptSnapshot
+from trainer import codec
+from trainer.distributed import is_initialized
+from trainer.errors import (
+    ConfigMismatch,
+    SnapshotError,
+    TrainerError,
+    UsageError,
+    WorldSizeMismatch,
+)
+from trainer.faults import FaultInjector
+from trainer.settings import WorkerSettings
+from trainer.state import TrainingState
+from trainer.writer import BackgroundWriter, Job
+
+log = structlog.get_logger("trainer.checkpoint")
+
+TENSORS_FILE = "tensors.bin"
+TREE_FILE = "tree.json"
+_WRITE_CHUNK = 16 << 20
+_ABSENT = "<absent>"
+
+
+class PeerFailure(TrainerError):
+    """Another rank failed during a collective step (resume); carries that rank's fatality."""
+
+    def __init__(self, message: str, *, fatal: bool) -> None:
+        super().__init__(message)
+        self.fatal = fatal
+
+
+def normalize_hparams(hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """Hyperparameters as canonical JSON values (tuples become lists); UsageError if not JSON-able."""
+    try:
+        text = json.dumps(dict(hparams), sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"hparams must be JSON-serialisable with finite floats: {exc}") from exc
+    value: dict[str, Any] = json.loads(text)
+    return value
+
+
+def config_hash(hparams: Mapping[str, Any]) -> str:
+    """sha256 of the canonical JSON of ``hparams``."""
+    text = json.dumps(normalize_hparams(hparams), sort_keys=True, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def diff_hparams(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Keys whose values differ, mapped to ``(saved, current)`` (``"<absent>"`` when missing)."""
+    out: dict[str, tuple[Any, Any]] = {}
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key, _ABSENT), current.get(key, _ABSENT)
+        if a != b or type(a) is not type(b):
+            out[key] = (a, b)
+    return out
+
+
+def _json_metric(value: Any) -> Any:
+    if isinstance(value, torch.Tensor | np.generic):
+        value = value.item()
+    if isinstance(value, bool | int | str) or value is None:
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    return str(value)
+
+
+def git_commit(directory: str) -> str | None:
+    """``git rev-parse HEAD`` in ``directory``; None when not a repository or git is missing."""
+    try:
+        proc = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=directory,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = proc.stdout.strip()
+    return commit if proc.returncode == 0 and commit else None
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: str, data: bytes, *, durable: bool) -> None:
+    directory = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    if durable:
+        _fsync_dir(directory)
+
+
+def write_weights_export(
+    directory: str, name: str, tensors: dict[str, torch.Tensor], sidecar: dict[str, Any]
+) -> str:
+    """Write ``<name>.pt`` (torch.save of a flat tensor dict) and ``<name>.json`` durably.
+
+    The ``.pt`` file goes to a temporary name, is fsynced and renamed; its sha256 goes into the
+    sidecar, written the same way afterwards. Load it with ``torch.load(..., weights_only=True)``.
+    """
+    os.makedirs(directory, exist_ok=True)
+    final = os.path.join(directory, f"{name}.pt")
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.pt.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(tensors, f)
+            f.flush()
+            os.fsync(f.fileno())
+        h = hashlib.sha256()
+        with open(tmp, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        os.replace(tmp, final)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(directory)
+    doc = dict(sidecar, sha256=h.hexdigest(), file=f"{name}.pt", time=time.time())
+    _atomic_write(
+        os.path.join(directory, f"{name}.json"),
+        (json.dumps(doc, indent=1, sort_keys=True, allow_nan=False) + "\n").encode(),
+        durable=True,
+    )
+    return final
+
+
+class Checkpointer:
+    """Snapshots and resumes a :class:`TrainingState` (see the module docstring).
+
+    Every rank constructs one and calls ``resume()``, ``step_done()`` and ``finish()`` at the
+    same points (they are collective). ``hparams`` are recorded in each manifest and compared on
+    resume. ``best_metric`` names the metric passed to ``step_done`` that drives keep-best
+    (``best_mode`` ``"max"`` or ``"min"``); it must have the same value on every rank.
+    ``best_source`` picks the exported weights: ``"ema"`` (when an EMA is registered, the
+    default) or ``"model"``.
+    """
+
+    def __init__(
+        self,
+        state: TrainingState,
+        *,
+        hparams: Mapping[str, Any],
+        checkpoint_dir: str | None = None,
+        every: int | None = None,
+        run_id: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        allow_config_change: bool | None = None,
+        best_metric: str | None = None,
+        best_mode: Literal["max", "min"] = "max",
+        best_source: Literal["ema", "model"] = "ema",
+        settings: WorkerSettings | None = None,
+    ) -> None:
+        self.settings = settings or WorkerSettings.from_env()
+        directory = checkpoint_dir or self.settings.checkpoint_dir
+        if not directory:
+            raise UsageError("no checkpoint directory: pass checkpoint_dir or set ORCH_CHECKPOINT_DIR")
+        if every is None:
+            every = self.settings.checkpoint_every if self.settings.checkpoint_every is not None else 0
+        if every < 0:
+            raise UsageError(f"checkpoint interval must be >= 0 (0 = final only), got {every}")
+        if best_mode not in ("max", "min"):
+            raise UsageError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
+        if best_source not in ("ema", "model"):
+            raise UsageError(f"best_source must be 'ema' or 'model', got {best_source!r}")
+        self.state = state
+        self.checkpoint_dir = os.path.abspath(directory)
+        self.every = every
+        self.run_id = run_id or self.settings.run_id or "local"
+        self.hparams = normalize_hparams(hparams)
+        self.config_hash = config_hash(self.hparams)
+        self.metadata: dict[str, Any] = dict(metadata or {})
+        self.allow_config_change = (
+            self.settings.allow_config_change if allow_config_change is None else allow_config_change
+        )
+        self.best_metric = best_metric
+        self.best_mode = best_mode
+        self.best_source = best_source
+        if is_initialized():
+            self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        else:
+            self.rank, self.world_size = 0, 1
+        self.store = LocalSnapshotStore(self.checkpoint_dir)
+        self.faults = FaultInjector.from_spec(
+            self.settings.faults, rank=self.rank, attempt=self.settings.attempt
+        )
+        self.writer = BackgroundWriter("trainer-snapshot-writer")
+        self.arena = codec.StagingArena(pin_memory=torch.cuda.is_available())
+        self.progress_dir = os.path.join(self.checkpoint_dir, "run", "progress")
+        self.exports_dir = os.path.join(self.checkpoint_dir, "exports")
+        os.makedirs(self.progress_dir, exist_ok=True)
+        self.last_snapshot_step: int | None = None
+        self.resumed_from: int | None = None
+        self.last_digest: str | None = None
+        self._last_metrics: dict[str, Any] = {}
+        self._git_commit: str | None = None
+        self._git_checked = False
+        self._best_buffers: dict[str, torch.Tensor] | None = None
+        self._best_job: Job | None = None
+
+    # -- resume ---------------------------------------------------------------------------
+
+    def resume(self) -> int:
+        """Restore the chosen snapshot on every rank; return the step to continue from (0: fresh)."""
+        self._heartbeat()
+        step = self._select_step()
+        if step is None:
+            log.info("resume.fresh", reason=self.settings.resume_mode)
+            self.last_snapshot_step = None
+            return 0
+        started = time.perf_counter()
+        error: BaseException | None = None
+        digest: str | None = None
+        try:
+            digest = self._load(step)
+        except Exception as exc:  # re-raised below after every rank learned the outcome
+            error = exc
+        self._agree(error, f"loading snapshot step {step}")
+        self.resumed_from = step
+        self.last_snapshot_step = step
+        self.last_digest = digest
+        log.info(
+            "resume.loaded",
+            step=step,
+            epoch=self.state.epoch,
+            digest=digest,
+            seconds=round(time.perf_counter() - started, 4),
+        )
+        self._heartbeat()
+        return step
+
+    def _select_step(self) -> int | None:
+        mode = self.settings.resume_mode
+        if mode == "fresh":
+            return None
+        if mode == "step":
+            return self.settings.resume_step
+        chosen: list[int | None] = [None]
+        if self.rank == 0:
+            info = self.store.newest_valid(verify_checksums=True)
+            chosen[0] = None if info is None else info.step
+        if is_initialized() and self.world_size > 1:
+            dist.broadcast_object_list(chosen, src=0)
+        return chosen[0]
+
+    def _agree(self, error: BaseException | None, what: str) -> None:
+        """All ranks learn whether each succeeded; every rank fails if one did."""
+        outcomes: list[Any] = [None] * self.world_size
+        mine = None if error is None else (type(error).__name__, str(error), bool(getattr(error, "fatal", False)))
+        if is_initialized() and self.world_size > 1:
+            dist.all_gather_object(outcomes, mine)
+        else:
+            outcomes = [mine]
+        if error is not None:
+            raise error
+        for peer, outcome in enumerate(outcomes):
+            if outcome is not None:
+                kind, message, fatal = outcome
+                raise PeerFailure(f"rank {peer} failed {what}: {kind}: {message}", fatal=fatal)
+
+    def _load(self, step: int) -> str:
+        manifest = self.store.read_manifest(step)
+        if manifest.world_size != self.world_size:
+            raise WorldSizeMismatch(step, manifest.world_size, self.world_size)
+        self._check_hparams(step, manifest)
+        tree_bytes = self.store.open_verified(step, TREE_FILE)
+        entry = manifest.files.get(TENSORS_FILE)
+        if entry is None:
+            raise CorruptSnapshot(f"step {step}: manifest lists no {TENSORS_FILE}")
+        buffer = bytearray(entry.size)
+        self.store.read_into(step, TENSORS_FILE, buffer)
+        obj, digest = codec.decode(tree_bytes, buffer)
+        if digest != manifest.digest:
+            raise CorruptSnapshot(
+                f"step {step}: content digest {digest} differs from manifest {manifest.digest}"
+            )
+        if not isinstance(obj, dict) or not {"shared", "ranks", "world_size"} <= obj.keys():
+            raise CorruptSnapshot(f"step {step}: tree.json does not hold a training state")
+        if obj["world_size"] != self.world_size:
+            raise WorldSizeMismatch(step, int(obj["world_size"]), self.world_size)
+        mine = obj["ranks"].get(self.rank)
+        if mine is None:
+            raise CorruptSnapshot(f"step {step}: no per-rank state for rank {self.rank}")
+        self.state.load_shared_state_dict(obj["shared"])
+        self.state.load_rank_state_dict(mine)
+        if self.state.step != step or int(mine["step"]) != step:
+            raise CorruptSnapshot(
+                f"snapshot directory step {step} holds state of step {self.state.step}"
+            )
+        return digest
+
+    def _check_hparams(self, step: int, manifest: Manifest) -> None:
+        saved = manifest.metadata.get("hparams")
+        if not isinstance(saved, dict):
+            saved = {}
+        differences = diff_hparams(saved, self.hparams)
+        if not differences:
+            return
+        if not self.allow_config_change:
+            raise ConfigMismatch(step, differences)
+        log.warning("resume.config_changed", step=step, keys=sorted(differences))
+
+    # -- per step -------------------------------------------------------------------------
+
+    def step_done(self, step: int, metrics: Mapping[str, Any] | None = None) -> None:
+        """Record that ``step`` fully completed; heartbeat, keep-best and periodic snapshot."""
+        if step <= self.state.step and self.state.step != 0:
+            raise UsageError(f"step_done({step}) after step {self.state.step}: steps must increase")
+        self.state.step = step
+        if self.rank == 0:
+            self.writer.raise_if_failed()
+        if metrics:
+            self._last_metrics = {str(k): _json_metric(v) for k, v in metrics.items()}
+            self._track_best(step, metrics)
+        self._heartbeat()
+        self.faults.point("step_end", step)
+        if self.every > 0 and step % self.every == 0:
+            self.snapshot()
+
+    def _heartbeat(self) -> None:
+        doc = {
+            "pid": os.getpid(),
+            "rank": self.rank,
+            "step": self.state.step,
+            "epoch": self.state.epoch,
+            "time": time.time(),
+            "attempt": self.settings.attempt,
+        }
+        path = os.path.join(self.progress_dir, f"rank-{self.rank}.json")
+        _atomic_write(path, json.dumps(doc).encode(), durable=False)
+
+    def _track_best(self, step: int, metrics: Mapping[str, Any]) -> None:
+        if self.best_metric is None or self.best_metric not in metrics:
+            return
+        value = float(_json_metric(metrics[self.best_metric]) or math.nan)
+        if not math.isfinite(value):
+            return
+        best = self.state.best_metric
+        improved = best is None or (value > best if self.best_mode == "max" else value < best)
+        if not improved:
+            return
+        self.state.best_metric = value
+        log.info("best.improved", step=step, metric=self.best_metric, value=value)
+        if self.rank == 0:
+            self._export_best(step, value)
+
+    def _best_weights_source(self) -> tuple[str, dict[str, torch.Tensor]]:
+        ema = self.state.ema
+        if self.best_source == "ema" and ema is not None:
+            inner = getattr(ema, "module", None)
+            sd = inner.state_dict() if isinstance(inner, torch.nn.Module) else ema.state_dict()
+            return "ema", {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+        return "model", dict(self.state.unwrapped_model.state_dict())
+
+    def _export_best(self, step: int, value: float) -> None:
+        if self._best_job is not None:
+            self._best_job.wait()
+            self.writer.raise_if_failed()
+        source, weights = self._best_weights_source()
+        buffers = self._best_buffers
+        if buffers is None or buffers.keys() != weights.keys() or any(
+            buffers[k].shape != v.shape or buffers[k].dtype != v.dtype for k, v in weights.items()
+        ):
+            buffers = {k: torch.empty_like(v, device="cpu") for k, v in weights.items()}
+            self._best_buffers = buffers
+        for k, v in weights.items():
+            buffers[k].copy_(v.detach())
+        sidecar = {
+            "step": step,
+            "metric": self.best_metric,
+            "value": value,
+            "mode": self.best_mode,
+            "source": source,
+            "metrics": dict(self._last_metrics),
+            "run_id": self.run_id,
+        }
+        exports_dir = self.exports_dir
+        frozen = buffers
+
+        def job() -> None:
+            write_weights_export(exports_dir, "best", frozen, sidecar)
+            log.info("export.best_written", step=step, value=value, source=source)
+
+        self._best_job = self.writer.submit(job, label=f"best@{step}")
+
+    # -- snapshots ------------------------------------------------------------------------
+
+    def snapshot(self) -> None:
+        """Take a snapshot of the current step (collective: every rank must call it)."""
+        step = self.state.step
+        rank_state = self.state.rank_state_dict()
+        if is_initialized() and self.world_size > 1:
+            gathered: list[Any] | None = [None] * self.world_size if self.rank == 0 else None
+            dist.gather_object(rank_state, gathered, dst=0)
+        else:
+            gathered = [rank_state]
+        self.last_snapshot_step = step
+        if self.rank != 0:
+            return
+        if gathered is None:
+            raise SnapshotError("rank 0 received no per-rank states")
+        steps = [int(g["step"]) for g in gathered]
+        if any(s != step for s in steps):
+            raise SnapshotError(f"ranks reached different steps at snapshot time: {steps}")
+        started = time.perf_counter()
+        self.writer.wait()
+        waited = time.perf_counter() - started
+        obj = {
+            "shared": self.state.shared_state_dict(),
+            "ranks": dict(enumerate(gathered)),
+            "world_size": self.world_size,
+        }
+        encoded = codec.encode(obj)
+        arena = self.arena.stage(encoded)
+        encoded.sources = []  # the writer needs only the arena; drop references to live tensors
+        stall = time.perf_counter() - started
+        log.info(
+            "snapshot.staged",
+            step=step,
+            stall_s=round(stall, 6),
+            wait_s=round(waited, 6),
+            bytes=encoded.arena_nbytes,
+        )
+        self.faults.point("after_staging", step)
+        metadata = self._manifest_metadata()
+        epoch = self.state.epoch
+
+        def job() -> None:
+            self._write_snapshot(step, epoch, encoded, arena, metadata)
+
+        self.writer.submit(job, label=f"snapshot@{step}")
+
+    def _manifest_metadata(self) -> dict[str, Any]:
+        if not self._git_checked:
+            script = sys.argv[0] if sys.argv and sys.argv[0] else ""
+            self._git_commit = git_commit(os.path.dirname(os.path.abspath(script)) or os.getcwd())
+            self._git_checked = True
+        lrs = self.state.lr()
+        return {
+            "hparams": self.hparams,
+            "config_hash": self.config_hash,
+            "git_commit": self._git_commit,
+            "dataset_version": self.metadata.get(
+                "dataset_version", self.state.metadata.get("dataset_version")
+            ),
+            "torch_version": torch.__version__,
+            "lr": _json_metric(lrs[0]) if lrs else None,
+            "lrs": [_json_metric(x) for x in lrs],
+            "metrics": dict(self._last_metrics),
+            "best_metric": _json_metric(self.state.best_metric),
+            "user": json.loads(json.dumps({**self.state.metadata, **self.metadata}, default=str)),
+            "attempt": self.settings.attempt,
+        }
+
+    def _write_snapshot(
+        self,
+        step: int,
+        epoch: int,
+        encoded: codec.EncodedState,
+        arena: torch.Tensor,
+        metadata: dict[str, Any],
+    ) -> None:
+        started = time.perf_counter()
+        writer = self.store.begin(step, on_phase=lambda phase: self.faults.point(phase, step))
+        try:
+            h = hashlib.sha256(encoded.canonical_tree_bytes())
+            size = encoded.arena_nbytes
+            view = arena.numpy().data if size else memoryview(b"")
+            slots = encoded.slots
+            next_slot = 0
+            with writer.open(TENSORS_FILE) as f:
+                # Write in large windows and hash the tensor parts of each window while it is
+                # still in cache: one pass over memory for the digest.
+                for lo in range(0, size, _WRITE_CHUNK):
+                    hi = min(size, lo + _WRITE_CHUNK)
+                    f.write(view[lo:hi])
+                    while next_slot < len(slots):
+                        slot = slots[next_slot]
+                        a, b = max(lo, slot.offset), min(hi, slot.offset + slot.nbytes)
+                        if a < b:
+                            h.update(view[a:b])
+                        if slot.offset + slot.nbytes <= hi:
+                            next_slot += 1
+                        else:
+                            break
+            writer.write_bytes(TREE_FILE, encoded.tree_bytes())
+            digest = "sha256:" + h.hexdigest()
+            manifest = writer.commit(
+                run_id=self.run_id,
+                epoch=epoch,
+                world_size=self.world_size,
+                digest=digest,
+                metadata=metadata,
+            )
+        except BaseException:
+            writer.abort()
+            raise
+        self.last_digest = digest
+        log.info(
+            "snapshot.committed",
+            step=step,
+            bytes=manifest.total_bytes,
+            seconds=round(time.perf_counter() - started, 4),
+            digest=digest,
+        )
+        self.faults.point("after_commit", step)
+
+    # -- end of run -----------------------------------------------------------------------
+
+    def wait(self) -> None:
+        """Block until background writes finished; re-raise the first one that failed."""
+        self.writer.wait()
+
+    def finish(self) -> None:
+        """Final snapshot (unless one exists at this step), wait for writes, export last.pt."""
+        step = self.state.step
+        if self.last_snapshot_step != step:
+            self.snapshot()
+        if self.rank == 0:
+            self.writer.wait()
+            weights = {
+                k: v.detach().to("cpu", copy=True)
+                for k, v in self.state.unwrapped_model.state_dict().items()
+            }
+            path = write_weights_export(
+                self.exports_dir,
+                "last",
+                weights,
+                {"step": step, "metrics": dict(self._last_metrics), "run_id": self.run_id,
+                 "digest": self.last_digest},
+            )
+            log.info("export.last_written", step=step, path=path)
+            self.writer.close()
+        if is_initialized() and self.world_size > 1:
+            dist.barrier()
+        log.info("run.finished", step=step, digest=self.last_digest)
+
+    def close(self) -> None:
+        """Wait for pending writes and stop the writer thread (re-raises a pending error)."""
+        self.writer.close()

@@ -1,0 +1,470 @@
+"""Safe tensor format of a training state: a JSON tree plus one aligned byte arena.
+
+A nested state (dicts, lists, tuples, scalars, strings, bytes, ``torch.Tensor``, numpy arrays,
+``torch.dtype``/``torch.device``) is flattened into a JSON-able *tree* where every tensor is a
+``{"t": "tensor", "dtype", "shape", "offset", "nbytes"}`` record, and into an *arena*: one
+contiguous ``uint8`` buffer that holds every tensor's raw bytes, each at a 64-byte aligned
+offset. Nothing is ever pickled, so loading a snapshot cannot execute code.
+
+Dict items are laid out in sorted key order (``int`` keys before ``str`` keys) so that the
+layout and the digest depend only on content; the original insertion order is kept in the tree
+(``"order"``) so that the decoded object has the same structure. Floats round-trip exactly
+(JSON ``repr`` floats; NaN/inf are tagged), and tensors of any dtype are copied as raw bytes.
+
+The content **digest** is ``"sha256:" + hex`` of the *canonical tree* (the tree without
+arena offsets and without insertion orders, serialised as compact JSON with sorted keys)
+followed by the bytes of every tensor in canonical order, without the alignment padding. It
+therefore depends only on the state's content, never on file layout, paths, time or attempt;
+:func:`state_digest` computes it from a live state object.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import math
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from trainer.errors import CodecError
+
+FORMAT = "trainer-tree-v1"
+ALIGN = 64
+
+JsonTree = Any
+
+
+@dataclass(frozen=True)
+class TensorSlot:
+    """Where one tensor lives in the arena."""
+
+    offset: int
+    nbytes: int
+
+
+@dataclass
+class EncodedState:
+    """A flattened state: the JSON tree, the source tensors in arena order and their slots.
+
+    The sources are references to the live tensors (no copy); :class:`StagingArena` copies them.
+    """
+
+    root: JsonTree
+    sources: list[torch.Tensor | np.ndarray[Any, Any]]
+    slots: list[TensorSlot]
+    arena_nbytes: int
+
+    def layout_key(self) -> tuple[tuple[int, int], ...]:
+        """A value equal for two states whose arenas have the same layout."""
+        return tuple((s.offset, s.nbytes) for s in self.slots)
+
+    def tree_bytes(self) -> bytes:
+        """The ``tree.json`` content: the full tree with offsets and insertion orders."""
+        return _dumps({"format": FORMAT, "arena_nbytes": self.arena_nbytes, "root": self.root})
+
+    def canonical_tree_bytes(self) -> bytes:
+        """The tree part of the digest input (no offsets, no insertion orders)."""
+        return canonical_tree_bytes(self.root)
+
+
+def _dumps(obj: JsonTree) -> bytes:
+    return json.dumps(
+        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+    ).encode("ascii")
+
+
+def canonical_tree_bytes(root: JsonTree) -> bytes:
+    """Serialise ``root`` without offsets and insertion orders, for the digest."""
+    return _dumps({"format": FORMAT, "root": _canonical(root)})
+
+
+def _canonical(node: JsonTree) -> JsonTree:
+    if isinstance(node, list):
+        return [_canonical(x) for x in node]
+    if isinstance(node, dict):
+        return {k: _canonical(v) for k, v in node.items() if k not in ("offset", "order")}
+    return node
+
+
+def _align(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def _key_sort(encoded_key: JsonTree) -> tuple[int, Any]:
+    if isinstance(encoded_key, bool):
+        return (0, int(encoded_key))
+    if isinstance(encoded_key, int):
+        return (1, encoded_key)
+    if isinstance(encoded_key, str):
+        return (3, encoded_key)
+    return (4, _dumps(encoded_key).decode())
+
+
+class _Encoder:
+    def __init__(self) -> None:
+        self.sources: list[torch.Tensor | np.ndarray[Any, Any]] = []
+        self.slots: list[TensorSlot] = []
+        self.pos = 0
+
+    def _slot(self, nbytes: int) -> TensorSlot:
+        offset = _align(self.pos)
+        self.pos = offset + nbytes
+        slot = TensorSlot(offset=offset, nbytes=nbytes)
+        self.slots.append(slot)
+        return slot
+
+    def encode(self, obj: Any, path: str) -> JsonTree:
+        # Order matters: bool is an int, and torch/numpy types are checked before containers.
+        if obj is None or isinstance(obj, bool | str):
+            return obj
+        if isinstance(obj, int):
+            return int(obj)
+        if isinstance(obj, float):
+            value = float(obj)
+            if math.isfinite(value):
+                return value
+            return {"t": "float", "v": repr(value)}
+        if isinstance(obj, torch.Tensor):
+            return self._tensor(obj, path)
+        if isinstance(obj, np.ndarray):
+            return self._ndarray(obj, path)
+        if isinstance(obj, np.generic):
+            if obj.dtype.hasobject or obj.dtype.kind not in "biufc":
+                raise CodecError(f"{path}: unsupported numpy scalar dtype {obj.dtype}")
+            return {
+                "t": "npscalar",
+                "dtype": obj.dtype.str,
+                "v": base64.b64encode(obj.tobytes()).decode("ascii"),
+            }
+        if isinstance(obj, torch.dtype):
+            return {"t": "dtype", "v": str(obj).removeprefix("torch.")}
+        if isinstance(obj, torch.device):
+            return {"t": "device", "v": str(obj)}
+        if isinstance(obj, bytes | bytearray):
+            kind = "bytes" if isinstance(obj, bytes) else "bytearray"
+            return {"t": kind, "v": base64.b64encode(bytes(obj)).decode("ascii")}
+        if isinstance(obj, dict):
+            return self._dict(obj, path)
+        if isinstance(obj, tuple):
+            if hasattr(obj, "_fields"):
+                raise CodecError(f"{path}: named tuples are not supported ({type(obj).__name__})")
+            return {"t": "tuple", "v": [self.encode(x, f"{path}[{i}]") for i, x in enumerate(obj)]}
+        if isinstance(obj, list):
+            return [self.encode(x, f"{path}[{i}]") for i, x in enumerate(obj)]
+        raise CodecError(f"{path}: cannot encode object of type {type(obj).__qualname__}")
+
+    def _dict(self, obj: dict[Any, Any], path: str) -> JsonTree:
+        encoded_keys: list[JsonTree] = []
+        for key in obj:
+            if not _is_plain_key(key):
+                raise CodecError(f"{path}: unsupported dict key {key!r} ({type(key).__qualname__})")
+            encoded_keys.append(self.encode(key, f"{path}<key>"))
+        by_sorted = sorted(range(len(encoded_keys)), key=lambda i: _key_sort(encoded_keys[i]))
+        sorted_keys = [encoded_keys[i] for i in by_sorted]
+        if len({_dumps(k) for k in sorted_keys}) != len(sorted_keys):
+            raise CodecError(f"{path}: dict keys collide once encoded")
+        values = list(obj.values())
+        node: dict[str, JsonTree] = {
+            "t": "dict",
+            "k": sorted_keys,
+            "v": [self.encode(values[i], f"{path}[{_key_label(encoded_keys[i])}]") for i in by_sorted],
+        }
+        # order[j] = position in the sorted lists of the j-th key in insertion order.
+        position = {orig: pos for pos, orig in enumerate(by_sorted)}
+        order = [position[j] for j in range(len(by_sorted))]
+        if order != list(range(len(order))):
+            node["order"] = order
+        if isinstance(obj, OrderedDict):
+            node["cls"] = "odict"
+            metadata = getattr(obj, "_metadata", None)
+            if isinstance(metadata, dict):
+                node["meta"] = self.encode(metadata, f"{path}._metadata")
+        elif type(obj) is not dict:
+            node["cls"] = "odict" if isinstance(obj, OrderedDict) else "dict"
+        return node
+
+    def _tensor(self, t: torch.Tensor, path: str) -> JsonTree:
+        if t.layout != torch.strided:
+            raise CodecError(f"{path}: only dense tensors are supported, got layout {t.layout}")
+        if t.is_quantized or t.device.type == "meta":
+            raise CodecError(f"{path}: quantized and meta tensors are not supported")
+        nbytes = t.numel() * t.element_size()
+        slot = self._slot(nbytes)
+        self.sources.append(t)
+        return {
+            "t": "tensor",
+            "dtype": str(t.dtype).removeprefix("torch."),
+            "shape": list(t.shape),
+            "offset": slot.offset,
+            "nbytes": nbytes,
+        }
+
+    def _ndarray(self, a: np.ndarray[Any, Any], path: str) -> JsonTree:
+        if a.dtype.hasobject or a.dtype.kind not in "biufc" or a.dtype.fields is not None:
+            raise CodecError(f"{path}: unsupported numpy dtype {a.dtype}")
+        slot = self._slot(a.nbytes)
+        self.sources.append(a)
+        return {
+            "t": "ndarray",
+            "dtype": a.dtype.str,
+            "shape": list(a.shape),
+            "offset": slot.offset,
+            "nbytes": a.nbytes,
+        }
+
+
+def _is_plain_key(key: Any) -> bool:
+    if key is None or isinstance(key, bool | int | float | str):
+        return True
+    return isinstance(key, tuple) and not hasattr(key, "_fields") and all(_is_plain_key(k) for k in key)
+
+
+def _key_label(encoded_key: JsonTree) -> str:
+    return encoded_key if isinstance(encoded_key, str) else _dumps(encoded_key).decode()
+
+
+def encode(obj: Any) -> EncodedState:
+    """Flatten ``obj`` into a tree and the list of its tensors (referenced, not copied)."""
+    enc = _Encoder()
+    root = enc.encode(obj, "$")
+    return EncodedState(root=root, sources=enc.sources, slots=enc.slots, arena_nbytes=enc.pos)
+
+
+def _byte_view(src: torch.Tensor | np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """Raw bytes of a source as a 1-D uint8 numpy array (copies only when needed)."""
+    if isinstance(src, np.ndarray):
+        return np.frombuffer(np.ascontiguousarray(src).tobytes(), dtype=np.uint8)
+    t = src.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    if t.is_conj():
+        t = t.resolve_conj()
+    if t.is_neg():
+        t = t.resolve_neg()
+    if t.numel() == 0:
+        return np.zeros(0, dtype=np.uint8)
+    return t.reshape(-1).view(torch.uint8).numpy()
+
+
+def state_digest(obj: Any) -> str:
+    """Content digest of a live state object; equal to the digest of its snapshot."""
+    encoded = encode(obj)
+    h = hashlib.sha256(encoded.canonical_tree_bytes())
+    for src in encoded.sources:
+        h.update(_byte_view(src).data)
+    return "sha256:" + h.hexdigest()
+
+
+class StagingArena:
+    """A reusable staging buffer: copies a state's tensors into one aligned uint8 arena.
+
+    The buffer is allocated once and reused while the layout is unchanged (pinned memory when
+    ``pin_memory``), so taking a snapshot costs only the copy. Callers must not stage again
+    while a previous arena is still being written out.
+    """
+
+    def __init__(self, *, pin_memory: bool = False) -> None:
+        self.pin_memory = pin_memory
+        self._buffer: torch.Tensor | None = None
+        self._layout: tuple[tuple[int, int], ...] | None = None
+        self.allocations = 0
+
+    def stage(self, encoded: EncodedState) -> torch.Tensor:
+        """Copy every source tensor into the arena and return the arena (uint8, CPU)."""
+        layout = encoded.layout_key()
+        size = encoded.arena_nbytes
+        if self._buffer is None or self._buffer.numel() != size:
+            self._buffer = torch.zeros(size, dtype=torch.uint8, pin_memory=self.pin_memory)
+            self.allocations += 1
+        elif layout != self._layout:
+            # Zero the padding so that tensors.bin depends only on content and layout.
+            self._buffer.zero_()
+        self._layout = layout
+        arena = self._buffer
+        arena_np = arena.numpy() if size else np.zeros(0, dtype=np.uint8)
+        needs_sync = False
+        for src, slot in zip(encoded.sources, encoded.slots, strict=True):
+            if slot.nbytes == 0:
+                continue
+            if isinstance(src, np.ndarray):
+                dst_np = arena_np[slot.offset : slot.offset + slot.nbytes]
+                dst_np.view(src.dtype).reshape(src.shape)[...] = src
+                continue
+            t = src.detach()
+            dst = arena[slot.offset : slot.offset + slot.nbytes].view(t.dtype).view(t.shape)
+            if t.device.type != "cpu":
+                needs_sync = True
+                dst.copy_(t, non_blocking=self.pin_memory)
+            else:
+                dst.copy_(t)
+        if needs_sync and torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return arena
+
+
+def iter_regions(arena_nbytes: int, slots: list[TensorSlot], chunk: int) -> Iterator[tuple[int, int, bool]]:
+    """Walk the arena as ``(start, end, is_tensor)`` pieces of at most ``chunk`` bytes.
+
+    Padding pieces have ``is_tensor`` False; concatenating the tensor pieces gives the arena
+    part of the digest input.
+    """
+    pos = 0
+    for slot in slots:
+        if slot.offset > pos:
+            yield pos, slot.offset, False
+        start, end = slot.offset, slot.offset + slot.nbytes
+        while start < end:
+            stop = min(end, start + chunk)
+            yield start, stop, True
+            start = stop
+        pos = max(pos, end)
+    if arena_nbytes > pos:
+        yield pos, arena_nbytes, False
+
+
+def arena_digest(canonical_tree: bytes, arena: memoryview, slots: list[TensorSlot]) -> str:
+    """Digest from a staged arena (what the snapshot writer computes)."""
+    h = hashlib.sha256(canonical_tree)
+    for start, end, is_tensor in iter_regions(len(arena), slots, 1 << 24):
+        if is_tensor:
+            h.update(arena[start:end])
+    return "sha256:" + h.hexdigest()
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    value = getattr(torch, name, None)
+    if not isinstance(value, torch.dtype):
+        raise CodecError(f"unknown torch dtype {name!r}")
+    return value
+
+
+class _Decoder:
+    def __init__(self, arena: bytearray | memoryview | np.ndarray[Any, Any]) -> None:
+        self.arena_np = np.frombuffer(arena, dtype=np.uint8) if not isinstance(arena, np.ndarray) else arena.view(np.uint8).reshape(-1)
+        self.arena_t = torch.from_numpy(self.arena_np) if self.arena_np.size else None
+        self.slots: list[TensorSlot] = []
+
+    def _region(self, node: dict[str, Any]) -> tuple[int, int]:
+        offset, nbytes = node.get("offset"), node.get("nbytes")
+        if not (isinstance(offset, int) and isinstance(nbytes, int)) or offset < 0 or nbytes < 0:
+            raise CodecError(f"bad tensor record {node!r}")
+        if offset + nbytes > self.arena_np.size:
+            raise CodecError(f"tensor record {node!r} lies outside the arena ({self.arena_np.size} bytes)")
+        self.slots.append(TensorSlot(offset=offset, nbytes=nbytes))
+        return offset, nbytes
+
+    def decode(self, node: JsonTree) -> Any:
+        if node is None or isinstance(node, bool | int | float | str):
+            return node
+        if isinstance(node, list):
+            return [self.decode(x) for x in node]
+        if not isinstance(node, dict):
+            raise CodecError(f"bad tree node {node!r}")
+        tag = node.get("t")
+        if tag == "dict":
+            return self._dict(node)
+        if tag == "tuple":
+            return tuple(self.decode(x) for x in node["v"])
+        if tag == "float":
+            if node["v"] not in ("nan", "inf", "-inf"):
+                raise CodecError(f"bad float node {node!r}")
+            return float(node["v"])
+        if tag == "tensor":
+            return self._tensor(node)
+        if tag == "ndarray":
+            return self._ndarray(node)
+        if tag == "npscalar":
+            dtype = np.dtype(node["dtype"])
+            raw = base64.b64decode(node["v"])
+            return np.frombuffer(raw, dtype=dtype)[0].copy()
+        if tag == "dtype":
+            return _torch_dtype(node["v"])
+        if tag == "device":
+            return torch.device(node["v"])
+        if tag == "bytes":
+            return base64.b64decode(node["v"])
+        if tag == "bytearray":
+            return bytearray(base64.b64decode(node["v"]))
+        raise CodecError(f"unknown tree tag {tag!r}")
+
+    def _dict(self, node: dict[str, Any]) -> dict[Any, Any]:
+        keys = [self.decode(k) for k in node["k"]]
+        values = [self.decode(v) for v in node["v"]]
+        if len(keys) != len(values):
+            raise CodecError("dict node with different numbers of keys and values")
+        order = node.get("order", list(range(len(keys))))
+        if sorted(order) != list(range(len(keys))):
+            raise CodecError("dict node with a bad insertion order")
+        cls = node.get("cls")
+        out: dict[Any, Any] = OrderedDict() if cls == "odict" else {}
+        for pos in order:
+            out[keys[pos]] = values[pos]
+        if "meta" in node:
+            out._metadata = self.decode(node["meta"])  # type: ignore[attr-defined]
+        return out
+
+    def _tensor(self, node: dict[str, Any]) -> torch.Tensor:
+        dtype = _torch_dtype(node["dtype"])
+        shape = [int(x) for x in node["shape"]]
+        offset, nbytes = self._region(node)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if nbytes != math.prod(shape) * itemsize:
+            raise CodecError(f"tensor record {node!r}: nbytes does not match shape and dtype")
+        if nbytes == 0 or self.arena_t is None:
+            return torch.empty(shape, dtype=dtype)
+        # clone(): the result must own its memory, never alias the read buffer.
+        return self.arena_t[offset : offset + nbytes].view(dtype).view(shape).clone()
+
+    def _ndarray(self, node: dict[str, Any]) -> np.ndarray[Any, Any]:
+        dtype = np.dtype(node["dtype"])
+        if dtype.hasobject or dtype.kind not in "biufc":
+            raise CodecError(f"unsupported numpy dtype {dtype}")
+        shape = tuple(int(x) for x in node["shape"])
+        offset, nbytes = self._region(node)
+        if nbytes != math.prod(shape) * dtype.itemsize:
+            raise CodecError(f"ndarray record {node!r}: nbytes does not match shape and dtype")
+        flat = self.arena_np[offset : offset + nbytes].view(dtype)
+        out: np.ndarray[Any, Any] = flat.reshape(shape).copy()
+        return out
+
+
+def decode_tree(tree: dict[str, Any], arena: bytearray | memoryview | np.ndarray[Any, Any]) -> tuple[Any, str]:
+    """Rebuild the state from a parsed ``tree.json`` and its arena; return it and its digest."""
+    if tree.get("format") != FORMAT:
+        raise CodecError(f"unknown tree format {tree.get('format')!r}; expected {FORMAT!r}")
+    declared = tree.get("arena_nbytes")
+    dec = _Decoder(arena)
+    if declared != dec.arena_np.size:
+        raise CodecError(f"arena has {dec.arena_np.size} bytes but the tree declares {declared}")
+    obj = dec.decode(tree["root"])
+    h = hashlib.sha256(canonical_tree_bytes(tree["root"]))
+    for slot in dec.slots:
+        h.update(dec.arena_np[slot.offset : slot.offset + slot.nbytes].data)
+    return obj, "sha256:" + h.hexdigest()
+
+
+def decode(tree_json: bytes, arena: bytearray | memoryview | np.ndarray[Any, Any]) -> tuple[Any, str]:
+    """Parse ``tree.json`` bytes and rebuild the state from the arena; return it and its digest."""
+    try:
+        tree = json.loads(tree_json)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CodecError(f"tree.json is not valid JSON: {exc}") from exc
+    if not isinstance(tree, dict):
+        raise CodecError("tree.json does not hold an object")
+    return decode_tree(tree, arena)
+
+
+def encode_to_bytes(obj: Any) -> tuple[bytes, bytes, str]:
+    """Encode ``obj`` fully in memory: (tree.json bytes, arena bytes, digest). For tests and tools."""
+    encoded = encode(obj)
+    arena = StagingArena().stage(encoded)
+    arena_np = arena.numpy() if encoded.arena_nbytes else np.zeros(0, dtype=np.uint8)
+    digest = arena_digest(encoded.canonical_tree_bytes(), arena_np.data, encoded.slots)
+    return encoded.tree_bytes(), arena_np.tobytes(), digest

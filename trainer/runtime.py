@@ -1,0 +1,98 @@
+"""The worker's top-level handler: logging set-up, error files, exit codes, group teardown.
+
+:func:`run` (or the :func:`entrypoint` decorator) calls the training ``main``; if it raises, the
+handler writes ``run/errors/attempt-<A>/rank-<R>.json`` into the checkpoint directory (the one
+given, else ``ORCH_CHECKPOINT_DIR``), logs the error and exits with :data:`EXIT_FATAL` (78) for
+errors a relaunch cannot fix (configuration mismatch, bad arguments, world-size mismatch) or
+:data:`EXIT_FAILURE` (1) otherwise. The process group is destroyed on every path.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import Any, NoReturn, TypeVar
+
+import structlog
+
+from trainer.distributed import shutdown
+from trainer.errors import EXIT_FAILURE, EXIT_FATAL, UsageError, is_fatal, write_error_file
+from trainer.settings import WorkerSettings
+
+log = structlog.get_logger("trainer.runtime")
+
+T = TypeVar("T")
+
+
+def configure_worker_logging(settings: WorkerSettings) -> None:
+    """Configure structlog with run_id/node_rank/rank/attempt bound (storage's shared set-up)."""
+    from storage.logs import configure_logging
+
+    configure_logging(
+        fmt=settings.log_format,
+        run_id=settings.run_id,
+        node_rank=settings.node_rank,
+        rank=settings.rank,
+        attempt=settings.attempt,
+    )
+
+
+def run(
+    main: Callable[[], Any], *, checkpoint_dir: str | None = None, configure_logs: bool = True
+) -> NoReturn:
+    """Run ``main`` as a worker: exit 0 on success, write an error file and exit non-zero otherwise.
+
+    ``SystemExit`` with a non-zero code (argparse's usage errors) counts as a fatal usage error.
+    """
+    try:
+        settings = WorkerSettings.from_env()
+    except ValueError as exc:
+        print(f"trainer: bad worker environment: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_FATAL) from exc
+    if configure_logs:
+        configure_worker_logging(settings)
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        if exc.code not in (0, None):
+            code = _report(UsageError(f"exited with status {exc.code} (bad arguments?)"),
+                           settings, checkpoint_dir)
+    except BaseException as exc:  # the process ends here: report every failure, then exit
+        code = _report(exc, settings, checkpoint_dir)
+    finally:
+        shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    raise SystemExit(code)
+
+
+def _report(exc: BaseException, settings: WorkerSettings, checkpoint_dir: str | None) -> int:
+    fatal = is_fatal(exc)
+    directory = checkpoint_dir or settings.checkpoint_dir
+    path = None
+    if directory:
+        try:
+            path = write_error_file(directory, exc, rank=settings.rank, attempt=settings.attempt)
+        except OSError as write_exc:
+            log.error("worker.error_file_failed", error=str(write_exc))
+    log.error(
+        "worker.failed",
+        error_type=type(exc).__name__,
+        error=str(exc),
+        fatal=fatal,
+        error_file=path,
+        exc_info=exc,
+    )
+    return EXIT_FATAL if fatal else EXIT_FAILURE
+
+
+def entrypoint(fn: Callable[[], Any]) -> Callable[[], NoReturn]:
+    """Decorator form of :func:`run`: calling the decorated function runs it as a worker."""
+
+    @functools.wraps(fn)
+    def wrapper() -> NoReturn:
+        run(fn)
+
+    return wrapper
