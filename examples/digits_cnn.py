@@ -88,7 +88,8 @@ class DigitsCNN(nn.Module):
         )
         with head:
             x = self.drop(F.relu(self.fc1(x)))
-            return self.fc2(x).float()
+            logits: torch.Tensor = self.fc2(x).float()
+        return logits
 
 
 class EarlyStopping:
@@ -206,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     torch.manual_seed(args.seed)
     model = DigitsCNN(args.dropout, torch.bfloat16 if use_amp and not cuda else None).to(ctx.device)
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema_decay), use_buffers=True)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema_decay), use_buffers=True)  # type: ignore[no-untyped-call]
     torch.manual_seed(args.seed * 1000 + ctx.rank + 1)
     random.seed(args.seed * 1000 + ctx.rank + 1)
     np.random.seed(args.seed * 1000 + ctx.rank + 1)
@@ -260,7 +261,7 @@ def main(argv: list[str] | None = None) -> None:
         with amp:
             loss = F.cross_entropy(ddp(images), labels)
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Protocol
 
@@ -175,6 +175,7 @@ class Supervisor:
         self._last_beat: Heartbeat | None = None
         self._last_activity = 0.0
         self._hang_failure: Failure | None = None
+        self._verified: set[int] = set()
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -254,6 +255,7 @@ class Supervisor:
         for info in reversed(self._store.list()):
             checked = self._store.validate(info.step, verify_checksums=True)
             if checked.valid:
+                self._verified = {checked.step}
                 return checked.step
             self._events.emit(
                 "supervisor.snapshot_invalid",
@@ -331,12 +333,32 @@ class Supervisor:
             self._known_steps = steps
             self._apply_retention(infos)
 
+    def _verify_newest(self) -> None:
+        """Checksum-verify the newest valid snapshot once the ranks are gone.
+
+        Retention then knows a *verified* newest snapshot and never deletes the last verified
+        fallback in favour of newer ones that might turn out corrupt.
+        """
+        if not self._config.retention_active:
+            return
+        for info in reversed(self._store.list()):
+            if info.step in self._verified:
+                return
+            if info.valid is not False and self._store.validate(info.step).valid:
+                self._verified.add(info.step)
+                return
+
     def _apply_retention(self, infos: list[SnapshotInfo]) -> None:
         if not self._config.retention_active or not infos:
             return
+        infos = [
+            replace(i, valid=True) if i.valid is None and i.step in self._verified else i
+            for i in infos
+        ]
         # The snapshot the running ranks resumed from may still be being read by them.
-        reading = self._group_running and self._resume_step is not None
-        protected = {self._resume_step} if reading else set()
+        protected: set[int] = set()
+        if self._group_running and self._resume_step is not None:
+            protected.add(self._resume_step)
         doomed = plan_retention(infos, self._retention, protected=protected)
         deleted: list[int] = []
         for step in doomed:
@@ -354,6 +376,7 @@ class Supervisor:
 
     def _attempt_ended(self, code: int) -> None:
         self._read_progress()
+        self._verify_newest()
         # Re-plan retention even if no snapshot appeared: the resume point is unprotected now.
         self._known_steps = None
         self._scan_snapshots()

@@ -73,7 +73,7 @@ def plan_retention(
     # Unchecked snapshots might turn out corrupt, so keep the newest *known* valid one as well.
     newest_known = next((s.step for s in reversed(by_step) if s.valid is True), None)
     newest_maybe = next((s.step for s in reversed(by_step) if s.valid is not False), None)
-    keep.update(step for step in (newest_maybe,) if step is not None)
+    keep.update(step for step in (newest_known, newest_maybe) if step is not None)
     candidates = [s for s in by_step if s.valid is not False]
     if policy.keep_last is not None:
         keep.update(s.step for s in candidates[-policy.keep_last :])

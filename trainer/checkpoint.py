@@ -438,12 +438,8 @@ class Checkpointer:
     def snapshot(self) -> None:
         """Take a snapshot of the current step (collective: every rank must call it)."""
         step = self.state.step
-        rank_state = self.state.rank_state_dict()
-        if is_initialized() and self.world_size > 1:
-            gathered: list[Any] | None = [None] * self.world_size if self.rank == 0 else None
-            dist.gather_object(rank_state, gathered, dst=0)
-        else:
-            gathered = [rank_state]
+        started = time.perf_counter()
+        gathered = self._gather_rank_states()
         self.last_snapshot_step = step
         if self.rank != 0:
             return
@@ -452,15 +448,10 @@ class Checkpointer:
         steps = [int(g["step"]) for g in gathered]
         if any(s != step for s in steps):
             raise SnapshotError(f"ranks reached different steps at snapshot time: {steps}")
-        started = time.perf_counter()
+        gathered_at = time.perf_counter()
         self.writer.wait()
-        waited = time.perf_counter() - started
-        obj = {
-            "shared": self.state.shared_state_dict(),
-            "ranks": dict(enumerate(gathered)),
-            "world_size": self.world_size,
-        }
-        encoded = codec.encode(obj)
+        waited = time.perf_counter() - gathered_at
+        encoded = codec.encode(self.state.snapshot_object(gathered))
         arena = self.arena.stage(encoded)
         encoded.sources = []  # the writer needs only the arena; drop references to live tensors
         stall = time.perf_counter() - started
@@ -468,6 +459,7 @@ class Checkpointer:
             "snapshot.staged",
             step=step,
             stall_s=round(stall, 6),
+            gather_s=round(gathered_at - started, 6),
             wait_s=round(waited, 6),
             bytes=encoded.arena_nbytes,
         )
@@ -479,6 +471,24 @@ class Checkpointer:
             self._write_snapshot(step, epoch, encoded, arena, metadata)
 
         self.writer.submit(job, label=f"snapshot@{step}")
+
+    def _gather_rank_states(self) -> list[dict[str, Any]] | None:
+        rank_state = self.state.rank_state_dict()
+        if not (is_initialized() and self.world_size > 1):
+            return [rank_state]
+        gathered: list[Any] | None = [None] * self.world_size if self.rank == 0 else None
+        dist.gather_object(rank_state, gathered, dst=0)
+        return gathered
+
+    def live_digest(self) -> str | None:
+        """Digest a snapshot taken now would record (collective; the value on rank 0, else None).
+
+        For correctness gates: compare it with the manifest digest of another run.
+        """
+        gathered = self._gather_rank_states()
+        if gathered is None:
+            return None
+        return codec.state_digest(self.state.snapshot_object(gathered))
 
     def _manifest_metadata(self) -> dict[str, Any]:
         if not self._git_checked:

@@ -191,6 +191,18 @@ class TrainingState:
             self.loader.load_state_dict(state["loader"])
         restore_rng(state["rng"])
 
+    def snapshot_object(self, rank_states: list[dict[str, Any]]) -> dict[str, Any]:
+        """The object a snapshot stores: shared state plus every rank's ``rank_state_dict()``.
+
+        ``codec.state_digest(state.snapshot_object(rank_states))`` equals the digest recorded in
+        the manifest of a snapshot taken at this point.
+        """
+        return {
+            "shared": self.shared_state_dict(),
+            "ranks": dict(enumerate(rank_states)),
+            "world_size": len(rank_states),
+        }
+
     def lr(self) -> list[float]:
         """The current learning rate of each parameter group."""
         return [float(g["lr"]) for g in self.optimizer.param_groups]

@@ -491,3 +491,20 @@ def test_attempt_numbers_continue_across_supervisor_launches(tmp_path: Path) -> 
     sup.run()
     assert [a for a, _ in group.starts] == [0, 1]
     assert next_attempt(env.paths) == 2
+
+
+def test_retention_never_drops_the_verified_fallback_for_an_unverified_newer(
+    tmp_path: Path,
+) -> None:
+    def script(env: Env) -> list[Attempt]:
+        env.snapshot(10)
+
+        def crash(attempt: int, _resume: int | None) -> None:
+            env.heartbeat(attempt, 25)
+            env.snapshot(20, corrupt=True)
+        return [Attempt(1, on_exit=crash), Attempt(0)]
+
+    sup, group, env, _ = make(tmp_path, script, keep_local=1)
+    assert sup.run().exit_code == EXIT_OK
+    assert group.starts == [(0, 10), (1, 10)]
+    assert [i.step for i in env.store.list()] == [10]

@@ -34,14 +34,15 @@ def same(a: Any, b: Any) -> bool:
     if isinstance(a, torch.Tensor):
         return a.dtype == b.dtype and a.shape == b.shape and raw(a) == raw(b)
     if isinstance(a, np.ndarray):
-        return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+        return bool(a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes())
     if isinstance(a, float):
         return (math.isnan(a) and math.isnan(b)) or (a == b and math.copysign(1, a) == math.copysign(1, b))
     if isinstance(a, dict):
         return list(a.keys()) == list(b.keys()) and all(same(a[k], b[k]) for k in a)
     if isinstance(a, list | tuple):
         return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
-    return bool(a == b)
+    result: bool = a == b
+    return result
 
 
 @st.composite
@@ -108,22 +109,23 @@ def test_optimizer_state_dict_round_trip_keeps_int_keys_and_order() -> None:
     back, _ = codec.decode(tree, bytearray(arena))
     assert same(sd, back)
     assert isinstance(back["model"], OrderedDict)
-    assert back["model"]._metadata == sd["model"]._metadata
+    assert getattr(back["model"], "_metadata", None) == getattr(sd["model"], "_metadata", 0)
     assert list(back["opt"]["state"]) == [0, 1, 2, 3]
 
 
 @pytest.mark.timeout(60)
 def test_digest_is_stable_and_sensitive() -> None:
-    base = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "step": 3, "lr": 0.1}
+    w = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    base: dict[str, Any] = {"w": w, "step": 3, "lr": 0.1}
     d = codec.state_digest(base)
-    assert d == codec.state_digest({"lr": 0.1, "step": 3, "w": base["w"].clone()})  # order-free
+    assert d == codec.state_digest({"lr": 0.1, "step": 3, "w": w.clone()})  # order-free
     assert d.startswith("sha256:") and len(d) == 7 + 64
     changes = [
         {**base, "step": 4},
         {**base, "lr": 0.1000000001},
-        {**base, "w": base["w"].clone().index_put_((torch.tensor(0), torch.tensor(0)), torch.tensor(-0.0))},
-        {**base, "w": base["w"].double()},
-        {**base, "w": base["w"].reshape(3, 2)},
+        {**base, "w": w.clone().index_put_((torch.tensor(0), torch.tensor(0)), torch.tensor(-0.0))},
+        {**base, "w": w.double()},
+        {**base, "w": w.reshape(3, 2)},
         {**base, "extra": None},
         {**base, "step": (3,)},
         {**base, "step": 3.0},
@@ -135,7 +137,7 @@ def test_digest_is_stable_and_sensitive() -> None:
 @pytest.mark.timeout(60)
 def test_file_layout_does_not_change_digest_but_bytes_do() -> None:
     a = {"x": torch.ones(3), "y": torch.zeros(70, dtype=torch.uint8)}
-    tree, arena, digest = codec.encode_to_bytes(a)
+    _tree, arena, digest = codec.encode_to_bytes(a)
     assert len(arena) == 64 + 70
     assert digest == codec.state_digest(a)
 

@@ -42,7 +42,9 @@ def batches_as_lists(batches: list[Any]) -> list[tuple[list[int], list[int], lis
 def test_sampler_matches_torch_distributed_sampler(n: int, world: int, drop_last: bool) -> None:
     for rank in range(world):
         mine = ResumableDistributedSampler(n, num_replicas=world, rank=rank, seed=3, drop_last=drop_last)
-        ref = DistributedSampler(range(n), num_replicas=world, rank=rank, seed=3, drop_last=drop_last)
+        ref: DistributedSampler[Any] = DistributedSampler(
+            Keyed(n), num_replicas=world, rank=rank, seed=3, drop_last=drop_last
+        )
         for epoch in range(3):
             mine.set_epoch(epoch)
             ref.set_epoch(epoch)

@@ -48,4 +48,4 @@ def test_direct_construction_is_validated_and_keyword_only() -> None:
     with pytest.raises(ValueError):
         WorkerSettings(resume_mode="step")
     with pytest.raises(TypeError):
-        WorkerSettings(0)  # type: ignore[misc]
+        WorkerSettings(0)  # type: ignore[call-arg]

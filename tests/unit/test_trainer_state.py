@@ -81,7 +81,7 @@ def test_rng_states_round_trip() -> None:
 @pytest.mark.timeout(60)
 def test_shared_state_with_scaler_ema_and_extras_round_trips() -> None:
     model, opt, sched = make()
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)  # type: ignore[no-untyped-call]
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
 
     class Counter:
@@ -103,7 +103,7 @@ def test_shared_state_with_scaler_ema_and_extras_round_trips() -> None:
     counter.n, state.step, state.best_metric = 4, 3, 0.5
     saved = through_codec(state.shared_state_dict())
     m2, o2, s2 = make(seed=5)
-    e2 = AveragedModel(m2, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    e2 = AveragedModel(m2, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)  # type: ignore[no-untyped-call]
     c2 = Counter()
     state2 = TrainingState(model=m2, optimizer=o2, scheduler=s2,
                            scaler=torch.amp.GradScaler("cpu"), ema=e2, extras={"c": c2})
