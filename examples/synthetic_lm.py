@@ -15,9 +15,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
 import random
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -177,14 +178,17 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, LMCon
 
 def main(argv: list[str] | None = None) -> None:
     args, cfg = parse_args(argv)
+    if torch.cuda.is_available():
+        # cuBLAS is deterministic only with a fixed workspace; must be set before its first use.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     ctx = trainer.init_distributed()
     settings = trainer.WorkerSettings.from_env()
     every = args.checkpoint_every
     if every is None:
         every = settings.checkpoint_every if settings.checkpoint_every is not None else 50
     cuda = ctx.device.type == "cuda"
-    if not cuda:
-        torch.use_deterministic_algorithms(True)
+    # warn_only on CUDA: some attention backward kernels have no deterministic variant.
+    torch.use_deterministic_algorithms(True, warn_only=cuda)
 
     torch.manual_seed(args.seed)
     model = GPT(cfg).to(ctx.device)
@@ -227,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     hparams = {k: v for k, v in vars(args).items()
                if k not in ("checkpoint_dir", "checkpoint_every", "workers", "log_every")}
-    hparams.update(model=vars(cfg) if hasattr(cfg, "__dict__") else {}, world_size=ctx.world_size)
+    hparams.update(model=asdict(cfg), world_size=ctx.world_size)
     ckpt = trainer.Checkpointer(state, checkpoint_dir=args.checkpoint_dir, every=every, hparams=hparams)
     start = ckpt.resume()
     log.info("train.start", start_step=start, steps=args.steps, params=n_params,

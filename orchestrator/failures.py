@@ -134,8 +134,13 @@ class _ErrorFile:
     fatal: bool
 
     def describe(self) -> str:
-        return f"rank {self.rank}: {self.kind}: {self.message}" if self.message else (
-            f"rank {self.rank}: {self.kind}"
+        kind = self.kind
+        if kind == "ConfigMismatch":
+            # The worker names its environment variable; operators use the launch flag. Put
+            # first so that clipping a long message never drops it.
+            kind += " [relaunch with --allow-config-change to resume anyway]"
+        return f"rank {self.rank}: {kind}: {self.message}" if self.message else (
+            f"rank {self.rank}: {kind}"
         )
 
 

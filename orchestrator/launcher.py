@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import queue
 import select
 import signal
 import subprocess
@@ -23,7 +24,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from typing import IO, Protocol
+from typing import IO, Any, Protocol
 
 import structlog
 
@@ -135,7 +136,7 @@ class Tee:
     re-raised by :meth:`check` and :meth:`join`, so nothing fails silently.
     """
 
-    def __init__(self, source: IO[bytes], sinks: Mapping[str, IO[bytes]]) -> None:
+    def __init__(self, source: IO[bytes], sinks: Mapping[str, Any]) -> None:
         self._source = source
         self._sinks = dict(sinks)
         self.sink_errors: dict[str, OSError] = {}
@@ -167,6 +168,42 @@ class Tee:
         self._thread.join(timeout_s)
         self.check()
         return not self._thread.is_alive()
+
+
+class LossyEcho:
+    """A sink that forwards to a stream on its own thread and drops data it cannot keep up with.
+
+    The supervisor's stderr may be a pipe nobody reads yet (a test harness, a full log
+    collector): a blocking write there would stall the tee, then torchrun's output pipe, then
+    every rank's ``print``. The attempt log stays complete; only the echo loses bytes.
+    """
+
+    def __init__(self, stream: IO[bytes], max_chunks: int = 256) -> None:
+        self._stream = stream
+        self._queue: queue.Queue[bytes] = queue.Queue(maxsize=max_chunks)
+        self.dropped_bytes = 0
+        self._thread = threading.Thread(target=self._run, name="torchrun-echo", daemon=True)
+        self._thread.start()
+
+    def write(self, data: bytes) -> int:
+        try:
+            self._queue.put_nowait(bytes(data))
+        except queue.Full:
+            self.dropped_bytes += len(data)
+        return len(data)
+
+    def flush(self) -> None:
+        """Nothing to do: the echo thread flushes after each chunk."""
+
+    def _run(self) -> None:
+        while True:
+            chunk = self._queue.get()
+            try:
+                self._stream.write(chunk)
+                self._stream.flush()
+            except (OSError, ValueError):
+                # stderr is gone (closed, broken pipe): keep draining so writers never block.
+                self.dropped_bytes += len(chunk)
 
 
 # -- the torchrun worker group -------------------------------------------------------------
@@ -275,7 +312,7 @@ class TorchrunGroup:
         self._run_id = run_id
         self._base_env = dict(base_env)
         self._log_path = log_path
-        self._echo = echo
+        self._echo = LossyEcho(echo) if echo is not None else None
         self._proc: subprocess.Popen[bytes] | None = None
         self._tee: Tee | None = None
         self._log: IO[bytes] | None = None
@@ -311,7 +348,7 @@ class TorchrunGroup:
             start_new_session=True,
             preexec_fn=_make_pdeathsig(signal.SIGTERM),
         )
-        sinks: dict[str, IO[bytes]] = {"log": self._log}
+        sinks: dict[str, Any] = {"log": self._log}
         if self._echo is not None:
             sinks["stderr"] = self._echo
         if self._proc.stdout is None:
@@ -384,6 +421,12 @@ class TorchrunGroup:
                 log.warning("launcher.output_still_open", attempt=self._attempt)
             for sink, exc in self._tee.sink_errors.items():
                 log.warning("launcher.output_sink_failed", sink=sink, error=str(exc))
+        if self._echo is not None and self._echo.dropped_bytes:
+            log.warning(
+                "launcher.echo_dropped",
+                dropped_bytes=self._echo.dropped_bytes,
+                log=self._log_path(self._attempt),
+            )
         if self._log is not None:
             self._log.close()
             self._log = None

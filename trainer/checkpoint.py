@@ -247,6 +247,7 @@ class Checkpointer:
         self._git_checked = False
         self._best_buffers: dict[str, torch.Tensor] | None = None
         self._best_job: Job | None = None
+        self._snapshot_job: Job | None = None
 
     # -- resume ---------------------------------------------------------------------------
 
@@ -382,9 +383,10 @@ class Checkpointer:
     def _track_best(self, step: int, metrics: Mapping[str, Any]) -> None:
         if self.best_metric is None or self.best_metric not in metrics:
             return
-        value = float(_json_metric(metrics[self.best_metric]) or math.nan)
-        if not math.isfinite(value):
+        raw = _json_metric(metrics[self.best_metric])
+        if not isinstance(raw, int | float) or isinstance(raw, bool) or not math.isfinite(raw):
             return
+        value = float(raw)
         best = self.state.best_metric
         improved = best is None or (value > best if self.best_mode == "max" else value < best)
         if not improved:
@@ -449,7 +451,10 @@ class Checkpointer:
         if any(s != step for s in steps):
             raise SnapshotError(f"ranks reached different steps at snapshot time: {steps}")
         gathered_at = time.perf_counter()
-        self.writer.wait()
+        if self._snapshot_job is not None:
+            # The arena is reused: the previous snapshot must be on disk before it is overwritten.
+            self._snapshot_job.wait()
+        self.writer.raise_if_failed()
         waited = time.perf_counter() - gathered_at
         encoded = codec.encode(self.state.snapshot_object(gathered))
         arena = self.arena.stage(encoded)
@@ -470,7 +475,7 @@ class Checkpointer:
         def job() -> None:
             self._write_snapshot(step, epoch, encoded, arena, metadata)
 
-        self.writer.submit(job, label=f"snapshot@{step}")
+        self._snapshot_job = self.writer.submit(job, label=f"snapshot@{step}")
 
     def _gather_rank_states(self) -> list[dict[str, Any]] | None:
         rank_state = self.state.rank_state_dict()

@@ -208,7 +208,8 @@ def test_budget_spent_exits_1_with_root_cause(run_dir: Path) -> None:
 def test_fatal_error_file_stops_at_once(run_dir: Path) -> None:
     out = launch(run_dir, "--max-restarts", "5", "worker.py", "fatal")
     assert out.returncode == 1
-    assert "rank 0: ConfigMismatch: lr differs from snapshot" in out.stderr
+    assert "ConfigMismatch [relaunch with --allow-config-change" in out.stderr
+    assert "lr differs from snapshot" in out.stderr
     assert names(run_dir).count("supervisor.attempt_started") == 1
 
 

@@ -6,6 +6,7 @@ import io
 import os
 import subprocess
 import sys
+import threading
 import uuid
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 from orchestrator.config import LaunchConfig
 from orchestrator.launcher import (
     TOKEN_VAR,
+    LossyEcho,
     Tee,
     build_torchrun_command,
     build_worker_env,
@@ -134,3 +136,18 @@ def test_kill_orphans_needs_a_launch_token(tmp_path: Path) -> None:
         for p in (orphan, bystander):
             p.kill()
             p.wait(5)
+
+
+def test_lossy_echo_never_blocks_the_tee() -> None:
+    gate = threading.Event()
+
+    class Stuck(io.BytesIO):
+        def write(self, data: object) -> int:
+            gate.wait(10)  # an unread stderr pipe
+            return 0
+
+    echo = LossyEcho(Stuck(), max_chunks=4)
+    for _ in range(100):
+        echo.write(b"x" * 1000)  # returns at once even though the stream is stuck
+    assert echo.dropped_bytes >= 90_000
+    gate.set()

@@ -268,7 +268,9 @@ def test_fatal_error_file_fails_at_once(tmp_path: Path) -> None:
     out = sup.run()
     assert out.exit_code == EXIT_FAILED
     assert group.starts == [(0, None)]
-    assert out.failure == "rank 0: ConfigMismatch: lr differs"
+    assert out.failure == (
+        "rank 0: ConfigMismatch [relaunch with --allow-config-change to resume anyway]: lr differs"
+    )
     assert next(e for e in env.events() if e["event"] == "supervisor.gave_up")["reason"] == "fatal"
 
 
