@@ -157,6 +157,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, LMCon
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off")
     p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--fast-attention", action="store_true",
+                   help="CUDA: allow fused attention kernels (faster, not bitwise reproducible)")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--checkpoint-dir", default=None, help="default: ORCH_CHECKPOINT_DIR")
     p.add_argument("--checkpoint-every", type=int, default=None,
@@ -187,8 +189,13 @@ def main(argv: list[str] | None = None) -> None:
     if every is None:
         every = settings.checkpoint_every if settings.checkpoint_every is not None else 50
     cuda = ctx.device.type == "cuda"
-    # warn_only on CUDA: some attention backward kernels have no deterministic variant.
     torch.use_deterministic_algorithms(True, warn_only=cuda)
+    if cuda and not args.fast_attention:
+        # The fused attention backward kernels (flash, memory-efficient, cuDNN) accumulate with
+        # atomics: runs differ bitwise. The math kernel is deterministic, so resumes are exact.
+        torch.backends.cuda.enable_flash_sdp(False)
+        torch.backends.cuda.enable_mem_efficient_sdp(False)
+        torch.backends.cuda.enable_cudnn_sdp(False)
 
     torch.manual_seed(args.seed)
     model = GPT(cfg).to(ctx.device)
@@ -230,7 +237,8 @@ def main(argv: list[str] | None = None) -> None:
         metadata={"dataset_version": f"synthetic-ap-v1-seed{args.seed}"},
     )
     hparams = {k: v for k, v in vars(args).items()
-               if k not in ("checkpoint_dir", "checkpoint_every", "workers", "log_every")}
+               if k not in ("checkpoint_dir", "checkpoint_every", "workers", "log_every",
+                            "fast_attention")}
     hparams.update(model=asdict(cfg), world_size=ctx.world_size)
     ckpt = trainer.Checkpointer(state, checkpoint_dir=args.checkpoint_dir, every=every, hparams=hparams)
     start = ckpt.resume()

@@ -20,6 +20,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -175,6 +176,30 @@ def write_weights_export(
     return final
 
 
+class _DigestThread(threading.Thread):
+    """Computes an arena's content digest on its own thread; :meth:`result` re-raises errors."""
+
+    def __init__(self, tree: bytes, view: memoryview, slots: list[codec.TensorSlot]) -> None:
+        super().__init__(name="trainer-digest", daemon=True)
+        self._args = (tree, view, slots)
+        self._digest: str | None = None
+        self._error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self._digest = codec.arena_digest(*self._args)
+        except BaseException as exc:  # handed to the writer thread by result()
+            self._error = exc
+
+    def result(self) -> str:
+        """The digest; raises what the computation raised."""
+        if self._error is not None:
+            raise self._error
+        if self._digest is None:
+            raise RuntimeError("digest thread has not finished")
+        return self._digest
+
+
 class Checkpointer:
     """Snapshots and resumes a :class:`TrainingState` (see the module docstring).
 
@@ -183,7 +208,8 @@ class Checkpointer:
     resume. ``best_metric`` names the metric passed to ``step_done`` that drives keep-best
     (``best_mode`` ``"max"`` or ``"min"``); it must have the same value on every rank.
     ``best_source`` picks the exported weights: ``"ema"`` (when an EMA is registered, the
-    default) or ``"model"``.
+    default) or ``"model"``. ``verify_digest`` recomputes the content digest on load (the files
+    are always checksum-verified; this adds a pass over the state to check the codec too).
     """
 
     def __init__(
@@ -199,6 +225,7 @@ class Checkpointer:
         best_metric: str | None = None,
         best_mode: Literal["max", "min"] = "max",
         best_source: Literal["ema", "model"] = "ema",
+        verify_digest: bool = False,
         settings: WorkerSettings | None = None,
     ) -> None:
         self.settings = settings or WorkerSettings.from_env()
@@ -226,6 +253,7 @@ class Checkpointer:
         self.best_metric = best_metric
         self.best_mode = best_mode
         self.best_source = best_source
+        self.verify_digest = verify_digest
         if is_initialized():
             self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         else:
@@ -318,10 +346,17 @@ class Checkpointer:
         entry = manifest.files.get(TENSORS_FILE)
         if entry is None:
             raise CorruptSnapshot(f"step {step}: manifest lists no {TENSORS_FILE}")
-        buffer = bytearray(entry.size)
-        self.store.read_into(step, TENSORS_FILE, buffer)
-        obj, digest = codec.decode(tree_bytes, buffer)
-        if digest != manifest.digest:
+        # np.empty: no zero-fill of a buffer that is about to be overwritten (gigabytes).
+        buffer = np.empty(entry.size, dtype=np.uint8)
+        if entry.size:
+            self.store.read_into(step, TENSORS_FILE, memoryview(buffer.data))
+        # Copies, not views into the buffer: some consumers misread views (torch.set_rng_state
+        # ignores the storage offset; torch.save would write the whole buffer for each).
+        obj, digest = codec.decode_tree(
+            codec.parse_tree(tree_bytes), buffer, copy=True, compute_digest=self.verify_digest
+        )
+        del buffer
+        if digest is not None and digest != manifest.digest:
             raise CorruptSnapshot(
                 f"step {step}: content digest {digest} differs from manifest {manifest.digest}"
             )
@@ -338,7 +373,7 @@ class Checkpointer:
             raise CorruptSnapshot(
                 f"snapshot directory step {step} holds state of step {self.state.step}"
             )
-        return digest
+        return manifest.digest
 
     def _check_hparams(self, step: int, manifest: Manifest) -> None:
         saved = manifest.metadata.get("hparams")
@@ -367,6 +402,8 @@ class Checkpointer:
         self.faults.point("step_end", step)
         if self.every > 0 and step % self.every == 0:
             self.snapshot()
+        elif self.rank == 0 and self._snapshot_job is None:
+            self._reserve_arena()
 
     def _heartbeat(self) -> None:
         doc = {
@@ -477,6 +514,13 @@ class Checkpointer:
 
         self._snapshot_job = self.writer.submit(job, label=f"snapshot@{step}")
 
+    def _reserve_arena(self) -> None:
+        """Allocate the staging arena in the background before the first snapshot needs it."""
+        encoded = codec.encode(self.state.snapshot_object([self.state.rank_state_dict()] * self.world_size))
+        encoded.sources = []
+        arena = self.arena
+        self._snapshot_job = self.writer.submit(lambda: arena.reserve(encoded), label="reserve")
+
     def _gather_rank_states(self) -> list[dict[str, Any]] | None:
         rank_state = self.state.rank_state_dict()
         if not (is_initialized() and self.world_size > 1):
@@ -528,28 +572,20 @@ class Checkpointer:
         started = time.perf_counter()
         writer = self.store.begin(step, on_phase=lambda phase: self.faults.point(phase, step))
         try:
-            h = hashlib.sha256(encoded.canonical_tree_bytes())
             size = encoded.arena_nbytes
             view = arena.numpy().data if size else memoryview(b"")
-            slots = encoded.slots
-            next_slot = 0
-            with writer.open(TENSORS_FILE) as f:
-                # Write in large windows and hash the tensor parts of each window while it is
-                # still in cache: one pass over memory for the digest.
-                for lo in range(0, size, _WRITE_CHUNK):
-                    hi = min(size, lo + _WRITE_CHUNK)
-                    f.write(view[lo:hi])
-                    while next_slot < len(slots):
-                        slot = slots[next_slot]
-                        a, b = max(lo, slot.offset), min(hi, slot.offset + slot.nbytes)
-                        if a < b:
-                            h.update(view[a:b])
-                        if slot.offset + slot.nbytes <= hi:
-                            next_slot += 1
-                        else:
-                            break
+            # The digest (one sha256 pass) runs beside the file write and its checksum (another
+            # pass): hashlib and os.write release the GIL, so the two overlap.
+            digester = _DigestThread(encoded.canonical_tree_bytes(), view, encoded.slots)
+            digester.start()
+            try:
+                with writer.open(TENSORS_FILE) as f:
+                    for lo in range(0, size, _WRITE_CHUNK):
+                        f.write(view[lo : min(size, lo + _WRITE_CHUNK)])
+            finally:
+                digester.join()
+            digest = digester.result()
             writer.write_bytes(TREE_FILE, encoded.tree_bytes())
-            digest = "sha256:" + h.hexdigest()
             manifest = writer.commit(
                 run_id=self.run_id,
                 epoch=epoch,

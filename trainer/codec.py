@@ -276,18 +276,34 @@ class StagingArena:
         self._layout: tuple[tuple[int, int], ...] | None = None
         self.allocations = 0
 
-    def stage(self, encoded: EncodedState) -> torch.Tensor:
-        """Copy every source tensor into the arena and return the arena (uint8, CPU)."""
+    def reserve(self, encoded: EncodedState) -> None:
+        """Allocate (and lay out) the buffer for ``encoded`` ahead of the first :meth:`stage`.
+
+        Allocating gigabytes of pinned memory takes seconds; calling this from a background
+        thread keeps that out of the first snapshot's stall.
+        """
+        self._prepare(encoded)
+
+    def _prepare(self, encoded: EncodedState) -> torch.Tensor:
         layout = encoded.layout_key()
         size = encoded.arena_nbytes
         if self._buffer is None or self._buffer.numel() != size:
-            self._buffer = torch.zeros(size, dtype=torch.uint8, pin_memory=self.pin_memory)
+            # empty, not zeros: only the padding needs zeroing, done below.
+            self._buffer = torch.empty(size, dtype=torch.uint8, pin_memory=self.pin_memory)
             self.allocations += 1
-        elif layout != self._layout:
+            self._layout = None
+        if layout != self._layout:
             # Zero the padding so that tensors.bin depends only on content and layout.
-            self._buffer.zero_()
-        self._layout = layout
-        arena = self._buffer
+            for start, end, is_tensor in iter_regions(size, encoded.slots, size or 1):
+                if not is_tensor:
+                    self._buffer[start:end].zero_()
+            self._layout = layout
+        return self._buffer
+
+    def stage(self, encoded: EncodedState) -> torch.Tensor:
+        """Copy every source tensor into the arena and return the arena (uint8, CPU)."""
+        size = encoded.arena_nbytes
+        arena = self._prepare(encoded)
         arena_np = arena.numpy() if size else np.zeros(0, dtype=np.uint8)
         needs_sync = False
         for src, slot in zip(encoded.sources, encoded.slots, strict=True):
@@ -346,7 +362,8 @@ def _torch_dtype(name: str) -> torch.dtype:
 
 
 class _Decoder:
-    def __init__(self, arena: bytearray | memoryview | np.ndarray[Any, Any]) -> None:
+    def __init__(self, arena: bytearray | memoryview | np.ndarray[Any, Any], *, copy: bool = True) -> None:
+        self.copy = copy
         self.arena_np = np.frombuffer(arena, dtype=np.uint8) if not isinstance(arena, np.ndarray) else arena.view(np.uint8).reshape(-1)
         self.arena_t = torch.from_numpy(self.arena_np) if self.arena_np.size else None
         self.slots: list[TensorSlot] = []
@@ -419,8 +436,9 @@ class _Decoder:
             raise CodecError(f"tensor record {node!r}: nbytes does not match shape and dtype")
         if nbytes == 0 or self.arena_t is None:
             return torch.empty(shape, dtype=dtype)
-        # clone(): the result must own its memory, never alias the read buffer.
-        return self.arena_t[offset : offset + nbytes].view(dtype).view(shape).clone()
+        view = self.arena_t[offset : offset + nbytes].view(dtype).view(shape)
+        # Without copy the tensors are views that keep the (never reused) read buffer alive.
+        return view.clone() if self.copy else view
 
     def _ndarray(self, node: dict[str, Any]) -> np.ndarray[Any, Any]:
         dtype = np.dtype(node["dtype"])
@@ -435,30 +453,53 @@ class _Decoder:
         return out
 
 
-def decode_tree(tree: dict[str, Any], arena: bytearray | memoryview | np.ndarray[Any, Any]) -> tuple[Any, str]:
-    """Rebuild the state from a parsed ``tree.json`` and its arena; return it and its digest."""
+def decode_tree(
+    tree: dict[str, Any],
+    arena: bytearray | memoryview | np.ndarray[Any, Any],
+    *,
+    copy: bool = True,
+    compute_digest: bool = True,
+) -> tuple[Any, str | None]:
+    """Rebuild the state from a parsed ``tree.json`` and its arena; return it and its digest.
+
+    With ``copy=False`` the tensors are views into ``arena``, which must then never be reused
+    (it stays alive as long as they do). The digest is None unless ``compute_digest``.
+    """
     if tree.get("format") != FORMAT:
         raise CodecError(f"unknown tree format {tree.get('format')!r}; expected {FORMAT!r}")
     declared = tree.get("arena_nbytes")
-    dec = _Decoder(arena)
+    dec = _Decoder(arena, copy=copy)
     if declared != dec.arena_np.size:
         raise CodecError(f"arena has {dec.arena_np.size} bytes but the tree declares {declared}")
     obj = dec.decode(tree["root"])
+    if not compute_digest:
+        return obj, None
     h = hashlib.sha256(canonical_tree_bytes(tree["root"]))
     for slot in dec.slots:
         h.update(dec.arena_np[slot.offset : slot.offset + slot.nbytes].data)
     return obj, "sha256:" + h.hexdigest()
 
 
-def decode(tree_json: bytes, arena: bytearray | memoryview | np.ndarray[Any, Any]) -> tuple[Any, str]:
+def decode(
+    tree_json: bytes,
+    arena: bytearray | memoryview | np.ndarray[Any, Any],
+    *,
+    copy: bool = True,
+) -> tuple[Any, str]:
     """Parse ``tree.json`` bytes and rebuild the state from the arena; return it and its digest."""
+    obj, digest = decode_tree(parse_tree(tree_json), arena, copy=copy, compute_digest=True)
+    return obj, str(digest)
+
+
+def parse_tree(tree_json: bytes) -> dict[str, Any]:
+    """Parse ``tree.json`` bytes (CodecError when malformed)."""
     try:
         tree = json.loads(tree_json)
     except (ValueError, UnicodeDecodeError) as exc:
         raise CodecError(f"tree.json is not valid JSON: {exc}") from exc
     if not isinstance(tree, dict):
         raise CodecError("tree.json does not hold an object")
-    return decode_tree(tree, arena)
+    return tree
 
 
 def encode_to_bytes(obj: Any) -> tuple[bytes, bytes, str]:

@@ -66,7 +66,8 @@ def restore_rng(state: dict[str, Any]) -> None:
     """Restore what :func:`capture_rng` returned."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    # contiguous clones: set_rng_state reads the storage from its start, whatever the view.
+    torch.set_rng_state(state["torch"].clone())
     cuda = state.get("cuda") or []
     if cuda:
         if not torch.cuda.is_available() or torch.cuda.device_count() != len(cuda):
@@ -75,7 +76,7 @@ def restore_rng(state: dict[str, Any]) -> None:
                 f"{torch.cuda.device_count() if torch.cuda.is_available() else 0} devices"
             )
         for i, s in enumerate(cuda):
-            torch.cuda.set_rng_state(s, i)
+            torch.cuda.set_rng_state(s.clone(), i)
 
 
 class TrainingState:

@@ -54,7 +54,8 @@ class Job:
     """A tiny but complete training job: dropout, AdamW, warmup+cosine, EMA, loader, extras."""
 
     def __init__(self, directory: Path, *, every: int = 5, hparams: dict[str, Any] | None = None,
-                 resume: str | None = None, allow: bool | None = None, noise: bool = False) -> None:
+                 resume: str | None = None, allow: bool | None = None, noise: bool = False,
+                 verify: bool = False) -> None:
         torch.manual_seed(0)
         self.model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Dropout(0.3),
                                          torch.nn.Linear(8, 1))
@@ -81,7 +82,8 @@ class Job:
         settings = WorkerSettings(checkpoint_dir=str(directory), resume_mode=mode,
                                   resume_step=int(resume) if resume is not None and mode == "step" else None)
         self.ckpt = Checkpointer(self.state, hparams=hparams or HPARAMS, every=every, settings=settings,
-                                 allow_config_change=allow, best_metric="score", best_mode="max")
+                                 allow_config_change=allow, best_metric="score", best_mode="max",
+                                 verify_digest=verify)
 
     def train(self, until: int, *, finish: bool = True) -> None:
         step = self.ckpt.resume()
@@ -123,7 +125,7 @@ def test_resume_reproduces_the_uninterrupted_run_bitwise(tmp_path: Path, crash_a
     golden.train(20)
     killed = Job(tmp_path / "run")
     killed.train(crash_at, finish=False)
-    resumed = Job(tmp_path / "run", noise=True)
+    resumed = Job(tmp_path / "run", noise=True, verify=crash_at == 13)
     resumed.train(20)
     assert resumed.ckpt.resumed_from == crash_at // 5 * 5
     assert resumed.digest() == golden.digest()

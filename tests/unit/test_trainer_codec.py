@@ -190,3 +190,29 @@ def test_staging_arena_is_reused_while_layout_is_unchanged() -> None:
     assert arena.allocations == 1 and first.data_ptr() == second.data_ptr()
     back, _ = codec.decode(codec.encode(state).tree_bytes(), bytearray(second.numpy().tobytes()))
     assert torch.equal(back["w"], state["w"])
+
+
+@pytest.mark.timeout(60)
+def test_reserved_arena_has_zero_padding_and_matches_a_fresh_encoding() -> None:
+    state = {"a": torch.ones(3), "b": torch.full((5,), 7, dtype=torch.uint8)}
+    arena = codec.StagingArena()
+    encoded = codec.encode(state)
+    arena.reserve(encoded)
+    staged = arena.stage(encoded)
+    _, fresh, _ = codec.encode_to_bytes(state)
+    assert staged.numpy().tobytes() == fresh and arena.allocations == 1
+    state["b"] = torch.zeros(40, dtype=torch.uint8)  # a new layout of the same total size
+    state["a"] = torch.ones(3)
+    encoded = codec.encode(state)
+    staged = arena.stage(encoded)
+    assert staged.numpy().tobytes() == codec.encode_to_bytes(state)[1]
+
+
+@pytest.mark.timeout(60)
+def test_views_decode_shares_the_buffer() -> None:
+    tree, arena, _ = codec.encode_to_bytes({"x": torch.ones(4)})
+    buf = np.frombuffer(bytearray(arena), dtype=np.uint8)
+    back, digest = codec.decode_tree(codec.parse_tree(tree), buf, copy=False, compute_digest=False)
+    assert digest is None
+    buf[:] = 0
+    assert torch.equal(back["x"], torch.zeros(4))
