@@ -1,8 +1,8 @@
 """Resumable DDP training of a small CNN on scikit-learn's bundled digits (real data, no download).
 
 The example exercises everything a snapshot must capture: AdamW, a linear-warmup + cosine
-schedule (SequentialLR), dropout (so the RNGs matter), AMP (bf16 autocast on CPU, fp16 with a
-GradScaler on CUDA), an EMA of the weights, a resumable sampler + DataLoader (``--workers``),
+schedule (SequentialLR), dropout (so the RNGs matter), AMP (bf16 autocast of the head on CPU,
+fp16 autocast with a GradScaler on CUDA), an EMA of the weights, a resumable sampler + DataLoader (``--workers``),
 per-sample augmentation derived from ``(seed, epoch, index)``, periodic validation with
 keep-best on validation accuracy and an early-stopping counter registered as an extra Stateful.
 
@@ -134,11 +134,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint-every", type=int, default=None,
                    help="default: ORCH_CHECKPOINT_EVERY or 25")
     p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--step-delay", type=float, default=0.0,
+                   help="seconds to idle after each step (tests that kill from outside need time)")
     p.add_argument("--amp", choices=("auto", "off"), default="auto",
                    help="auto: fp16 + GradScaler on CUDA, bf16 head on CPU")
     args = p.parse_args(argv)
     if args.steps < 1 or args.batch_size < 1 or args.eval_every < 1 or args.warmup < 1:
         p.error("--steps, --batch-size, --eval-every and --warmup must be >= 1")
+    if args.step_delay < 0:
+        p.error("--step-delay must be >= 0")
     if args.warmup >= args.steps:
         p.error("--warmup must be smaller than --steps")
     return args
@@ -246,7 +250,9 @@ def main(argv: list[str] | None = None) -> None:
         loader=loader, extras={"early_stopping": stopper},
         metadata={"dataset_version": DATASET_VERSION},
     )
-    hparams = {k: v for k, v in vars(args).items() if k not in ("checkpoint_dir", "checkpoint_every", "workers")}
+    # Everything that changes the training trajectory; not where or how often it is saved.
+    excluded = ("checkpoint_dir", "checkpoint_every", "workers", "step_delay")
+    hparams = {k: v for k, v in vars(args).items() if k not in excluded}
     hparams["world_size"] = ctx.world_size
     ckpt = trainer.Checkpointer(
         state, checkpoint_dir=args.checkpoint_dir, every=every, hparams=hparams,
@@ -278,6 +284,8 @@ def main(argv: list[str] | None = None) -> None:
             log.info("train.eval", step=step, epoch=loader.epoch, loss=round(metrics["loss"], 4),
                      val_acc=metrics["val_acc"], lr=optimizer.param_groups[0]["lr"])
         ckpt.step_done(step, metrics)
+        if args.step_delay:
+            time.sleep(args.step_delay)  # pacing for external fault tests, not synchronisation
     ckpt.finish()
     log.info("train.done", step=step, seconds=round(time.perf_counter() - started, 3),
              best_val_acc=state.best_metric, digest=ckpt.last_digest)

@@ -53,7 +53,8 @@ class ConfigMismatch(FatalTrainerError):
         )
         super().__init__(
             f"hyperparameters differ from snapshot step {step} in keys [{keys}] ({details}); "
-            "set ORCH_ALLOW_CONFIG_CHANGE=1 or allow_config_change=True to resume anyway"
+            "launch with --allow-config-change (ORCH_ALLOW_CONFIG_CHANGE=1, or "
+            "allow_config_change=True in code) to resume anyway"
         )
 
 
@@ -68,6 +69,10 @@ class WorldSizeMismatch(FatalTrainerError):
             f"snapshot step {step} was written with world size {saved} but this group has "
             f"world size {current}; resuming with a different world size is not supported"
         )
+
+
+class StateMismatch(FatalTrainerError):
+    """The snapshot's components (scheduler, EMA, extras, loader) differ from the registered ones."""
 
 
 class CodecError(TrainerError):

@@ -43,7 +43,8 @@ def run(
 ) -> NoReturn:
     """Run ``main`` as a worker: exit 0 on success, write an error file and exit non-zero otherwise.
 
-    ``SystemExit`` with a non-zero code (argparse's usage errors) counts as a fatal usage error.
+    ``SystemExit(2)`` (argparse's usage errors) counts as a fatal usage error, any other non-zero
+    ``SystemExit`` as an ordinary failure.
     """
     try:
         settings = WorkerSettings.from_env()
@@ -56,9 +57,11 @@ def run(
     try:
         main()
     except SystemExit as exc:
-        if exc.code not in (0, None):
-            code = _report(UsageError(f"exited with status {exc.code} (bad arguments?)"),
-                           settings, checkpoint_dir)
+        if exc.code == 2:
+            # argparse's usage-error status: the same arguments will fail again.
+            code = _report(UsageError("exited with status 2 (bad arguments)"), settings, checkpoint_dir)
+        elif exc.code not in (0, None):
+            code = _report(RuntimeError(f"exited with status {exc.code}"), settings, checkpoint_dir)
     except BaseException as exc:  # the process ends here: report every failure, then exit
         code = _report(exc, settings, checkpoint_dir)
     finally:

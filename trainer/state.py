@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from trainer.errors import ResumeError
+from trainer.errors import ResumeError, StateMismatch
 
 
 @runtime_checkable
@@ -159,13 +159,13 @@ class TrainingState:
             mine = getattr(self, name)
             if (state.get(name) is None) != (mine is None):
                 have = "has" if state.get(name) is not None else "has no"
-                raise ResumeError(
+                raise StateMismatch(
                     f"snapshot {have} {name} state but this TrainingState "
                     f"{'registers none' if mine is None else 'registers one'}"
                 )
         saved_extras = state.get("extras") or {}
         if set(saved_extras) != set(self.extras):
-            raise ResumeError(
+            raise StateMismatch(
                 f"snapshot extras {sorted(saved_extras)} differ from registered {sorted(self.extras)}"
             )
         self.unwrapped_model.load_state_dict(state["model"])
@@ -187,7 +187,7 @@ class TrainingState:
     def load_rank_state_dict(self, state: dict[str, Any]) -> None:
         """Restore this rank's RNGs and loader position."""
         if (state.get("loader") is None) != (self.loader is None):
-            raise ResumeError("snapshot and TrainingState disagree on whether a loader is registered")
+            raise StateMismatch("snapshot and TrainingState disagree on whether a loader is registered")
         if self.loader is not None:
             self.loader.load_state_dict(state["loader"])
         restore_rng(state["rng"])

@@ -225,6 +225,8 @@ WORKER = textwrap.dedent("""
             raise RuntimeError("boom")
         if kind == "usage":
             raise SystemExit(2)
+        if kind == "exit3":
+            raise SystemExit(3)
 
     trainer.run(main)
 """)
@@ -232,7 +234,8 @@ WORKER = textwrap.dedent("""
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("kind,code,fatal", [("config", EXIT_FATAL, True), ("crash", EXIT_FAILURE, False),
-                                              ("usage", EXIT_FATAL, True), ("ok", 0, None)])
+                                              ("usage", EXIT_FATAL, True), ("exit3", EXIT_FAILURE, False),
+                                              ("ok", 0, None)])
 def test_run_writes_error_files_and_exit_codes(tmp_path: Path, kind: str, code: int, fatal: bool | None) -> None:
     env = {**os.environ, "ORCH_CHECKPOINT_DIR": str(tmp_path), "ORCH_ATTEMPT": "2", "RANK": "0",
            "ORCH_LOG_FORMAT": "json"}

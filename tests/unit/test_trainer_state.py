@@ -11,7 +11,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from trainer import codec
-from trainer.errors import ResumeError
+from trainer.errors import StateMismatch
 from trainer.state import TrainingState, capture_rng, restore_rng, unwrap_model
 
 
@@ -111,8 +111,9 @@ def test_shared_state_with_scaler_ema_and_extras_round_trips() -> None:
     assert codec.state_digest(state2.shared_state_dict()) == codec.state_digest(state.shared_state_dict())
     assert c2.n == 4 and state2.step == 3 and state2.best_metric == 0.5
     state3 = TrainingState(model=m2, optimizer=o2, scheduler=s2)
-    with pytest.raises(ResumeError):
+    with pytest.raises(StateMismatch) as info:
         state3.load_shared_state_dict(saved)
+    assert info.value.fatal
 
 
 @pytest.mark.timeout(30)
