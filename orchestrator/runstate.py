@@ -16,7 +16,6 @@ import fcntl
 import json
 import os
 import re
-import tempfile
 import uuid
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -25,6 +24,7 @@ from typing import Any
 import structlog
 
 from orchestrator.clock import Clock
+from storage.atomic import atomic_write_json
 
 log = structlog.get_logger("orchestrator.runstate")
 
@@ -109,24 +109,7 @@ class RunState:
 
 def write_json_atomic(path: str, doc: Mapping[str, Any]) -> None:
     """Replace ``path`` with ``doc`` so that readers see the old or the new content, never a mix."""
-    directory = os.path.dirname(path)
-    data = (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()
-    fd, tmp = tempfile.mkstemp(prefix=".state.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    atomic_write_json(path, doc, durable=True)
 
 
 def read_json(path: str) -> dict[str, Any] | None:

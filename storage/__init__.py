@@ -4,6 +4,7 @@ This package has no torch dependency: the supervisor uses it to choose, verify a
 snapshots without importing the training stack, and workers use it to write and read them.
 """
 
+from storage.atomic import atomic_write_bytes, atomic_write_json, fsync_dir
 from storage.errors import (
     CorruptSnapshot,
     DiskFull,
@@ -11,7 +12,7 @@ from storage.errors import (
     StorageError,
     TransientStorageError,
 )
-from storage.local import HashingFile, LocalSnapshotStore, SnapshotInfo, SnapshotWriter, fsync_dir
+from storage.local import HashingFile, LocalSnapshotStore, SnapshotInfo, SnapshotWriter
 from storage.logs import configure_logging
 from storage.manifest import FileEntry, Manifest
 from storage.retention import RetentionPolicy, plan_retention
@@ -31,6 +32,8 @@ __all__ = [
     "StorageError",
     "StorageSettings",
     "TransientStorageError",
+    "atomic_write_bytes",
+    "atomic_write_json",
     "configure_logging",
     "fsync_dir",
     "plan_retention",

@@ -24,6 +24,7 @@ from typing import Any
 import structlog
 
 from storage import layout
+from storage.atomic import fsync_dir
 from storage.errors import CorruptSnapshot, DiskFull, SnapshotNotFound, StorageError
 from storage.manifest import FileEntry, Manifest
 from storage.settings import StorageSettings
@@ -80,15 +81,6 @@ class SnapshotInfo:
             "run_id": self.manifest.run_id if self.manifest else None,
             "metrics": dict(self.manifest.metadata.get("metrics") or {}) if self.manifest else {},
         }
-
-
-def fsync_dir(path: str) -> None:
-    """Make a rename or create inside `path` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _is_real_dir(path: str) -> bool:

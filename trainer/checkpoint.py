@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from storage import LocalSnapshotStore, Manifest
+from storage.atomic import atomic_write_bytes, atomic_write_json, fsync_dir
 from storage.errors import CorruptSnapshot
 from trainer import codec
 from trainer.distributed import is_initialized
@@ -115,32 +116,6 @@ def git_commit(directory: str) -> str | None:
     return commit if proc.returncode == 0 and commit else None
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: str, data: bytes, *, durable: bool) -> None:
-    directory = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    if durable:
-        _fsync_dir(directory)
-
-
 def write_weights_export(
     directory: str, name: str, tensors: dict[str, torch.Tensor], sidecar: dict[str, Any]
 ) -> str:
@@ -166,13 +141,9 @@ def write_weights_export(
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    _fsync_dir(directory)
+    fsync_dir(directory)
     doc = dict(sidecar, sha256=h.hexdigest(), file=f"{name}.pt", time=time.time())
-    _atomic_write(
-        os.path.join(directory, f"{name}.json"),
-        (json.dumps(doc, indent=1, sort_keys=True, allow_nan=False) + "\n").encode(),
-        durable=True,
-    )
+    atomic_write_json(os.path.join(directory, f"{name}.json"), doc, durable=True)
     return final
 
 
@@ -415,7 +386,7 @@ class Checkpointer:
             "attempt": self.settings.attempt,
         }
         path = os.path.join(self.progress_dir, f"rank-{self.rank}.json")
-        _atomic_write(path, json.dumps(doc).encode(), durable=False)
+        atomic_write_bytes(path, json.dumps(doc).encode(), durable=False)
 
     def _track_best(self, step: int, metrics: Mapping[str, Any]) -> None:
         if self.best_metric is None or self.best_metric not in metrics:

@@ -10,13 +10,13 @@ their names reach the error file and the logs unchanged.
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 import time
 import traceback
 from collections.abc import Mapping
 from typing import Any
+
+from storage.atomic import atomic_write_json
 
 #: Exit status of a worker that failed in a way a relaunch cannot fix (sysexits EX_CONFIG).
 EXIT_FATAL = 78
@@ -112,16 +112,5 @@ def write_error_file(
     directory = os.path.join(checkpoint_dir, "run", "errors", f"attempt-{attempt}")
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, f"rank-{rank}.json")
-    data = json.dumps(error_record(exc, rank=rank, attempt=attempt), indent=1).encode()
-    fd, tmp = tempfile.mkstemp(prefix=f".rank-{rank}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_json(path, error_record(exc, rank=rank, attempt=attempt), durable=True)
     return path
