@@ -44,6 +44,20 @@ class Settings:
     #: ``status --watch`` refresh period and overall bound.
     watch_interval_s: float = 2.0
     watch_max_s: float = 24 * 3600.0
+    #: Mirror: first delay after a transient object-store error; doubles up to ``mirror_retry_max_s``.
+    mirror_retry_initial_s: float = 1.0
+    mirror_retry_max_s: float = 30.0
+    mirror_retry_jitter_s: float = 1.0
+    #: Mirror: pause before retrying after a permanent error (403, missing bucket), which stays
+    #: reported until an upload succeeds again (credentials fixed, bucket created).
+    mirror_permanent_retry_s: float = 60.0
+    #: Bound on waiting, at the end of a run, for the mirror to upload what is still missing.
+    mirror_flush_timeout_s: float = 300.0
+    #: How often the run state is mirrored to ``<prefix>/run/node-<R>/state.json`` (besides
+    #: every phase change).
+    state_mirror_interval_s: float = 10.0
+    #: Tries of the launch preflight (and of each restore step) against a failing endpoint.
+    mirror_preflight_attempts: int = 3
     #: ``json`` or ``console``; None picks by whether stderr is a terminal.
     log_format: str | None = None
 
@@ -59,6 +73,11 @@ class Settings:
             "tee_join_s",
             "watch_interval_s",
             "watch_max_s",
+            "mirror_retry_initial_s",
+            "mirror_retry_max_s",
+            "mirror_permanent_retry_s",
+            "mirror_flush_timeout_s",
+            "state_mirror_interval_s",
         ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{ENV_NAMES[name]} must be > 0, got {getattr(self, name)}")
@@ -68,6 +87,14 @@ class Settings:
             raise ValueError(
                 f"{ENV_NAMES['backoff_max_s']} must be >= {ENV_NAMES['backoff_initial_s']}"
             )
+        if self.mirror_retry_jitter_s < 0:
+            raise ValueError(f"{ENV_NAMES['mirror_retry_jitter_s']} must be >= 0")
+        if self.mirror_retry_max_s < self.mirror_retry_initial_s:
+            raise ValueError(
+                f"{ENV_NAMES['mirror_retry_max_s']} must be >= {ENV_NAMES['mirror_retry_initial_s']}"
+            )
+        if self.mirror_preflight_attempts < 1:
+            raise ValueError(f"{ENV_NAMES['mirror_preflight_attempts']} must be >= 1")
         if self.crash_loop_attempts < 1:
             raise ValueError(f"{ENV_NAMES['crash_loop_attempts']} must be >= 1")
         if self.log_format is not None and self.log_format not in LOG_FORMATS:
@@ -93,8 +120,17 @@ ENV_NAMES: dict[str, str] = {
     "tee_join_s": "ORCH_TEE_JOIN_S",
     "watch_interval_s": "ORCH_WATCH_INTERVAL_S",
     "watch_max_s": "ORCH_WATCH_MAX_S",
+    "mirror_retry_initial_s": "ORCH_MIRROR_RETRY_INITIAL_S",
+    "mirror_retry_max_s": "ORCH_MIRROR_RETRY_MAX_S",
+    "mirror_retry_jitter_s": "ORCH_MIRROR_RETRY_JITTER_S",
+    "mirror_permanent_retry_s": "ORCH_MIRROR_PERMANENT_RETRY_S",
+    "mirror_flush_timeout_s": "ORCH_MIRROR_FLUSH_TIMEOUT_S",
+    "state_mirror_interval_s": "ORCH_STATE_MIRROR_INTERVAL_S",
+    "mirror_preflight_attempts": "ORCH_MIRROR_PREFLIGHT_ATTEMPTS",
     "log_format": "ORCH_LOG_FORMAT",
 }
+
+_INT_FIELDS = frozenset({"crash_loop_attempts", "mirror_preflight_attempts"})
 
 
 def _parse_float(name: str, raw: str) -> float:
@@ -124,7 +160,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         if f.name == "log_format":
             values[f.name] = raw
             continue
-        parse = _parse_int if f.name == "crash_loop_attempts" else _parse_float
+        parse = _parse_int if f.name in _INT_FIELDS else _parse_float
         values[f.name] = parse(var, raw)
     return Settings(**values)
 

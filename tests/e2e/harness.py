@@ -70,8 +70,15 @@ def launch_args(
     ]
 
 
-def launch(ckpt: Path, *, faults: str | None = None, timeout: float = 240, **kw: Any) -> Result:
-    env = base_env(**({"ORCH_FAULTS": faults} if faults else {}))
+def launch(
+    ckpt: Path,
+    *,
+    faults: str | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 240,
+    **kw: Any,
+) -> Result:
+    env = base_env(**(env or {}), **({"ORCH_FAULTS": faults} if faults else {}))
     p = subprocess.run(
         launch_args(ckpt, **kw), env=env, cwd=REPO, capture_output=True, text=True,
         timeout=timeout,
@@ -79,18 +86,25 @@ def launch(ckpt: Path, *, faults: str | None = None, timeout: float = 240, **kw:
     return Result(p.returncode, p.stdout, p.stderr, ckpt)
 
 
-def start(ckpt: Path, **kw: Any) -> subprocess.Popen[str]:
+def start(ckpt: Path, *, env: dict[str, str] | None = None, **kw: Any) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        launch_args(ckpt, **kw), env=base_env(), cwd=REPO, text=True,
+        launch_args(ckpt, **kw), env=base_env(**(env or {})), cwd=REPO, text=True,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
     )
 
 
-def snapshots(ckpt: Path, *, verify: bool = True) -> list[dict[str, Any]]:
-    args = [*ORCH, "snapshots", "--checkpoint-dir", str(ckpt), "--json"]
+def snapshots(
+    ckpt: Path | None = None,
+    *,
+    verify: bool = True,
+    mirror: str | None = None,
+    env: dict[str, str] | None = None,
+) -> list[dict[str, Any]]:
+    where = ["--mirror", mirror] if mirror else ["--checkpoint-dir", str(ckpt)]
+    args = [*ORCH, "snapshots", *where, "--json"]
     if verify:
         args.append("--verify")
-    p = subprocess.run(args, env=base_env(), capture_output=True, text=True, timeout=60)
+    p = subprocess.run(args, env=base_env(**(env or {})), capture_output=True, text=True, timeout=120)
     if p.returncode != 0:
         raise AssertionError(f"snapshots failed rc={p.returncode}: {p.stderr}")
     out: list[dict[str, Any]] = json.loads(p.stdout)
