@@ -20,6 +20,17 @@ from typing import Any
 from orchestrator.clock import RealClock
 from orchestrator.config import LaunchConfig, build_config, check_launchable, load_config_file
 from orchestrator.launcher import TorchrunGroup, kill_orphans
+from orchestrator.mirror import (
+    Mirror,
+    MirrorCrashed,
+    MirrorUnavailable,
+    RemoteTier,
+    call_bounded,
+    error_text,
+    open_remote,
+    preflight,
+)
+from orchestrator.restore import terminal_progress
 from orchestrator.runstate import (
     EventLog,
     LockHeld,
@@ -32,6 +43,8 @@ from orchestrator.settings import Settings, inherited_environment, load_settings
 from orchestrator.status import (
     TERMINAL_PHASES,
     NoRunState,
+    remote_snapshot_records,
+    remote_status_document,
     render_snapshots,
     render_status,
     snapshot_records,
@@ -40,6 +53,7 @@ from orchestrator.status import (
 from orchestrator.supervisor import EXIT_FAILED, EXIT_USAGE, StopRequest, Supervisor
 from storage import LocalSnapshotStore, configure_logging
 from storage.errors import StorageError
+from storage.faults import FaultInjector
 
 PROG = "orchestrator"
 
@@ -70,11 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--node-rank", type=_int_arg, help="this node's rank (default 0)")
     launch.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="c10d rendezvous endpoint")
     launch.add_argument("--checkpoint-dir", metavar="DIR", help="node-local checkpoint dir")
-    launch.add_argument("--mirror", metavar="URL", help="remote tier URL (not supported yet)")
+    launch.add_argument(
+        "--mirror", metavar="URL", help="object store prefix every snapshot is mirrored to "
+        "(s3://bucket/prefix or any fsspec URL; credentials from the AWS variables)"
+    )
     launch.add_argument("--run-id", metavar="ID", help="run id (default: stable per dir)")
     launch.add_argument("--checkpoint-every", type=_int_arg, metavar="STEPS")
     launch.add_argument("--keep-local", type=_int_arg, metavar="K", help="keep the last K")
-    launch.add_argument("--keep-remote", type=_int_arg, metavar="K")
+    launch.add_argument("--keep-remote", type=_int_arg, metavar="K", help="keep the last K remote "
+                        "snapshots (needs --mirror)")
     launch.add_argument("--keep-every", type=_int_arg, metavar="N", help="also keep steps divisible by N")
     launch.add_argument("--keep-best", type=_int_arg, metavar="K", help="also keep the K best")
     launch.add_argument("--best-metric", metavar="NAME", help="metric ranking --keep-best")
@@ -95,8 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="one JSON object")
     status.add_argument("--watch", action="store_true", help="refresh until the run ends")
 
-    snaps = sub.add_parser("snapshots", help="list snapshots")
-    _add_location(snaps)
+    snaps = sub.add_parser("snapshots", help="list snapshots (both tiers when both are given)")
+    snaps.add_argument("--checkpoint-dir", metavar="DIR")
+    snaps.add_argument("--mirror", metavar="URL")
     snaps.add_argument("--verify", action="store_true", help="check every file's checksum")
     snaps.add_argument("--json", action="store_true", help="a JSON list, oldest first")
     return parser
@@ -159,10 +178,13 @@ def _launch(args: argparse.Namespace) -> int:
         settings = load_settings()
         file_values = load_config_file(args.config) if args.config else {}
         config = build_config(explicit, file_values)
-        if config.mirror is not None:
-            raise ValueError("--mirror is not supported yet (the remote tier arrives later)")
         check_launchable(config)
-    except ValueError as exc:
+        remote: RemoteTier | None = None
+        if config.mirror is not None:
+            # Before anything starts: the bucket must be reachable and writable.
+            remote = open_remote(config.mirror)
+            preflight(remote, config.mirror, settings)
+    except ValueError as exc:  # MirrorUnavailable included
         _error("launch", str(exc))
         return EXIT_USAGE
     paths = RunPaths.of(config.checkpoint_dir)
@@ -173,12 +195,14 @@ def _launch(args: argparse.Namespace) -> int:
         _error("launch", f"{paths.checkpoint_dir} is in use: {exc}")
         return EXIT_USAGE
     try:
-        return _supervise(config=config, settings=settings, paths=paths)
+        return _supervise(config=config, settings=settings, paths=paths, remote=remote)
     finally:
         lock.release()
 
 
-def _supervise(*, config: LaunchConfig, settings: Settings, paths: RunPaths) -> int:
+def _supervise(
+    *, config: LaunchConfig, settings: Settings, paths: RunPaths, remote: RemoteTier | None = None
+) -> int:
     run_id = config.run_id or stable_run_id(paths)
     configure_logging(
         fmt=settings.log_format, run_id=run_id, node_rank=config.node_rank, rank=None, attempt=None
@@ -208,6 +232,18 @@ def _supervise(*, config: LaunchConfig, settings: Settings, paths: RunPaths) -> 
             echo=sys.stderr.buffer,
         )
         stop = StopRequest()
+        store = LocalSnapshotStore(paths.checkpoint_dir)
+        mirror = None
+        if remote is not None:
+            mirror = Mirror(
+                remote=remote,
+                local=store,
+                events=events,
+                settings=settings,
+                node_rank=config.node_rank,
+                keep_remote=config.keep_remote,
+                faults=FaultInjector.from_spec(settings.faults, rank=None, attempt=first_attempt),
+            )
         supervisor = Supervisor(
             config=config,
             settings=settings,
@@ -215,11 +251,13 @@ def _supervise(*, config: LaunchConfig, settings: Settings, paths: RunPaths) -> 
             paths=paths,
             clock=clock,
             group=group,
-            store=LocalSnapshotStore(paths.checkpoint_dir),
+            store=store,
             events=events,
             stop=stop,
             first_attempt=first_attempt,
             pid=os.getpid(),
+            mirror=mirror,
+            progress=terminal_progress(sys.stderr),
         )
 
         def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -229,7 +267,10 @@ def _supervise(*, config: LaunchConfig, settings: Settings, paths: RunPaths) -> 
         try:
             outcome = supervisor.run()
         except StorageError as exc:
-            _error("launch", f"run failed: storage error: {exc}")
+            _error("launch", f"run failed: storage error: {error_text(exc)}")
+            return EXIT_FAILED
+        except MirrorCrashed as exc:
+            _error("launch", f"run failed: {exc}")
             return EXIT_FAILED
         finally:
             for s, handler in previous.items():
@@ -244,22 +285,38 @@ def _supervise(*, config: LaunchConfig, settings: Settings, paths: RunPaths) -> 
 # -- status and snapshots ------------------------------------------------------------------
 
 
-def _checkpoint_dir(command: str, args: argparse.Namespace) -> str | None:
+def _quiet_logging() -> None:
     # Storage logs (e.g. an invalid snapshot) must go to stderr: stdout carries --json output.
     configure_logging(fmt=None, run_id=None, node_rank=None, rank=None, attempt=None)
-    if args.mirror is not None:
-        _error(command, "the remote tier is not available yet (--mirror); use --checkpoint-dir")
+
+
+def _checkpoint_dir(command: str, directory: str) -> str | None:
+    if not os.path.isdir(directory):
+        _error(command, f"checkpoint dir {directory} does not exist")
         return None
-    if not os.path.isdir(args.checkpoint_dir):
-        _error(command, f"checkpoint dir {args.checkpoint_dir} does not exist")
+    return directory
+
+
+def _remote(command: str, url: str) -> RemoteTier | None:
+    try:
+        return open_remote(url)
+    except MirrorUnavailable as exc:
+        _error(command, str(exc))
         return None
-    return str(args.checkpoint_dir)
 
 
 def _status(args: argparse.Namespace) -> int:
-    directory = _checkpoint_dir("status", args)
-    if directory is None:
-        return EXIT_USAGE
+    _quiet_logging()
+    remote: RemoteTier | None = None
+    directory: str | None = None
+    if args.mirror is not None:
+        remote = _remote("status", args.mirror)
+        if remote is None:
+            return EXIT_USAGE
+    else:
+        directory = _checkpoint_dir("status", str(args.checkpoint_dir))
+        if directory is None:
+            return EXIT_USAGE
     try:
         settings = load_settings()
     except ValueError as exc:
@@ -269,9 +326,16 @@ def _status(args: argparse.Namespace) -> int:
     deadline = clock.monotonic() + settings.watch_max_s
     while True:
         try:
-            doc = status_document(directory, clock=clock)
+            if remote is not None:
+                doc = remote_status_document(remote, clock=clock, settings=settings)
+            else:
+                assert directory is not None
+                doc = status_document(directory, clock=clock)
         except NoRunState as exc:
             _error("status", str(exc))
+            return EXIT_FAILED
+        except StorageError as exc:
+            _error("status", f"cannot read the mirror: {error_text(exc)}")
             return EXIT_FAILED
         if args.json:
             print(json.dumps(doc, sort_keys=True), flush=True)
@@ -286,10 +350,33 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _snapshots(args: argparse.Namespace) -> int:
-    directory = _checkpoint_dir("snapshots", args)
-    if directory is None:
+    _quiet_logging()
+    if args.checkpoint_dir is None and args.mirror is None:
+        _error("snapshots", "give --checkpoint-dir DIR, --mirror URL, or both")
         return EXIT_USAGE
-    records = snapshot_records(directory, verify=args.verify)
+    records: list[dict[str, Any]] = []
+    if args.checkpoint_dir is not None:
+        directory = _checkpoint_dir("snapshots", str(args.checkpoint_dir))
+        if directory is None:
+            return EXIT_USAGE
+        records.extend(snapshot_records(directory, verify=args.verify))
+    if args.mirror is not None:
+        remote = _remote("snapshots", args.mirror)
+        if remote is None:
+            return EXIT_USAGE
+        try:
+            settings = load_settings()
+        except ValueError as exc:
+            _error("snapshots", str(exc))
+            return EXIT_USAGE
+        try:
+            records.extend(
+                call_bounded(settings, lambda: remote_snapshot_records(remote, verify=args.verify))
+            )
+        except StorageError as exc:
+            _error("snapshots", f"cannot list the mirror: {error_text(exc)}")
+            return EXIT_FAILED
+    records.sort(key=lambda r: (r["step"], r.get("tier") != "local"))
     if args.json:
         print(json.dumps(records, sort_keys=True))
     else:

@@ -80,6 +80,8 @@ class LaunchConfig:
         _non_negative("--checkpoint-every", self.checkpoint_every)
         _at_least_one("--keep-local", self.keep_local)
         _at_least_one("--keep-remote", self.keep_remote)
+        if self.keep_remote is not None and self.mirror is None:
+            raise ValueError("--keep-remote needs --mirror URL (it is the remote's retention)")
         _at_least_one("--keep-every", self.keep_every)
         _non_negative("--keep-best", self.keep_best)
         _non_negative("--max-restarts", self.max_restarts)

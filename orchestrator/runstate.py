@@ -16,6 +16,7 @@ import fcntl
 import json
 import os
 import re
+import threading
 import uuid
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -97,6 +98,10 @@ class RunState:
     newest_local_step: int | None = None
     newest_remote_step: int | None = None
     mirror_lag_steps: int | None = None
+    #: The mirror's last unresolved error (a permanent one: 403, missing bucket); None if healthy.
+    mirror_error: str | None = None
+    #: Local snapshots not yet in the object store (null without a mirror).
+    mirror_pending_steps: list[int] | None = None
     started_at: float
     updated_at: float
     pid: int
@@ -169,6 +174,7 @@ class EventLog:
     """Appends one JSON object per line to ``run/events.jsonl`` and mirrors it to the log.
 
     Each line is flushed immediately: the file is for humans and tools following a live run.
+    Thread-safe: the mirror's background thread emits into the same log as the supervisor loop.
     """
 
     def __init__(self, path: str, *, clock: Clock, run_id: str) -> None:
@@ -177,17 +183,23 @@ class EventLog:
         self._run_id = run_id
         os.makedirs(os.path.dirname(path), exist_ok=True)
         self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - lives as long as the log
+        self._lock = threading.Lock()
 
     def emit(self, event: str, **fields: Any) -> None:
         """Record ``event`` (an API name such as ``supervisor.attempt_started``) with fields."""
         doc = {"time": self._clock.time(), "event": event, "run_id": self._run_id, **fields}
-        self._file.write(json.dumps(doc, default=str) + "\n")
-        self._file.flush()
+        line = json.dumps(doc, default=str) + "\n"
+        with self._lock:
+            if self._file.closed:
+                return
+            self._file.write(line)
+            self._file.flush()
         level = "warning" if event.endswith(("failed", "gave_up", "invalid")) else "info"
         getattr(log, level)(event, **fields)
 
     def close(self) -> None:
-        self._file.close()
+        with self._lock:
+            self._file.close()
 
 
 def read_events(paths: RunPaths) -> list[dict[str, Any]]:

@@ -60,6 +60,9 @@ class Settings:
     mirror_preflight_attempts: int = 3
     #: ``json`` or ``console``; None picks by whether stderr is a terminal.
     log_format: str | None = None
+    #: ``ORCH_FAULTS`` rules (tests only): the mirror's ``mirror_*`` points SIGKILL the
+    #: supervisor; worker points reach the workers through their inherited environment.
+    faults: str = ""
 
     def __post_init__(self) -> None:
         for name in (
@@ -128,6 +131,7 @@ ENV_NAMES: dict[str, str] = {
     "state_mirror_interval_s": "ORCH_STATE_MIRROR_INTERVAL_S",
     "mirror_preflight_attempts": "ORCH_MIRROR_PREFLIGHT_ATTEMPTS",
     "log_format": "ORCH_LOG_FORMAT",
+    "faults": "ORCH_FAULTS",
 }
 
 _INT_FIELDS = frozenset({"crash_loop_attempts", "mirror_preflight_attempts"})
@@ -157,7 +161,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         if not raw:
             continue
         parse: Callable[[str, str], Any]
-        if f.name == "log_format":
+        if f.name in ("log_format", "faults"):
             values[f.name] = raw
             continue
         parse = _parse_int if f.name in _INT_FIELDS else _parse_float

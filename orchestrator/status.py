@@ -14,7 +14,9 @@ import os
 from typing import Any
 
 from orchestrator.clock import Clock
+from orchestrator.mirror import RemoteTier, call_bounded, mirror_lag
 from orchestrator.runstate import RunPaths, lock_is_held, read_heartbeats, read_state
+from orchestrator.settings import Settings
 from storage import LocalSnapshotStore
 
 TERMINAL_PHASES = ("done", "failed")
@@ -46,6 +48,92 @@ def snapshot_records(checkpoint_dir: str, *, verify: bool) -> list[dict[str, Any
         record["verified"] = verify
         out.append(record)
     return out
+
+
+def remote_snapshot_records(remote: RemoteTier, *, verify: bool) -> list[dict[str, Any]]:
+    """``snapshots --mirror URL`` records (tier ``remote``), oldest first, same fields as local.
+
+    Without ``--verify`` the manifest is read and each object's size checked; with it every
+    object is downloaded and its checksum checked (nothing is written locally).
+    """
+    out: list[dict[str, Any]] = []
+    for info in remote.list():
+        checked = info if info.valid is False else remote.validate(info.step, verify_checksums=verify)
+        record = checked.to_json()
+        if record.get("reason") is None:
+            record.pop("reason", None)
+        record["verified"] = verify
+        out.append(record)
+    return out
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+def remote_status_document(
+    remote: RemoteTier, *, clock: Clock, settings: Settings
+) -> dict[str, Any]:
+    """The ``status --mirror URL --json`` object, from every node's mirrored ``state.json``.
+
+    The top-level fields come from node 0's document (the lowest node rank found); ``nodes``
+    aggregates every node; ``step`` and ``newest_local_step`` are the maxima over nodes;
+    ``newest_remote_step`` is read from the remote listing itself. ``heartbeat_age_s`` is aged
+    by the time since each document was mirrored, and ``supervisor_alive`` is true when some
+    non-terminal node mirrored its state within three state-mirror intervals.
+    """
+    docs = [d for d in call_bounded(settings, remote.get_state) if isinstance(d, dict)]
+    if not docs:
+        raise NoRunState("no run found on the mirror (no run/node-*/state.json)")
+    now = clock.time()
+
+    def rank_of(d: dict[str, Any]) -> int:
+        nodes = d.get("nodes")
+        if isinstance(nodes, list) and nodes and isinstance(nodes[0], dict):
+            r = nodes[0].get("node_rank")
+            if isinstance(r, int):
+                return r
+        return 1 << 30
+
+    docs.sort(key=rank_of)
+    doc: dict[str, Any] = dict(docs[0])
+    nodes: list[dict[str, Any]] = []
+    alive = False
+    fresh_s = 3 * settings.state_mirror_interval_s
+    for d in docs:
+        updated = _number(d.get("updated_at"))
+        since = max(0.0, now - updated) if updated is not None else None
+        terminal = d.get("phase") in TERMINAL_PHASES
+        if since is not None and since <= fresh_s and not terminal:
+            alive = True
+        raw = d.get("nodes")
+        for node in raw if isinstance(raw, list) else []:
+            if not isinstance(node, dict):
+                continue
+            node = dict(node)
+            age = _number(node.get("heartbeat_age_s"))
+            if age is not None and since is not None:
+                node["heartbeat_age_s"] = round(age + since, 3)
+            node["state_age_s"] = None if since is None else round(since, 3)
+            nodes.append(node)
+    doc["nodes"] = nodes
+    doc["supervisor_alive"] = alive
+
+    def best(key: str) -> int | None:
+        values = [v for d in docs if isinstance(v := d.get(key), int) and not isinstance(v, bool)]
+        return max(values) if values else None
+
+    doc["step"] = best("step")
+    doc["newest_local_step"] = best("newest_local_step")
+    listed = call_bounded(settings, remote.list)
+    usable = [i.step for i in listed if i.valid is not False]
+    doc["newest_remote_step"] = max(usable) if usable else None
+    doc["mirror_lag_steps"] = mirror_lag(doc["newest_local_step"], doc["newest_remote_step"])
+    for key in ("resumed_from_step", "last_failure", "mirror_error"):
+        doc.setdefault(key, None)
+    return doc
 
 
 def status_document(checkpoint_dir: str, *, clock: Clock) -> dict[str, Any]:
@@ -100,6 +188,7 @@ def render_status(doc: dict[str, Any]) -> str:
         "newest_local_step",
         "newest_remote_step",
         "mirror_lag_steps",
+        "mirror_error",
         "last_failure",
     )
     width = max(len(k) for k in keys)

