@@ -37,9 +37,15 @@ from orchestrator.runstate import (
     RunLock,
     RunPaths,
     next_attempt,
+    read_state,
     stable_run_id,
 )
-from orchestrator.settings import Settings, inherited_environment, load_settings
+from orchestrator.settings import (
+    Settings,
+    inherited_environment,
+    load_settings,
+    preempt_signal_numbers,
+)
 from orchestrator.status import (
     TERMINAL_PHASES,
     NoRunState,
@@ -50,7 +56,13 @@ from orchestrator.status import (
     snapshot_records,
     status_document,
 )
-from orchestrator.supervisor import EXIT_FAILED, EXIT_USAGE, StopRequest, Supervisor
+from orchestrator.supervisor import (
+    EXIT_FAILED,
+    EXIT_PREEMPTED,
+    EXIT_USAGE,
+    StopRequest,
+    Supervisor,
+)
 from storage import LocalSnapshotStore, configure_logging
 from storage.errors import StorageError
 from storage.faults import FaultInjector
@@ -232,6 +244,7 @@ def _supervise(
             echo=sys.stderr.buffer,
         )
         stop = StopRequest()
+        preempt_signals = preempt_signal_numbers(settings.preempt_signals)
         store = LocalSnapshotStore(paths.checkpoint_dir)
         mirror = None
         if remote is not None:
@@ -258,12 +271,16 @@ def _supervise(
             pid=os.getpid(),
             mirror=mirror,
             progress=terminal_progress(sys.stderr),
+            preempt_signals=preempt_signals,
+            preemptions=_previous_preemptions(paths),
         )
 
         def on_signal(signum: int, _frame: FrameType | None) -> None:
             stop.request(signum)
 
-        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        # SIGTERM (and SIGUSR1, ORCH_PREEMPT_SIGNALS): preemption, exit 75; SIGINT: interrupt.
+        handled = {signal.SIGINT, signal.SIGTERM, *preempt_signals}
+        previous = {s: signal.signal(s, on_signal) for s in handled}
         try:
             outcome = supervisor.run()
         except StorageError as exc:
@@ -277,9 +294,18 @@ def _supervise(
                 signal.signal(s, handler)
     finally:
         events.close()
-    if outcome.exit_code != 0 and outcome.failure:
+    if outcome.exit_code == EXIT_PREEMPTED:
+        print(f"{PROG}: preempted; relaunch the same command to resume", file=sys.stderr)
+    elif outcome.exit_code != 0 and outcome.failure:
         print(f"{PROG}: run failed: {outcome.failure}", file=sys.stderr)
     return outcome.exit_code
+
+
+def _previous_preemptions(paths: RunPaths) -> int:
+    """Preemptions recorded by earlier launches on this dir (a run's count spans relaunches)."""
+    state = read_state(paths)
+    value = None if state is None else state.get("preemptions")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
 # -- status and snapshots ------------------------------------------------------------------

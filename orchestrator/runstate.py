@@ -67,6 +67,20 @@ class RunPaths:
     def progress_dir(self) -> str:
         return os.path.join(self.run_dir, "progress")
 
+    @property
+    def control_dir(self) -> str:
+        return os.path.join(self.run_dir, "control")
+
+    @property
+    def preempt_request(self) -> str:
+        """Supervisor -> workers: take an emergency snapshot and stop (see trainer.preemption)."""
+        return os.path.join(self.control_dir, "preempt.json")
+
+    @property
+    def preempt_ack(self) -> str:
+        """Rank 0 -> supervisor: the emergency snapshot at ``step`` is committed."""
+        return os.path.join(self.control_dir, "preempted.json")
+
     def attempt_log(self, attempt: int) -> str:
         return os.path.join(self.logs_dir, f"attempt-{attempt}.log")
 

@@ -10,12 +10,24 @@ so that the launcher never reads the process environment itself.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
 LOG_FORMATS = ("json", "console")
+NOTICE_SOURCES = ("aws", "gce")
+
+
+def notice_source_names(raw: str) -> list[str]:
+    """``"aws, GCE"`` -> ``["aws", "gce"]`` (order kept, duplicates and blanks dropped)."""
+    names: list[str] = []
+    for part in raw.split(","):
+        name = part.strip().lower()
+        if name and name not in names:
+            names.append(name)
+    return names
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,6 +75,23 @@ class Settings:
     #: ``ORCH_FAULTS`` rules (tests only): the mirror's ``mirror_*`` points SIGKILL the
     #: supervisor; worker points reach the workers through their inherited environment.
     faults: str = ""
+    #: Cloud preemption-notice sources polled by the supervisor, comma separated: ``aws``
+    #: (EC2 spot instance-action via IMDSv2), ``gce`` (``instance/preempted``). Empty: off.
+    notice_sources: str = ""
+    #: Base URL of the EC2 instance metadata service (tests point it at a local fake).
+    aws_metadata_url: str = "http://169.254.169.254"
+    #: Base URL of the GCE metadata server.
+    gce_metadata_url: str = "http://metadata.google.internal"
+    #: Minimum time between two checks of each notice source.
+    notice_interval_s: float = 5.0
+    #: Bound on each metadata request (connect and read); a check never blocks much longer.
+    notice_timeout_s: float = 1.0
+    #: Lifetime requested for an IMDSv2 session token; refreshed before it expires.
+    aws_token_ttl_s: int = 21600
+    #: Signals that mean "preempted": emergency snapshot at the next step boundary, mirror
+    #: flush within ``--grace``, exit 75. Comma separated names without ``SIG`` (``TERM,USR1``:
+    #: SLURM ``--signal``); SIGINT always stays a plain interrupt.
+    preempt_signals: str = "TERM,USR1"
 
     def __post_init__(self) -> None:
         for name in (
@@ -81,6 +110,8 @@ class Settings:
             "mirror_permanent_retry_s",
             "mirror_flush_timeout_s",
             "state_mirror_interval_s",
+            "notice_interval_s",
+            "notice_timeout_s",
         ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{ENV_NAMES[name]} must be > 0, got {getattr(self, name)}")
@@ -100,8 +131,17 @@ class Settings:
             raise ValueError(f"{ENV_NAMES['mirror_preflight_attempts']} must be >= 1")
         if self.crash_loop_attempts < 1:
             raise ValueError(f"{ENV_NAMES['crash_loop_attempts']} must be >= 1")
+        unknown = set(notice_source_names(self.notice_sources)) - set(NOTICE_SOURCES)
+        if unknown:
+            raise ValueError(
+                f"{ENV_NAMES['notice_sources']} has unknown sources {sorted(unknown)}; "
+                f"known: {list(NOTICE_SOURCES)}"
+            )
+        if not 1 <= self.aws_token_ttl_s <= 21600:
+            raise ValueError(f"{ENV_NAMES['aws_token_ttl_s']} must be in 1..21600")
         if self.log_format is not None and self.log_format not in LOG_FORMATS:
             raise ValueError(f"ORCH_LOG_FORMAT must be one of {LOG_FORMATS}, got {self.log_format!r}")
+        preempt_signal_numbers(self.preempt_signals)  # ValueError names a bad one
 
     def worker_log_format(self) -> str:
         """The log format workers are told to use: explicit, else follow the supervisor's tty."""
@@ -132,9 +172,47 @@ ENV_NAMES: dict[str, str] = {
     "mirror_preflight_attempts": "ORCH_MIRROR_PREFLIGHT_ATTEMPTS",
     "log_format": "ORCH_LOG_FORMAT",
     "faults": "ORCH_FAULTS",
+    "notice_sources": "ORCH_NOTICE_SOURCES",
+    "aws_metadata_url": "ORCH_AWS_METADATA_URL",
+    "gce_metadata_url": "ORCH_GCE_METADATA_URL",
+    "notice_interval_s": "ORCH_NOTICE_INTERVAL_S",
+    "notice_timeout_s": "ORCH_NOTICE_TIMEOUT_S",
+    "aws_token_ttl_s": "ORCH_AWS_TOKEN_TTL_S",
+    "preempt_signals": "ORCH_PREEMPT_SIGNALS",
 }
 
-_INT_FIELDS = frozenset({"crash_loop_attempts", "mirror_preflight_attempts"})
+_INT_FIELDS = frozenset({"crash_loop_attempts", "mirror_preflight_attempts", "aws_token_ttl_s"})
+_STR_FIELDS = frozenset(
+    {
+        "log_format",
+        "faults",
+        "notice_sources",
+        "aws_metadata_url",
+        "gce_metadata_url",
+        "preempt_signals",
+    }
+)
+
+#: Signals that can never mean "preempted": SIGINT stays an interrupt, the rest can't be caught.
+_NOT_PREEMPT = frozenset({"INT", "KILL", "STOP"})
+
+
+def preempt_signal_numbers(raw: str) -> tuple[int, ...]:
+    """``"TERM, sigusr1"`` -> ``(15, 10)``; ValueError for an unknown or uncatchable name."""
+    out: list[int] = []
+    for part in raw.split(","):
+        name = part.strip().upper().removeprefix("SIG")
+        if not name:
+            continue
+        if name in _NOT_PREEMPT:
+            raise ValueError(f"ORCH_PREEMPT_SIGNALS: SIG{name} cannot be a preemption signal")
+        try:
+            num = int(signal.Signals["SIG" + name])
+        except KeyError:
+            raise ValueError(f"ORCH_PREEMPT_SIGNALS: unknown signal {part.strip()!r}") from None
+        if num not in out:
+            out.append(num)
+    return tuple(out)
 
 
 def _parse_float(name: str, raw: str) -> float:
@@ -161,7 +239,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         if not raw:
             continue
         parse: Callable[[str, str], Any]
-        if f.name in ("log_format", "faults"):
+        if f.name in _STR_FIELDS:
             values[f.name] = raw
             continue
         parse = _parse_int if f.name in _INT_FIELDS else _parse_float

@@ -19,7 +19,7 @@ from orchestrator.runstate import RunPaths, lock_is_held, read_heartbeats, read_
 from orchestrator.settings import Settings
 from storage import LocalSnapshotStore
 
-TERMINAL_PHASES = ("done", "failed")
+TERMINAL_PHASES = ("done", "preempted", "failed")
 
 
 class NoRunState(Exception):

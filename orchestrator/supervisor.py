@@ -2,15 +2,19 @@
 
 Phases: ``starting`` (pick the newest verified snapshot, launch a worker group), ``running``
 (watch exit status, heartbeats and new snapshots), ``recovering`` (back off before the next
-attempt), ``checkpointing`` (reserved for preemption: emergency snapshot before exit), and the
-terminal ``done`` and ``failed``. One loop drives every transition; it reads and waits on time
-only through an injected :class:`~orchestrator.clock.Clock` and talks to the workers only through
-a :class:`~orchestrator.launcher.WorkerGroup`, files in the checkpoint dir and exit codes, so
-tests run the whole policy with a fake clock and a scripted group.
+attempt), ``checkpointing`` (preempted: the workers take an emergency snapshot at the next step
+boundary, then the mirror is flushed within what is left of ``--grace``), and the terminal
+``done``, ``preempted`` (exit 75, relaunch to resume) and ``failed``. One loop drives every
+transition; it reads and waits on time only through an injected
+:class:`~orchestrator.clock.Clock` and talks to the workers only through a
+:class:`~orchestrator.launcher.WorkerGroup`, files in the checkpoint dir and exit codes, so tests
+run the whole policy with a fake clock and a scripted group.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -33,6 +37,7 @@ from orchestrator.runstate import (
     RunPaths,
     RunState,
     read_heartbeats,
+    read_json,
     write_json_atomic,
 )
 from orchestrator.settings import Settings
@@ -56,11 +61,12 @@ class Phase(str, Enum):
     RECOVERING = "recovering"
     CHECKPOINTING = "checkpointing"
     DONE = "done"
+    PREEMPTED = "preempted"
     FAILED = "failed"
 
     @property
     def terminal(self) -> bool:
-        return self in (Phase.DONE, Phase.FAILED)
+        return self in (Phase.DONE, Phase.PREEMPTED, Phase.FAILED)
 
 
 class SnapshotStore(Protocol):
@@ -140,6 +146,8 @@ class Supervisor:
         pid: int = 0,
         mirror: Mirror | None = None,
         progress: ProgressFactory | None = None,
+        preempt_signals: Sequence[int] = (signal.SIGTERM, signal.SIGUSR1),
+        preemptions: int = 0,
     ) -> None:
         self._config = config
         self._settings = settings
@@ -189,6 +197,13 @@ class Supervisor:
         self._last_activity = 0.0
         self._hang_failure: Failure | None = None
         self._verified: set[int] = set()
+        self._preempt_signals = frozenset(int(s) for s in preempt_signals)
+        #: Preemptions of this run so far (carried over from earlier launches on the dir).
+        self._preemptions = preemptions
+        self._preempt_deadline = 0.0
+        self._preempt_signal = ""
+        self._preempt_seen = 0
+        self._flush_timeout: float | None = None
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -200,8 +215,13 @@ class Supervisor:
         self._write_state()
         try:
             while not self._phase.terminal:
-                if self._stop.signum is not None:
-                    self._interrupted(self._stop.signum)
+                if self._phase is Phase.CHECKPOINTING:
+                    self._watch_preemption()
+                elif self._stop.signum is not None:
+                    if self._stop.signum in self._preempt_signals:
+                        self._begin_preemption(self._stop.signum)
+                    else:
+                        self._interrupted(self._stop.signum)
                 elif self._phase is Phase.STARTING:
                     self._start_attempt()
                 elif self._phase is Phase.RUNNING:
@@ -225,7 +245,7 @@ class Supervisor:
             raise
         if self._mirror is not None:
             self._finish_mirror(self._mirror)
-        failure = self._last_failure if self._exit_code != EXIT_OK else None
+        failure = self._last_failure if self._exit_code not in (EXIT_OK, EXIT_PREEMPTED) else None
         return Outcome(exit_code=self._exit_code, phase=self._phase, failure=failure)
 
     def _enter(self, phase: Phase) -> None:
@@ -238,6 +258,10 @@ class Supervisor:
 
     def _start_attempt(self) -> None:
         structlog.contextvars.bind_contextvars(attempt=self._attempt)
+        # A request left by an earlier attempt or launch must not stop this one.
+        for stale in (self._paths.preempt_request, self._paths.preempt_ack):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(stale)
         removed = list(self._store.cleanup_abandoned())
         if removed:
             self._events.emit("supervisor.abandoned_removed", attempt=self._attempt, paths=removed)
@@ -439,6 +463,17 @@ class Supervisor:
             self._exit_code = EXIT_OK
             self._enter(Phase.DONE)
             return
+        acked = self._acked_step()
+        if acked is not None:
+            # The ranks were signalled directly (not this supervisor) and stopped after an
+            # emergency snapshot: relaunch at once. A preemption never counts as a restart.
+            self._preemptions += 1
+            self._events.emit(
+                "supervisor.workers_preempted", attempt=self._attempt, step=acked, exit_code=code
+            )
+            self._attempt += 1
+            self._enter(Phase.STARTING)
+            return
         failure = diagnose(self._paths, self._attempt, code)
         if self._hang_failure is not None:
             failure = self._hang_failure
@@ -498,6 +533,130 @@ class Supervisor:
         structlog.contextvars.bind_contextvars(attempt=self._attempt)
         self._enter(Phase.STARTING)
 
+    # -- preemption ----------------------------------------------------------------------
+
+    def _begin_preemption(self, signum: int) -> None:
+        """Ask the ranks for an emergency snapshot at their next step boundary.
+
+        torchrun is not signalled: it runs in its own session, and a SIGTERM to it would have it
+        SIGKILL the ranks 30 s later whatever they are doing. The request is a file the ranks
+        check at every step; the whole preemption (save + mirror flush) gets ``--grace``.
+        """
+        name = signal.Signals(signum).name
+        grace = self._config.grace
+        self._preempt_signal = name
+        self._preempt_seen = self._stop.count
+        self._preempt_deadline = self._clock.monotonic() + grace
+        self._events.emit(
+            "supervisor.preempt_requested",
+            attempt=self._attempt,
+            signal=name,
+            grace_s=grace,
+            step=self._step,
+            workers_running=self._group_running,
+        )
+        if self._group_running:
+            now = self._clock.time()
+            os.makedirs(self._paths.control_dir, exist_ok=True)
+            write_json_atomic(
+                self._paths.preempt_request,
+                {
+                    "requested_at": now,
+                    "deadline": now + grace,
+                    "attempt": self._attempt,
+                    "signal": name,
+                },
+            )
+        self._enter(Phase.CHECKPOINTING)
+
+    def _watch_preemption(self) -> None:
+        if self._stop.count != self._preempt_seen:
+            # A second signal changes nothing: the save in progress is the fastest way out, and
+            # the atomic commit keeps older snapshots valid if a SIGKILL follows.
+            self._preempt_seen = self._stop.count
+            self._events.emit("supervisor.preempt_signal_repeated", attempt=self._attempt)
+        if not self._group_running:
+            self._preempt_ended(None, timed_out=False)
+            return
+        code = self._group.poll()
+        if code is not None:
+            self._group_running = False
+            self._preempt_ended(code, timed_out=False)
+            return
+        self._read_progress()
+        now = self._clock.monotonic()
+        if now >= self._preempt_deadline:
+            self._events.emit(
+                "supervisor.preempt_deadline_passed", attempt=self._attempt, step=self._step
+            )
+            code = self._group.terminate(0.0)
+            self._group_running = False
+            self._preempt_ended(code, timed_out=True)
+            return
+        self._clock.sleep(min(self._settings.poll_interval_s, self._preempt_deadline - now))
+
+    def _acked_step(self) -> int | None:
+        """The step rank 0 acknowledged an emergency snapshot at, for this attempt."""
+        ack = read_json(self._paths.preempt_ack)
+        if ack is None or ack.get("attempt") != self._attempt:
+            return None
+        step = ack.get("step")
+        return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+    def _preempt_ended(self, code: int | None, *, timed_out: bool) -> None:
+        self._read_progress()
+        self._verify_newest()
+        self._known_steps = None
+        self._scan_snapshots()
+        acked = self._acked_step() if code is not None else None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._paths.preempt_request)
+        remaining = max(0.0, self._preempt_deadline - self._clock.monotonic())
+        if code == 0:
+            # The run finished before the request took effect.
+            self._events.emit("supervisor.finished", attempt=self._attempt, step=self._step)
+            self._exit_code = EXIT_OK
+            self._flush_timeout = remaining
+            self._enter(Phase.DONE)
+            return
+        if code is None or acked is not None:
+            if acked is not None:
+                self._step = max(self._step or 0, acked)
+            self._preemptions += 1
+            self._exit_code = EXIT_PREEMPTED
+            self._flush_timeout = remaining
+            self._events.emit(
+                "supervisor.preempted",
+                attempt=self._attempt,
+                signal=self._preempt_signal,
+                snapshot_step=acked,
+                newest_local_step=self._newest_local,
+                exit_code=code,
+                grace_left_s=round(remaining, 3),
+            )
+            self._enter(Phase.PREEMPTED)
+            return
+        why = (
+            f"the workers did not commit an emergency snapshot within --grace "
+            f"{self._config.grace:g}s"
+            if timed_out
+            else f"the workers exited {code} without committing an emergency snapshot"
+        )
+        self._last_failure = (
+            f"preempted by {self._preempt_signal}: {why}; newest local snapshot: "
+            f"{self._newest_local}"
+        )
+        self._exit_code = EXIT_FAILED
+        self._flush_timeout = remaining
+        self._events.emit(
+            "supervisor.preempt_failed",
+            attempt=self._attempt,
+            root_cause=self._last_failure,
+            exit_code=code,
+            timed_out=timed_out,
+        )
+        self._enter(Phase.FAILED)
+
     def _interrupted(self, signum: int) -> None:
         name = signal.Signals(signum).name
         self._events.emit("supervisor.interrupted", attempt=self._attempt, signal=name)
@@ -526,7 +685,7 @@ class Supervisor:
             phase=self._phase.value,
             attempt=self._attempt,
             restarts=self._restarts,
-            preemptions=0,
+            preemptions=self._preemptions,
             step=self._step,
             resumed_from_step=self._resume_step,
             last_failure=self._last_failure,
@@ -564,6 +723,9 @@ class Supervisor:
     def _finish_mirror(self, mirror: Mirror) -> None:
         """Bounded flush of what is not yet remote; the exit code never depends on it."""
         timeout = self._settings.mirror_flush_timeout_s
+        if self._flush_timeout is not None:
+            # Preempted: only what is left of --grace (the committed local snapshot stands).
+            timeout = min(timeout, self._flush_timeout)
         signals = self._stop.count
         self._scan_snapshots()
         self._events.emit(

@@ -20,9 +20,11 @@ from trainer.distributed import DistContext, init_distributed, shutdown
 from trainer.errors import (
     EXIT_FAILURE,
     EXIT_FATAL,
+    EXIT_PREEMPTED,
     CodecError,
     ConfigMismatch,
     FatalTrainerError,
+    Preempted,
     ResumeError,
     SnapshotError,
     StateMismatch,
@@ -39,6 +41,7 @@ from trainer.writer import BackgroundWriter
 __all__ = [
     "EXIT_FAILURE",
     "EXIT_FATAL",
+    "EXIT_PREEMPTED",
     "BackgroundWriter",
     "Checkpointer",
     "CodecError",
@@ -48,6 +51,7 @@ __all__ = [
     "FaultInjector",
     "FaultRule",
     "PeerFailure",
+    "Preempted",
     "ResumableDistributedSampler",
     "ResumableLoader",
     "ResumeError",

@@ -33,10 +33,11 @@ import torch.distributed as dist
 from storage import LocalSnapshotStore, Manifest
 from storage.atomic import atomic_write_bytes, atomic_write_json, fsync_dir
 from storage.errors import CorruptSnapshot
-from trainer import codec
+from trainer import codec, preemption
 from trainer.distributed import is_initialized
 from trainer.errors import (
     ConfigMismatch,
+    Preempted,
     SnapshotError,
     TrainerError,
     UsageError,
@@ -238,6 +239,8 @@ class Checkpointer:
         self.progress_dir = os.path.join(self.checkpoint_dir, "run", "progress")
         self.exports_dir = os.path.join(self.checkpoint_dir, "exports")
         os.makedirs(self.progress_dir, exist_ok=True)
+        os.makedirs(os.path.dirname(preemption.ack_path(self.checkpoint_dir)), exist_ok=True)
+        self._request_path = preemption.request_path(self.checkpoint_dir)
         self.last_snapshot_step: int | None = None
         self.resumed_from: int | None = None
         self.last_digest: str | None = None
@@ -375,6 +378,55 @@ class Checkpointer:
             self.snapshot()
         elif self.rank == 0 and self._snapshot_job is None:
             self._reserve_arena()
+        if step % self.settings.preempt_check_every == 0 and self._preempt_agreed():
+            self._emergency_stop(step)
+
+    def _preempt_agreed(self) -> bool:
+        """Whether any rank saw a preemption request; every rank gets the same answer.
+
+        Each rank looks for the supervisor's control file (one ``stat``) and its own signal
+        flag; ranks may notice at different steps, so one all-reduce(MAX) of a single integer
+        per step makes them agree on this very step boundary.
+        """
+        mine = preemption.signalled() or (
+            os.path.exists(self._request_path)
+            and preemption.read_request(self.checkpoint_dir, self.settings.attempt) is not None
+        )
+        if not (is_initialized() and self.world_size > 1):
+            return mine
+        device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if dist.get_backend() == "nccl"
+            else torch.device("cpu")
+        )
+        flag = torch.tensor([1 if mine else 0], dtype=torch.int32, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _emergency_stop(self, step: int) -> None:
+        """Snapshot this step (unless just taken), wait for its commit, acknowledge, stop."""
+        started = time.perf_counter()
+        log.warning("preempt.requested", step=step)
+        if self.last_snapshot_step != step:
+            self.snapshot()
+        if self.rank == 0:
+            self.writer.wait()  # the emergency snapshot is committed (or its error re-raised)
+            atomic_write_json(
+                preemption.ack_path(self.checkpoint_dir),
+                {"step": step, "attempt": self.settings.attempt, "time": time.time(),
+                 "digest": self.last_digest},
+                durable=True,
+            )
+        # No rank exits before rank 0 committed: torchrun stops the whole group on the first exit.
+        if is_initialized() and self.world_size > 1:
+            dist.barrier()
+        log.warning(
+            "preempt.snapshot_committed",
+            step=step,
+            seconds=round(time.perf_counter() - started, 4),
+            digest=self.last_digest,
+        )
+        raise Preempted(step)
 
     def _heartbeat(self) -> None:
         doc = {

@@ -22,12 +22,26 @@ from storage.atomic import atomic_write_json
 EXIT_FATAL = 78
 #: Exit status of a worker that failed in a way a relaunch may fix.
 EXIT_FAILURE = 1
+#: Exit status of a worker that stopped for a preemption after its emergency snapshot was
+#: committed (sysexits EX_TEMPFAIL, the same as ``orchestrator launch``).
+EXIT_PREEMPTED = 75
 
 
 class TrainerError(Exception):
     """Base class of every error raised on purpose by the ``trainer`` package."""
 
     fatal: bool = False
+
+
+class Preempted(TrainerError):
+    """Raised on every rank at the agreed stop step once the emergency snapshot is committed.
+
+    :func:`trainer.run` turns it into exit status :data:`EXIT_PREEMPTED` without an error file.
+    """
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"preempted after step {step}; emergency snapshot committed")
+        self.step = step
 
 
 class FatalTrainerError(TrainerError):

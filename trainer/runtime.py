@@ -16,8 +16,17 @@ from typing import Any, NoReturn, TypeVar
 
 import structlog
 
+from trainer import preemption
 from trainer.distributed import shutdown
-from trainer.errors import EXIT_FAILURE, EXIT_FATAL, UsageError, is_fatal, write_error_file
+from trainer.errors import (
+    EXIT_FAILURE,
+    EXIT_FATAL,
+    EXIT_PREEMPTED,
+    Preempted,
+    UsageError,
+    is_fatal,
+    write_error_file,
+)
 from trainer.settings import WorkerSettings
 
 log = structlog.get_logger("trainer.runtime")
@@ -44,7 +53,9 @@ def run(
     """Run ``main`` as a worker: exit 0 on success, write an error file and exit non-zero otherwise.
 
     ``SystemExit(2)`` (argparse's usage errors) counts as a fatal usage error, any other non-zero
-    ``SystemExit`` as an ordinary failure.
+    ``SystemExit`` as an ordinary failure. :class:`~trainer.errors.Preempted` (the emergency
+    snapshot is committed) exits :data:`EXIT_PREEMPTED` (75) without an error file; the first
+    SIGTERM is turned into such a request (see :mod:`trainer.preemption`).
     """
     try:
         settings = WorkerSettings.from_env()
@@ -53,9 +64,15 @@ def run(
         raise SystemExit(EXIT_FATAL) from exc
     if configure_logs:
         configure_worker_logging(settings)
+    # A SIGTERM that reaches the rank itself (SLURM signals every process; torchrun forwards
+    # one) becomes a preemption request honoured at the next step boundary, not a death.
+    preemption.install_signal_handlers()
     code = 0
     try:
         main()
+    except Preempted as exc:
+        log.warning("worker.preempted", step=exc.step)
+        code = EXIT_PREEMPTED
     except SystemExit as exc:
         if exc.code == 2:
             # argparse's usage-error status: the same arguments will fail again.

@@ -45,6 +45,8 @@ class WorkerSettings:
     faults: str = ""
     pg_timeout_s: float = DEFAULT_PG_TIMEOUT_S
     log_format: str | None = None
+    #: Look for a preemption request every K steps (one all-reduce each time; 1 = every step).
+    preempt_check_every: int = 1
 
     def __post_init__(self) -> None:
         if self.world_size < 1:
@@ -74,6 +76,10 @@ class WorkerSettings:
             raise ValueError(f"ORCH_PG_TIMEOUT_S must be > 0, got {self.pg_timeout_s}")
         if self.log_format is not None and self.log_format not in LOG_FORMATS:
             raise ValueError(f"ORCH_LOG_FORMAT must be one of {LOG_FORMATS}, got {self.log_format!r}")
+        if self.preempt_check_every < 1:
+            raise ValueError(
+                f"ORCH_PREEMPT_CHECK_EVERY must be >= 1, got {self.preempt_check_every}"
+            )
         if self.checkpoint_dir is not None and not self.checkpoint_dir:
             raise ValueError("ORCH_CHECKPOINT_DIR must not be empty when set")
 
@@ -112,6 +118,7 @@ class WorkerSettings:
             faults=_str(e, "ORCH_FAULTS") or "",
             pg_timeout_s=_float(e, "ORCH_PG_TIMEOUT_S", DEFAULT_PG_TIMEOUT_S),
             log_format=(_str(e, "ORCH_LOG_FORMAT") or None),
+            preempt_check_every=_int(e, "ORCH_PREEMPT_CHECK_EVERY", 1),
         )
 
 

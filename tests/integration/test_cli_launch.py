@@ -228,17 +228,43 @@ def test_sigterm_stops_workers_and_second_launch_is_refused(run_dir: Path) -> No
         assert "held by a live supervisor" in second.stderr
         ranks = find_processes({"ORCH_CHECKPOINT_DIR": str(run_dir / "ck")})
         assert len(ranks) >= 3  # torchrun + 2 ranks
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGINT)  # SIGINT: a plain interrupt (SIGTERM means preemption)
         _, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
-    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert proc.returncode == 128 + signal.SIGINT, err[-3000:]
     assert wait_gone(ranks, 10) == []
     s = state(run_dir)
-    assert s["phase"] == "failed" and "SIGTERM" in s["last_failure"]
+    assert s["phase"] == "failed" and "SIGINT" in s["last_failure"]
     assert "supervisor.interrupted" in names(run_dir)
+
+
+@pytest.mark.timeout(90)
+def test_sigterm_preemption_without_emergency_snapshot_fails_after_grace(run_dir: Path) -> None:
+    """Workers that never reach a step boundary: after --grace the group goes, exit 1."""
+    fifo = str(run_dir / "ready")
+    os.mkfifo(fifo)
+    proc = subprocess.Popen(cli(run_dir, "--grace", "2", "worker.py", "block"),
+                            env=env(READY_FIFO=fifo), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, cwd=run_dir)
+    try:
+        wait_ready(fifo, 2, 60)
+        ranks = find_processes({"ORCH_CHECKPOINT_DIR": str(run_dir / "ck")})
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=40)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == 1, err[-3000:]
+    assert wait_gone(ranks, 10) == []
+    s = state(run_dir)
+    assert s["phase"] == "failed" and "within --grace 2s" in s["last_failure"], s
+    assert s["preemptions"] == 0 and s["restarts"] == 0
+    assert "supervisor.preempt_requested" in names(run_dir)
+    assert not os.path.exists(run_dir / "ck" / "run" / "control" / "preempt.json")
 
 
 @pytest.mark.timeout(90)

@@ -385,19 +385,20 @@ def test_hang_is_killed_and_relaunched(tmp_path: Path) -> None:
 
 
 def test_stop_signal_terminates_workers_and_exits_non_zero(tmp_path: Path) -> None:
+    # SIGINT stays a plain interrupt (SIGTERM/SIGUSR1 are preemptions: test_orchestrator_preemption).
     stop = StopRequest()
     sup, group, env, clock = make(tmp_path, [Attempt(0, hang=True)], stop=stop, grace=5.0)
 
     def signal_later() -> None:
         if clock.now >= 2.0:
-            stop.request(signal.SIGTERM)
+            stop.request(signal.SIGINT)
 
     clock.on_sleep = signal_later
     out = sup.run()
-    assert out.exit_code == 128 + signal.SIGTERM
+    assert out.exit_code == 128 + signal.SIGINT
     assert out.phase is Phase.FAILED
     assert group.terminations == [5.0]
-    assert "SIGTERM" in (out.failure or "")
+    assert "SIGINT" in (out.failure or "")
     assert env.state()["phase"] == "failed"
     assert "supervisor.interrupted" in env.names()
 

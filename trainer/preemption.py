@@ -1,0 +1,81 @@
+"""Worker side of preemption: the supervisor's control request and a SIGTERM that reaches a rank.
+
+The supervisor asks for an emergency snapshot by writing ``run/control/preempt.json``
+(``{"requested_at", "deadline", "attempt", "signal"}``); a signal delivered to the rank itself
+(SLURM signalling every process, torchrun forwarding one) sets an in-process flag instead of
+killing it. :meth:`trainer.Checkpointer.step_done` reads both at every step boundary and all
+ranks agree (an all-reduce of one integer) to stop at the same step; rank 0 then writes the
+acknowledgement ``run/control/preempted.json`` (``{"step", "attempt", "time"}``) once the
+emergency snapshot is committed, and every rank exits :data:`~trainer.errors.EXIT_PREEMPTED`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from types import FrameType
+from typing import Any
+
+CONTROL_DIR = os.path.join("run", "control")
+REQUEST_FILE = "preempt.json"
+ACK_FILE = "preempted.json"
+
+_flag = threading.Event()
+
+
+def request_path(checkpoint_dir: str) -> str:
+    """``<checkpoint-dir>/run/control/preempt.json``."""
+    return os.path.join(checkpoint_dir, CONTROL_DIR, REQUEST_FILE)
+
+
+def ack_path(checkpoint_dir: str) -> str:
+    """``<checkpoint-dir>/run/control/preempted.json``."""
+    return os.path.join(checkpoint_dir, CONTROL_DIR, ACK_FILE)
+
+
+def request() -> None:
+    """Ask this process to stop with an emergency snapshot at the next step boundary."""
+    _flag.set()
+
+
+def clear() -> None:
+    """Forget an in-process request (tests)."""
+    _flag.clear()
+
+
+def signalled() -> bool:
+    """True once :func:`request` was called (or a handled signal arrived)."""
+    return _flag.is_set()
+
+
+def read_request(checkpoint_dir: str, attempt: int) -> dict[str, Any] | None:
+    """The supervisor's request for ``attempt``; None if absent, unreadable or for another one."""
+    try:
+        with open(request_path(checkpoint_dir), "rb") as f:
+            doc = json.loads(f.read())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(doc, dict) or doc.get("attempt") != attempt:
+        return None
+    return doc
+
+
+def install_signal_handlers(signums: tuple[int, ...] = (signal.SIGTERM,)) -> None:
+    """Turn the first ``signums`` signal into a preemption request; a second one kills as usual.
+
+    Call from the main thread only (Python's rule for signal handlers).
+    """
+
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        if _flag.is_set():
+            # Asked twice: fall back to the default action (the atomic commit protocol keeps
+            # every older snapshot valid whatever moment this lands in).
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        _flag.set()
+
+    for s in signums:
+        signal.signal(s, handler)
