@@ -11,13 +11,13 @@ every listed file has the recorded size, with ``--verify`` its checksums are che
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Protocol
 
 from orchestrator.clock import Clock
 from orchestrator.mirror import RemoteTier, call_bounded, mirror_lag
 from orchestrator.runstate import RunPaths, lock_is_held, read_heartbeats, read_state
 from orchestrator.settings import Settings
-from storage import LocalSnapshotStore
+from storage import LocalSnapshotStore, SnapshotInfo
 
 TERMINAL_PHASES = ("done", "preempted", "failed")
 
@@ -38,16 +38,7 @@ def snapshot_records(checkpoint_dir: str, *, verify: bool) -> list[dict[str, Any
     """
     if not os.path.isdir(_snapshots_dir(checkpoint_dir)):
         return []
-    store = LocalSnapshotStore(checkpoint_dir)
-    out: list[dict[str, Any]] = []
-    for info in store.list():
-        checked = info if info.valid is False else store.validate(info.step, verify_checksums=verify)
-        record = checked.to_json()
-        if record.get("reason") is None:
-            record.pop("reason", None)
-        record["verified"] = verify
-        out.append(record)
-    return out
+    return _records(LocalSnapshotStore(checkpoint_dir), verify=verify)
 
 
 def remote_snapshot_records(remote: RemoteTier, *, verify: bool) -> list[dict[str, Any]]:
@@ -56,9 +47,20 @@ def remote_snapshot_records(remote: RemoteTier, *, verify: bool) -> list[dict[st
     Without ``--verify`` the manifest is read and each object's size checked; with it every
     object is downloaded and its checksum checked (nothing is written locally).
     """
+    return _records(remote, verify=verify)
+
+
+class _Tier(Protocol):
+    def list(self) -> list[SnapshotInfo]: ...
+
+    def validate(self, step: int, *, verify_checksums: bool = True) -> SnapshotInfo: ...
+
+
+def _records(tier: _Tier, *, verify: bool) -> list[dict[str, Any]]:
+    """One record per listed snapshot of either tier; already-invalid rows are not re-checked."""
     out: list[dict[str, Any]] = []
-    for info in remote.list():
-        checked = info if info.valid is False else remote.validate(info.step, verify_checksums=verify)
+    for info in tier.list():
+        checked = info if info.valid is False else tier.validate(info.step, verify_checksums=verify)
         record = checked.to_json()
         if record.get("reason") is None:
             record.pop("reason", None)

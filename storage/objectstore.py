@@ -58,6 +58,31 @@ _MAX_PARTS = 10_000
 _STREAM_CHUNK = 1024 * 1024
 
 
+
+def _copy_bounded(
+    read: Callable[[int], bytes],
+    chunk: int,
+    writable: Writable,
+    key: str,
+    expected_size: int,
+    progress: Progress | None,
+) -> int:
+    """Stream `read` into `writable` until EOF; CorruptSnapshot as soon as it exceeds the size.
+
+    Returns the byte count; a short count is the caller's to judge (transient or corrupt).
+    """
+    got = 0
+    while True:
+        data = read(chunk)
+        if not data:
+            return got
+        got += len(data)
+        if got > expected_size:
+            raise CorruptSnapshot(f"{key}: larger than expected {expected_size} bytes")
+        writable.write(data)
+        if progress is not None:
+            progress(len(data))
+
 class Writable(Protocol):
     def write(self, data: bytes | bytearray | memoryview, /) -> int: ...
 
@@ -561,17 +586,7 @@ class S3ObjectStore:
                     raise CorruptSnapshot(
                         f"{key}: remote object is {length} bytes, expected {expected_size}"
                     )
-                got = 0
-                while True:
-                    chunk = body.read(_STREAM_CHUNK)
-                    if not chunk:
-                        break
-                    got += len(chunk)
-                    if got > expected_size:
-                        raise CorruptSnapshot(f"{key}: larger than expected {expected_size} bytes")
-                    writable.write(chunk)
-                    if progress is not None:
-                        progress(len(chunk))
+                got = _copy_bounded(body.read, _STREAM_CHUNK, writable, key, expected_size, progress)
             finally:
                 body.close()
         if got != expected_size:
@@ -829,18 +844,8 @@ class FsspecObjectStore:
     ) -> None:
         path = self._path(key)
         chunk = self._settings.read_chunk_bytes
-        got = 0
         with self._call("download", key), self._fs.open(path, "rb") as f:
-            while True:
-                data = f.read(chunk)
-                if not data:
-                    break
-                got += len(data)
-                if got > expected_size:
-                    raise CorruptSnapshot(f"{key}: larger than expected {expected_size} bytes")
-                writable.write(data)
-                if progress is not None:
-                    progress(len(data))
+            got = _copy_bounded(f.read, chunk, writable, key, expected_size, progress)
         if got != expected_size:
             raise CorruptSnapshot(f"{key}: remote object is {got} bytes, expected {expected_size}")
 
