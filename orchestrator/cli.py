@@ -30,6 +30,7 @@ from orchestrator.mirror import (
     open_remote,
     preflight,
 )
+from orchestrator.notices import poller_from_settings
 from orchestrator.restore import terminal_progress
 from orchestrator.runstate import (
     EventLog,
@@ -256,6 +257,8 @@ def _supervise(
                 node_rank=config.node_rank,
                 keep_remote=config.keep_remote,
                 faults=FaultInjector.from_spec(settings.faults, rank=None, attempt=first_attempt),
+                # Several nodes share the prefix: only abort uploads no live supervisor can own.
+                stale_upload_age_s=0.0 if config.nodes == 1 else settings.mirror_stale_upload_age_s,
             )
         supervisor = Supervisor(
             config=config,
@@ -273,6 +276,7 @@ def _supervise(
             progress=terminal_progress(sys.stderr),
             preempt_signals=preempt_signals,
             preemptions=_previous_preemptions(paths),
+            notices=poller_from_settings(settings),
         )
 
         def on_signal(signum: int, _frame: FrameType | None) -> None:

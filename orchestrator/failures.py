@@ -26,6 +26,8 @@ _ROOT_CAUSE = "Root Cause (first observed failure):"
 _OTHER_FAILURES = "Failures:"
 #: torchrun stops the surviving ranks with SIGTERM: such deaths are consequences, never causes.
 _TEARDOWN_SIGNALS = ("SIGTERM",)
+#: torchrun's rendezvous errors, named in the traceback it prints before any worker started.
+_RENDEZVOUS_ERROR = re.compile(r"\b(Rendezvous(?:Closed|Timeout|Connection|State)Error)\b:?\s*(.*)")
 _FIELD = re.compile(r"^\s*(?P<key>rank|exitcode|traceback|error_file)\s*:\s*(?P<value>.*?)\s*$")
 
 
@@ -228,6 +230,9 @@ def diagnose(paths: RunPaths, attempt: int, exit_code: int) -> Failure:
             exit_code=root.exit_code,
             source="torchrun",
         )
+    rendezvous = _rendezvous_error(_read_tail(paths.attempt_log(attempt)))
+    if rendezvous is not None:
+        return rendezvous
     sig = signal_name(exit_code)
     how = f"killed by {sig}" if sig else f"exited with code {exit_code}"
     return Failure(
@@ -236,4 +241,27 @@ def diagnose(paths: RunPaths, attempt: int, exit_code: int) -> Failure:
         fatal=False,
         exit_code=exit_code,
         source="exit_code",
+    )
+
+
+def _rendezvous_error(log_tail: str) -> Failure | None:
+    """torchrun failed in the c10d rendezvous (multi-node), before any worker ran.
+
+    ``RendezvousClosedError`` is benign: another node's torchrun closed the rendezvous when its
+    workers failed, and its store outlived it for a moment; the next try gets a fresh one.
+    """
+    matches = list(_RENDEZVOUS_ERROR.finditer(log_tail))
+    if not matches:
+        return None
+    name, detail = matches[-1].group(1), matches[-1].group(2).strip()
+    closed = name == "RendezvousClosedError"
+    summary = (
+        "the rendezvous was closed by another node's failed attempt; rejoining"
+        if closed
+        else f"torchrun rendezvous failed: {name}" + (f": {detail}" if detail else "")
+    )
+    return Failure(
+        summary=_clip(summary),
+        fatal=False,
+        source="rendezvous_closed" if closed else "rendezvous",
     )

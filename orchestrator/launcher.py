@@ -230,7 +230,11 @@ def _make_pdeathsig(sig: signal.Signals) -> Callable[[], None]:
 
 
 def build_torchrun_command(config: LaunchConfig, settings: Settings, rdzv_id: str) -> list[str]:
-    """torchrun's argv for one attempt (``--max-restarts=0``: we relaunch, never torchrun)."""
+    """torchrun's argv for one attempt (``--max-restarts=0``: we relaunch, never torchrun).
+
+    Multi-node, ``rdzv_id`` must be the same on every node for every attempt: each node's
+    supervisor counts its own attempts, and a replaced node starts again from 0.
+    """
     cmd = [
         sys.executable,
         "-m",
@@ -246,6 +250,7 @@ def build_torchrun_command(config: LaunchConfig, settings: Settings, rdzv_id: st
             "--rdzv-backend=c10d",
             f"--rdzv-endpoint={config.rdzv_endpoint}",
             f"--rdzv-id={rdzv_id}",
+            f"--rdzv-conf=join_timeout={settings.rdzv_join_timeout_s}",
             f"--node-rank={config.node_rank}",
         ]
     cmd += [
@@ -326,7 +331,9 @@ class TorchrunGroup:
         self._token = uuid.uuid4().hex
         self._attempt = attempt
         self._status = None
-        cmd = build_torchrun_command(self._config, self._settings, f"{self._run_id}-{attempt}")
+        # Single node: a fresh --standalone store per attempt. Multi-node: one id for the run.
+        rdzv_id = self._run_id if self._config.nodes > 1 else f"{self._run_id}-{attempt}"
+        cmd = build_torchrun_command(self._config, self._settings, rdzv_id)
         env = build_worker_env(
             base=self._base_env,
             config=self._config,

@@ -122,8 +122,8 @@ class RemoteTier(Protocol):
         """Every node's mirrored run state."""
         ...
 
-    def abort_incomplete_uploads(self) -> int:
-        """Abort multipart uploads left under the prefix; how many."""
+    def abort_incomplete_uploads(self, *, older_than_s: float = 0.0) -> int:
+        """Abort multipart uploads left under the prefix (started ``older_than_s`` ago); how many."""
         ...
 
     def preflight(self) -> None:
@@ -204,8 +204,10 @@ class Mirror:
         keep_remote: int | None = None,
         monotonic: Callable[[], float] = time.monotonic,
         faults: FaultInjector | None = None,
+        stale_upload_age_s: float = 0.0,
     ) -> None:
         self.remote = remote
+        self._stale_upload_age_s = stale_upload_age_s
         self._faults = faults
         self.local_store = local
         self._events = events
@@ -407,7 +409,12 @@ class Mirror:
         while True:
             try:
                 infos = self._call(None, self.remote.list)
-                aborted = self._call(None, self.remote.abort_incomplete_uploads)
+                aborted = self._call(
+                    None,
+                    lambda: self.remote.abort_incomplete_uploads(
+                        older_than_s=self._stale_upload_age_s
+                    ),
+                )
                 break
             except PermanentStorageError as exc:
                 self._permanent(None, exc)

@@ -318,6 +318,8 @@ class Heartbeat:
     step: int
     attempt: int
     time: float
+    #: The snapshot step this rank's attempt resumed from (None: fresh or not yet known).
+    resumed_from: int | None = None
 
 
 def read_heartbeats(paths: RunPaths) -> list[Heartbeat]:
@@ -341,5 +343,16 @@ def read_heartbeats(paths: RunPaths) -> list[Heartbeat]:
             and isinstance(when, (int, float))
             and not isinstance(step, bool)
         ):
-            out.append(Heartbeat(rank=int(m.group(1)), step=step, attempt=attempt, time=float(when)))
+            resumed = doc.get("resumed_from")
+            out.append(
+                Heartbeat(
+                    rank=int(m.group(1)),
+                    step=step,
+                    attempt=attempt,
+                    time=float(when),
+                    resumed_from=resumed
+                    if isinstance(resumed, int) and not isinstance(resumed, bool)
+                    else None,
+                )
+            )
     return out

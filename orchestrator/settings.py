@@ -68,6 +68,16 @@ class Settings:
     #: How often the run state is mirrored to ``<prefix>/run/node-<R>/state.json`` (besides
     #: every phase change).
     state_mirror_interval_s: float = 10.0
+    #: Multi-node only: multipart uploads older than this are aborted when a mirror starts.
+    #: Other nodes' supervisors upload to the same prefix: their live uploads must survive a
+    #: relaunch here (a single node aborts every incomplete upload: it is the only writer).
+    mirror_stale_upload_age_s: float = 3600.0
+    #: Multi-node only: torchrun's c10d ``join_timeout``: how long an attempt waits for the
+    #: other nodes (a replacement node being scheduled) before it fails.
+    rdzv_join_timeout_s: int = 600
+    #: Multi-node only: consecutive relaunches after a closed rendezvous (another node's failed
+    #: attempt still tearing down) that spend no restart; after that they count as failures.
+    rdzv_closed_retries: int = 10
     #: Tries of the launch preflight (and of each restore step) against a failing endpoint.
     mirror_preflight_attempts: int = 3
     #: ``json`` or ``console``; None picks by whether stderr is a terminal.
@@ -110,6 +120,8 @@ class Settings:
             "mirror_permanent_retry_s",
             "mirror_flush_timeout_s",
             "state_mirror_interval_s",
+            "mirror_stale_upload_age_s",
+            "rdzv_join_timeout_s",
             "notice_interval_s",
             "notice_timeout_s",
         ):
@@ -131,6 +143,8 @@ class Settings:
             raise ValueError(f"{ENV_NAMES['mirror_preflight_attempts']} must be >= 1")
         if self.crash_loop_attempts < 1:
             raise ValueError(f"{ENV_NAMES['crash_loop_attempts']} must be >= 1")
+        if self.rdzv_closed_retries < 0:
+            raise ValueError(f"{ENV_NAMES['rdzv_closed_retries']} must be >= 0")
         unknown = set(notice_source_names(self.notice_sources)) - set(NOTICE_SOURCES)
         if unknown:
             raise ValueError(
@@ -169,6 +183,9 @@ ENV_NAMES: dict[str, str] = {
     "mirror_permanent_retry_s": "ORCH_MIRROR_PERMANENT_RETRY_S",
     "mirror_flush_timeout_s": "ORCH_MIRROR_FLUSH_TIMEOUT_S",
     "state_mirror_interval_s": "ORCH_STATE_MIRROR_INTERVAL_S",
+    "mirror_stale_upload_age_s": "ORCH_MIRROR_STALE_UPLOAD_AGE_S",
+    "rdzv_join_timeout_s": "ORCH_RDZV_JOIN_TIMEOUT_S",
+    "rdzv_closed_retries": "ORCH_RDZV_CLOSED_RETRIES",
     "mirror_preflight_attempts": "ORCH_MIRROR_PREFLIGHT_ATTEMPTS",
     "log_format": "ORCH_LOG_FORMAT",
     "faults": "ORCH_FAULTS",
@@ -181,7 +198,10 @@ ENV_NAMES: dict[str, str] = {
     "preempt_signals": "ORCH_PREEMPT_SIGNALS",
 }
 
-_INT_FIELDS = frozenset({"crash_loop_attempts", "mirror_preflight_attempts", "aws_token_ttl_s"})
+_INT_FIELDS = frozenset(
+    {"crash_loop_attempts", "mirror_preflight_attempts", "aws_token_ttl_s", "rdzv_join_timeout_s",
+     "rdzv_closed_retries"}
+)
 _STR_FIELDS = frozenset(
     {
         "log_format",

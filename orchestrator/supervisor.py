@@ -29,6 +29,7 @@ from orchestrator.config import LaunchConfig
 from orchestrator.failures import Failure, diagnose
 from orchestrator.launcher import WorkerGroup
 from orchestrator.mirror import Mirror, mirror_lag, pending_of
+from orchestrator.notices import NoticePoller
 from orchestrator.restore import ProgressFactory, restore_newer
 from orchestrator.runstate import (
     EventLog,
@@ -148,8 +149,10 @@ class Supervisor:
         progress: ProgressFactory | None = None,
         preempt_signals: Sequence[int] = (signal.SIGTERM, signal.SIGUSR1),
         preemptions: int = 0,
+        notices: NoticePoller | None = None,
     ) -> None:
         self._config = config
+        self._notices = notices
         self._settings = settings
         self._run_id = run_id
         self._paths = paths
@@ -204,6 +207,9 @@ class Supervisor:
         self._preempt_signal = ""
         self._preempt_seen = 0
         self._flush_timeout: float | None = None
+        self._rdzv_closed_streak = 0
+        #: Whether the relaunch after the current backoff spends a restart.
+        self._recover_counts = True
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -219,9 +225,12 @@ class Supervisor:
                     self._watch_preemption()
                 elif self._stop.signum is not None:
                     if self._stop.signum in self._preempt_signals:
-                        self._begin_preemption(self._stop.signum)
+                        name = signal.Signals(self._stop.signum).name
+                        self._begin_preemption(name, signal_name=name)
                     else:
                         self._interrupted(self._stop.signum)
+                elif (notice := self._poll_notices()) is not None:
+                    self._begin_preemption(f"notice ({notice})", signal_name=None)
                 elif self._phase is Phase.STARTING:
                     self._start_attempt()
                 elif self._phase is Phase.RUNNING:
@@ -374,6 +383,14 @@ class Supervisor:
         if not beats:
             return
         newest = max(beats, key=lambda b: (b.step, b.time))
+        resumed = {b.resumed_from for b in beats if b.resumed_from is not None}
+        if resumed and max(resumed) != self._resume_step:
+            # Multi-node: the ranks agreed on a newer snapshot than this node's own (another
+            # node's disk, or the mirror through another node). Status reports what they did.
+            self._resume_step = max(resumed)
+            self._events.emit(
+                "supervisor.resumed_elsewhere", attempt=self._attempt, step=self._resume_step
+            )
         self._step = newest.step if self._step is None else max(self._step, newest.step)
         baseline = -1 if self._resume_step is None else self._resume_step
         if newest.step > baseline:
@@ -477,6 +494,25 @@ class Supervisor:
         failure = diagnose(self._paths, self._attempt, code)
         if self._hang_failure is not None:
             failure = self._hang_failure
+        if failure.source == "rendezvous_closed" and (
+            self._rdzv_closed_streak < self._settings.rdzv_closed_retries
+        ):
+            # Multi-node: no worker ran; another node is tearing down the previous attempt.
+            # Rejoin after a short backoff, spending neither a restart nor crash-loop credit.
+            self._rdzv_closed_streak += 1
+            delay = self._backoff.delay(self._rdzv_closed_streak)
+            self._events.emit(
+                "supervisor.rendezvous_closed",
+                attempt=self._attempt,
+                retry=self._rdzv_closed_streak,
+                delay_s=round(delay, 3),
+            )
+            self._recover_at = self._clock.monotonic() + delay
+            self._recover_counts = False
+            self._enter(Phase.RECOVERING)
+            return
+        if failure.source != "rendezvous_closed":
+            self._rdzv_closed_streak = 0
         self._last_failure = failure.summary
         progressed = self._attempt_progressed
         self._no_progress_streak = 0 if progressed else self._no_progress_streak + 1
@@ -507,6 +543,7 @@ class Supervisor:
                 max_restarts=self._config.max_restarts,
             )
             self._recover_at = self._clock.monotonic() + delay
+            self._recover_counts = True
             self._enter(Phase.RECOVERING)
 
     def _give_up(self, root_cause: str, *, reason: str) -> None:
@@ -528,21 +565,29 @@ class Supervisor:
             # Short naps so that a stop signal is honoured promptly during a long backoff.
             self._clock.sleep(min(remaining, self._settings.poll_interval_s))
             return
-        self._restarts += 1
+        if self._recover_counts:
+            self._restarts += 1
         self._attempt += 1
         structlog.contextvars.bind_contextvars(attempt=self._attempt)
         self._enter(Phase.STARTING)
 
     # -- preemption ----------------------------------------------------------------------
 
-    def _begin_preemption(self, signum: int) -> None:
+    def _poll_notices(self) -> str | None:
+        """A cloud preemption notice seen this turn (bounded HTTP checks, rate-limited)."""
+        if self._notices is None or not self._notices.enabled:
+            return None
+        return self._notices.poll(self._clock.monotonic())
+
+    def _begin_preemption(self, source: str, *, signal_name: str | None) -> None:
         """Ask the ranks for an emergency snapshot at their next step boundary.
 
-        torchrun is not signalled: it runs in its own session, and a SIGTERM to it would have it
-        SIGKILL the ranks 30 s later whatever they are doing. The request is a file the ranks
-        check at every step; the whole preemption (save + mirror flush) gets ``--grace``.
+        ``source`` is the signal's name or the cloud notice that started it: both take the same
+        path. torchrun is not signalled: it runs in its own session, and a SIGTERM to it would
+        have it SIGKILL the ranks 30 s later whatever they are doing. The request is a file the
+        ranks check at every step; the whole preemption (save + mirror flush) gets ``--grace``.
         """
-        name = signal.Signals(signum).name
+        name = source
         grace = self._config.grace
         self._preempt_signal = name
         self._preempt_seen = self._stop.count
@@ -550,7 +595,8 @@ class Supervisor:
         self._events.emit(
             "supervisor.preempt_requested",
             attempt=self._attempt,
-            signal=name,
+            signal=signal_name,
+            source=source,
             grace_s=grace,
             step=self._step,
             workers_running=self._group_running,
@@ -564,7 +610,8 @@ class Supervisor:
                     "requested_at": now,
                     "deadline": now + grace,
                     "attempt": self._attempt,
-                    "signal": name,
+                    "signal": signal_name,
+                    "source": source,
                 },
             )
         self._enter(Phase.CHECKPOINTING)

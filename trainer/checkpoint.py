@@ -148,6 +148,24 @@ def write_weights_export(
     return final
 
 
+#: Bound on the device memory a cross-node resume broadcast uses at once (NCCL needs GPU tensors).
+_BROADCAST_CHUNK = 256 << 20
+
+
+def _broadcast_bytes(buffer: np.ndarray, source: int) -> None:
+    """Broadcast ``buffer`` (uint8, same size everywhere) from ``source`` in place, in chunks."""
+    flat = torch.from_numpy(buffer)
+    nccl = dist.get_backend() == "nccl"
+    for start in range(0, flat.numel(), _BROADCAST_CHUNK):
+        part = flat[start : start + _BROADCAST_CHUNK]
+        if nccl:
+            on_device = part.to(torch.device("cuda", torch.cuda.current_device()))
+            dist.broadcast(on_device, src=source)
+            part.copy_(on_device.cpu())
+        else:
+            dist.broadcast(part, src=source)
+
+
 class _DigestThread(threading.Thread):
     """Computes an arena's content digest on its own thread; :meth:`result` re-raises errors."""
 
@@ -254,9 +272,15 @@ class Checkpointer:
     # -- resume ---------------------------------------------------------------------------
 
     def resume(self) -> int:
-        """Restore the chosen snapshot on every rank; return the step to continue from (0: fresh)."""
+        """Restore the chosen snapshot on every rank; return the step to continue from (0: fresh).
+
+        Every node offers a candidate (its supervisor's choice, or its newest valid local
+        snapshot); the newest wins. Nodes that hold it read it from their own disk; when some
+        node does not (a replaced node with an empty disk, global rank 0 moved to another node),
+        the lowest rank of a holding node reads it, verified, and broadcasts the bytes.
+        """
         self._heartbeat()
-        step = self._select_step()
+        step, source = self._plan_resume()
         if step is None:
             log.info("resume.fresh", reason=self.settings.resume_mode)
             self.last_snapshot_step = None
@@ -265,7 +289,7 @@ class Checkpointer:
         error: BaseException | None = None
         digest: str | None = None
         try:
-            digest = self._load(step)
+            digest = self._load(step) if source is None else self._load_broadcast(step, source)
         except Exception as exc:  # re-raised below after every rank learned the outcome
             error = exc
         self._agree(error, f"loading snapshot step {step}")
@@ -277,24 +301,51 @@ class Checkpointer:
             step=step,
             epoch=self.state.epoch,
             digest=digest,
+            source_rank=source,
             seconds=round(time.perf_counter() - started, 4),
         )
         self._heartbeat()
         return step
 
-    def _select_step(self) -> int | None:
+    def _candidate(self) -> tuple[bool, int | None]:
+        """(known, step): this node's offer; in auto mode only local rank 0 looks (known)."""
         mode = self.settings.resume_mode
         if mode == "fresh":
-            return None
+            return True, None
         if mode == "step":
-            return self.settings.resume_step
-        chosen: list[int | None] = [None]
-        if self.rank == 0:
-            info = self.store.newest_valid(verify_checksums=True)
-            chosen[0] = None if info is None else info.step
-        if is_initialized() and self.world_size > 1:
-            dist.broadcast_object_list(chosen, src=0)
-        return chosen[0]
+            return True, self.settings.resume_step
+        if self.settings.local_rank != 0:
+            return False, None
+        info = self.store.newest_valid(verify_checksums=True)
+        return True, None if info is None else info.step
+
+    def _plan_resume(self) -> tuple[int | None, int | None]:
+        """(step, source rank): source is None when every node holds ``step`` locally."""
+        known, mine = self._candidate()
+        if not (is_initialized() and self.world_size > 1):
+            return mine, None
+        offers: list[Any] = [None] * self.world_size
+        dist.all_gather_object(offers, (self.settings.group_rank, known, mine))
+        by_node: dict[int, int | None] = {}
+        for node, node_known, step in offers:
+            if node_known:
+                by_node[node] = step
+        steps = [s for s in by_node.values() if s is not None]
+        if not steps:
+            return None, None
+        chosen = max(steps)
+        nodes = {node for node, _known, _step in offers}
+        holders = {node for node, step in by_node.items() if step == chosen}
+        if holders >= nodes:
+            return chosen, None
+        source = min(rank for rank, (node, _k, _s) in enumerate(offers) if node in holders)
+        log.info(
+            "resume.cross_node",
+            step=chosen,
+            source_rank=source,
+            offers={str(n): s for n, s in sorted(by_node.items())},
+        )
+        return chosen, source
 
     def _agree(self, error: BaseException | None, what: str) -> None:
         """All ranks learn whether each succeeded; every rank fails if one did."""
@@ -311,11 +362,9 @@ class Checkpointer:
                 kind, message, fatal = outcome
                 raise PeerFailure(f"rank {peer} failed {what}: {kind}: {message}", fatal=fatal)
 
-    def _load(self, step: int) -> str:
+    def _read(self, step: int) -> tuple[Manifest, bytes, np.ndarray]:
+        """The snapshot's manifest, tree and tensor bytes, every file checksum-verified."""
         manifest = self.store.read_manifest(step)
-        if manifest.world_size != self.world_size:
-            raise WorldSizeMismatch(step, manifest.world_size, self.world_size)
-        self._check_hparams(step, manifest)
         tree_bytes = self.store.open_verified(step, TREE_FILE)
         entry = manifest.files.get(TENSORS_FILE)
         if entry is None:
@@ -324,6 +373,50 @@ class Checkpointer:
         buffer = np.empty(entry.size, dtype=np.uint8)
         if entry.size:
             self.store.read_into(step, TENSORS_FILE, memoryview(buffer.data))
+        return manifest, tree_bytes, buffer
+
+    def _load(self, step: int) -> str:
+        manifest = self.store.read_manifest(step)
+        if manifest.world_size != self.world_size:
+            raise WorldSizeMismatch(step, manifest.world_size, self.world_size)
+        self._check_hparams(step, manifest)
+        manifest, tree_bytes, buffer = self._read(step)
+        return self._apply(step, manifest, tree_bytes, buffer)
+
+    def _load_broadcast(self, step: int, source: int) -> str:
+        """Rank ``source`` reads the snapshot and broadcasts it; every rank applies it."""
+        header: list[Any] = [None]
+        buffer: np.ndarray | None = None
+        if self.rank == source:
+            try:
+                manifest, tree_bytes, buffer = self._read(step)
+                header[0] = ("ok", manifest, tree_bytes, int(buffer.size))
+            except Exception as exc:  # every rank must learn it before the bulk broadcast
+                header[0] = ("error", type(exc).__name__, str(exc), bool(getattr(exc, "fatal", False)))
+                dist.broadcast_object_list(header, src=source)
+                raise
+        dist.broadcast_object_list(header, src=source)
+        if header[0][0] == "error":
+            _, kind, message, fatal = header[0]
+            raise PeerFailure(f"rank {source} failed reading step {step}: {kind}: {message}", fatal=fatal)
+        _, manifest, tree_bytes, size = header[0]
+        if buffer is None:
+            buffer = np.empty(size, dtype=np.uint8)
+        started = time.perf_counter()
+        _broadcast_bytes(buffer, source)
+        log.info(
+            "resume.broadcast",
+            step=step,
+            bytes=size,
+            source_rank=source,
+            seconds=round(time.perf_counter() - started, 4),
+        )
+        if manifest.world_size != self.world_size:
+            raise WorldSizeMismatch(step, manifest.world_size, self.world_size)
+        self._check_hparams(step, manifest)
+        return self._apply(step, manifest, tree_bytes, buffer)
+
+    def _apply(self, step: int, manifest: Manifest, tree_bytes: bytes, buffer: np.ndarray) -> str:
         # Copies, not views into the buffer: some consumers misread views (torch.set_rng_state
         # ignores the storage offset; torch.save would write the whole buffer for each).
         obj, digest = codec.decode_tree(
@@ -420,6 +513,15 @@ class Checkpointer:
         # No rank exits before rank 0 committed: torchrun stops the whole group on the first exit.
         if is_initialized() and self.world_size > 1:
             dist.barrier()
+            if self.rank != 0 and self.settings.local_rank == 0:
+                # Every node's supervisor waits for an ack in its own checkpoint dir; the
+                # snapshot itself is on rank 0's node (and its mirror).
+                atomic_write_json(
+                    preemption.ack_path(self.checkpoint_dir),
+                    {"step": step, "attempt": self.settings.attempt, "time": time.time(),
+                     "digest": self.last_digest, "snapshot_rank": 0},
+                    durable=True,
+                )
         log.warning(
             "preempt.snapshot_committed",
             step=step,
@@ -436,6 +538,7 @@ class Checkpointer:
             "epoch": self.state.epoch,
             "time": time.time(),
             "attempt": self.settings.attempt,
+            "resumed_from": self.resumed_from,
         }
         path = os.path.join(self.progress_dir, f"rank-{self.rank}.json")
         atomic_write_bytes(path, json.dumps(doc).encode(), durable=False)

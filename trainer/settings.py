@@ -31,6 +31,8 @@ class WorkerSettings:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    #: torchrun's ``GROUP_RANK``: which node (agent) this rank belongs to in this attempt.
+    group_rank: int = 0
     master_addr: str | None = None
     master_port: int | None = None
     launched_by_torchrun: bool = False
@@ -55,6 +57,8 @@ class WorkerSettings:
             raise ValueError(f"RANK must be in [0, {self.world_size}), got {self.rank}")
         if self.local_rank < 0:
             raise ValueError(f"LOCAL_RANK must be >= 0, got {self.local_rank}")
+        if self.group_rank < 0:
+            raise ValueError(f"GROUP_RANK must be >= 0, got {self.group_rank}")
         if self.master_port is not None and not 0 < self.master_port < 65536:
             raise ValueError(f"MASTER_PORT must be a TCP port, got {self.master_port}")
         if self.attempt < 0:
@@ -104,6 +108,7 @@ class WorkerSettings:
             rank=_int(e, "RANK", 0),
             world_size=_int(e, "WORLD_SIZE", 1),
             local_rank=_int(e, "LOCAL_RANK", 0),
+            group_rank=_int(e, "GROUP_RANK", 0),
             master_addr=_str(e, "MASTER_ADDR"),
             master_port=port,
             launched_by_torchrun="TORCHELASTIC_RUN_ID" in e or ("RANK" in e and "MASTER_ADDR" in e),

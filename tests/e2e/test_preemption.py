@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 import pytest
 
 from tests.e2e import harness
+from tests.support.fake_metadata import running_fake_metadata
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -64,6 +66,42 @@ def test_sigterm_during_periodic_save(golden: dict[int, str], ckpt: Path) -> Non
     """
     result, last = _preempt_at(ckpt, 40, delay="0.1")
     _check_preempted(result, last, golden)
+    again = harness.launch(ckpt)
+    harness.assert_matches_golden(again, golden, off_schedule=(last,))
+    assert again.status()["resumed_from_step"] == last
+
+
+def test_spot_notice_takes_the_same_path(golden: dict[int, str], ckpt: Path) -> None:
+    """An EC2 spot instance-action notice (fake IMDSv2 on loopback) instead of a signal."""
+    with running_fake_metadata() as imds:
+        env = {
+            "ORCH_NOTICE_SOURCES": "aws",
+            "ORCH_AWS_METADATA_URL": imds.url,
+            "ORCH_NOTICE_INTERVAL_S": "0.2",
+        }
+        proc = harness.start(ckpt, env=env, script_args=("--step-delay", "0.05"))
+        try:
+            harness.wait_for(
+                lambda: (p := harness.progress(ckpt, 0)) and p["step"] >= 30,
+                timeout=180,
+                what="rank 0 to pass step 30",
+            )
+            assert proc.poll() is None
+            # Polled with a token, answered 404 (no notice) so far: nothing happened yet.
+            assert imds.count("PUT", "/latest/api/token") >= 1
+            with imds.lock:
+                imds.aws_action = {"action": "terminate", "time": "2026-11-23T12:00:00Z"}
+            out, err = proc.communicate(timeout=120)
+        finally:
+            harness.kill_group(proc)
+    beats = [harness.progress(ckpt, r) for r in (0, 1)]
+    last = max(int(b["step"]) for b in beats if b is not None)
+    result = harness.Result(proc.returncode, out, err, ckpt)
+    _check_preempted(result, last, golden)
+    assert last < harness.STEPS
+    events = [json.loads(line) for line in (ckpt / "run" / "events.jsonl").read_text().splitlines()]
+    requested = [e for e in events if e["event"] == "supervisor.preempt_requested"]
+    assert len(requested) == 1 and "instance-action" in requested[0]["source"], requested
     again = harness.launch(ckpt)
     harness.assert_matches_golden(again, golden, off_schedule=(last,))
     assert again.status()["resumed_from_step"] == last

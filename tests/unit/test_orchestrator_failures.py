@@ -133,3 +133,32 @@ def test_long_messages_are_clipped(tmp_path: Path) -> None:
     paths = _paths(tmp_path)
     _error(paths, 0, 0, message="x" * 5000)
     assert len(diagnose(paths, 0, 1).summary) <= 500
+
+
+_RDZV_CLOSED_LOG = """\
+[W1123 12:00:01.000] torch/distributed/elastic/rendezvous/dynamic_rendezvous.py: joining
+Traceback (most recent call last):
+  File "torch/distributed/launcher/api.py", line 270, in launch_agent
+    result = agent.run()
+torch.distributed.elastic.rendezvous.api.RendezvousClosedError
+"""
+
+
+def test_a_closed_rendezvous_is_its_own_benign_kind(tmp_path: Path) -> None:
+    paths = _paths(tmp_path)
+    Path(paths.attempt_log(2)).write_text(_RDZV_CLOSED_LOG)
+    failure = diagnose(paths, 2, 1)
+    assert failure.source == "rendezvous_closed" and not failure.fatal
+    assert "closed by another node" in failure.summary
+
+
+def test_a_rendezvous_timeout_is_a_plain_failure_with_its_reason(tmp_path: Path) -> None:
+    paths = _paths(tmp_path)
+    Path(paths.attempt_log(0)).write_text(
+        "torch.distributed.elastic.rendezvous.api.RendezvousTimeoutError: "
+        "The node 'h_1_0' has timed out waiting for the other nodes.\n"
+    )
+    failure = diagnose(paths, 0, 1)
+    assert failure.source == "rendezvous" and not failure.fatal
+    assert failure.summary.startswith("torchrun rendezvous failed: RendezvousTimeoutError: ")
+    assert "timed out waiting" in failure.summary

@@ -45,9 +45,12 @@ def test_multi_node_command_uses_c10d() -> None:
     cmd = build_torchrun_command(c, Settings(), "r-3")
     assert "--standalone" not in cmd
     for arg in ("--nnodes=2", "--rdzv-backend=c10d", "--rdzv-endpoint=h:29400",
-                "--rdzv-id=r-3", "--node-rank=1", "--max-restarts=0"):
+                "--rdzv-id=r-3", "--node-rank=1", "--max-restarts=0",
+                "--rdzv-conf=join_timeout=600"):
         assert arg in cmd
     assert cmd.index("train.py") > cmd.index("--max-restarts=0")
+    cmd = build_torchrun_command(c, Settings(rdzv_join_timeout_s=45), "r")
+    assert "--rdzv-conf=join_timeout=45" in cmd
 
 
 def test_worker_env() -> None:

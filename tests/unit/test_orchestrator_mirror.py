@@ -63,6 +63,7 @@ class FakeRemote:
         self.downloads: list[int] = []
         self.deleted: list[int] = []
         self.aborted = 0
+        self.abort_ages: list[float] = []
         self.lock = threading.Lock()
         #: Raised, in order, by the next upload calls.
         self.upload_errors: list[BaseException] = []
@@ -160,8 +161,9 @@ class FakeRemote:
     def get_state(self) -> list[dict[str, Any]]:
         return [self.states[k] for k in sorted(self.states)]
 
-    def abort_incomplete_uploads(self) -> int:
+    def abort_incomplete_uploads(self, *, older_than_s: float = 0.0) -> int:
         self.aborted += 1
+        self.abort_ages.append(older_than_s)
         return 0
 
     def preflight(self) -> None:

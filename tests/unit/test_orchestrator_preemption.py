@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.notices import NoticePoller
 from orchestrator.settings import load_settings, preempt_signal_numbers
 from orchestrator.supervisor import EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, Phase, StopRequest
 from tests.unit.test_orchestrator_mirror import FakeRemote, supervised
@@ -49,10 +50,12 @@ class Preemptible:
 
 def _run(tmp_path: Path, *, grace: float = 30.0, signum: int = signal.SIGTERM,
          ack: bool = True, exit_code: int = 1, react_after_polls: int = 1,
-         signals_at: tuple[float, ...] = (2.0,), max_restarts: int = 3):
+         signals_at: tuple[float, ...] = (2.0,), max_restarts: int = 3,
+         notices: NoticePoller | None = None):
     stop = StopRequest()
     sup, group, env, clock = make(
-        tmp_path, [Attempt(0, hang=True)], stop=stop, grace=grace, max_restarts=max_restarts
+        tmp_path, [Attempt(0, hang=True)], stop=stop, grace=grace, max_restarts=max_restarts,
+        notices=notices,
     )
     workers = Preemptible(env, ack=ack, exit_code=exit_code, react_after_polls=react_after_polls)
     poll = group.poll
@@ -95,6 +98,45 @@ def test_sigterm_takes_emergency_snapshot_and_exits_75(tmp_path: Path) -> None:
 def test_sigusr1_is_a_preemption_too(tmp_path: Path) -> None:
     out, *_ = _run(tmp_path, signum=signal.SIGUSR1)
     assert out.exit_code == EXIT_PREEMPTED
+
+
+@dataclass
+class ScriptedNotice:
+    """A cloud notice source that reports a reclaim once its clock passes ``at``."""
+
+    clock_now: list[float]
+    at: float
+    checks: int = 0
+    name: str = "fake"
+
+    def check(self) -> str | None:
+        self.checks += 1
+        return "spot instance-action: terminate" if self.clock_now[0] >= self.at else None
+
+
+def test_cloud_notice_takes_the_sigterm_path(tmp_path: Path) -> None:
+    now = [0.0]
+    notice = ScriptedNotice(now, at=3.0)
+    poller = NoticePoller([notice], interval_s=1.0)
+    real_poll = poller.poll
+
+    def poll(t: float) -> str | None:
+        now[0] = t
+        return real_poll(t)
+
+    poller.poll = poll  # type: ignore[method-assign]
+    out, group, env, _clock, workers = _run(tmp_path, signals_at=(), notices=poller)
+    assert out.exit_code == EXIT_PREEMPTED and out.phase is Phase.PREEMPTED
+    req = workers.seen_requests[0]
+    assert req["signal"] is None and "spot instance-action" in str(req["source"])
+    assert len(group.starts) == 1 and group.terminations == []
+    # Rate-limited: about one check per interval of fake time, none after the notice.
+    checks = notice.checks
+    assert 3 <= checks <= 6, checks
+    events = [json.loads(line) for line in open(env.paths.events)]
+    requested = [e for e in events if e["event"] == "supervisor.preempt_requested"]
+    assert len(requested) == 1 and "notice" in requested[0]["source"]
+    assert env.state()["preemptions"] == 1
 
 
 def test_checkpointing_phase_is_published_while_saving(tmp_path: Path) -> None:

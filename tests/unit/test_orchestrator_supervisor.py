@@ -12,7 +12,7 @@ import json
 import os
 import signal
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ import pytest
 
 from orchestrator.config import LaunchConfig
 from orchestrator.runstate import EventLog, RunPaths, next_attempt, read_events, read_state
+from orchestrator.notices import NoticePoller
 from orchestrator.settings import Settings
 from orchestrator.supervisor import (
     EXIT_FAILED,
@@ -171,6 +172,7 @@ def make(
     settings: Settings = SETTINGS,
     stop: StopRequest | None = None,
     first_attempt: int = 0,
+    notices: NoticePoller | None = None,
     **config: Any,
 ) -> tuple[Supervisor, FakeGroup, Env, FakeClock]:
     clock = FakeClock()
@@ -182,7 +184,7 @@ def make(
     sup = Supervisor(
         config=cfg, settings=settings, run_id="r", paths=env.paths, clock=clock, group=group,
         store=env.store, events=EventLog(env.paths.events, clock=clock, run_id="r"),
-        stop=stop or StopRequest(), first_attempt=first_attempt, pid=123,
+        stop=stop or StopRequest(), first_attempt=first_attempt, pid=123, notices=notices,
     )
     return sup, group, env, clock
 
@@ -511,3 +513,45 @@ def test_retention_never_drops_the_verified_fallback_for_an_unverified_newer(
     assert sup.run().exit_code == EXIT_OK
     assert group.starts == [(0, 10), (1, 10)]
     assert [i.step for i in env.store.list()] == [10]
+
+
+def test_closed_rendezvous_relaunches_without_spending_restarts(tmp_path: Path) -> None:
+    """Multi-node: another node's dying torchrun closed the rendezvous; rejoin for free."""
+
+    def closed(env: Env) -> Hook:
+        def write(attempt: int, _resume: int | None) -> None:
+            Path(env.paths.attempt_log(attempt)).write_text(
+                "torch.distributed.elastic.rendezvous.api.RendezvousClosedError\n"
+            )
+        return write
+
+    def script(env: Env) -> list[Attempt]:
+        os.makedirs(env.paths.logs_dir, exist_ok=True)
+        return [Attempt(1, on_exit=closed(env)), Attempt(1, on_exit=closed(env)),
+                Attempt(0, on_exit=lambda a, r: env.heartbeat(a, 5))]
+
+    sup, group, env, _ = make(tmp_path, script, max_restarts=0)
+    out = sup.run()
+    assert out.exit_code == EXIT_OK
+    assert [a for a, _ in group.starts] == [0, 1, 2]
+    st = env.state()
+    assert st["restarts"] == 0 and st["phase"] == "done"
+    assert env.names().count("supervisor.rendezvous_closed") == 2
+
+
+def test_closed_rendezvous_retries_are_bounded(tmp_path: Path) -> None:
+    def script(env: Env) -> list[Attempt]:
+        os.makedirs(env.paths.logs_dir, exist_ok=True)
+
+        def write(attempt: int, _resume: int | None) -> None:
+            Path(env.paths.attempt_log(attempt)).write_text(
+                "torch.distributed.elastic.rendezvous.api.RendezvousClosedError\n"
+            )
+        return [Attempt(1, on_exit=write) for _ in range(4)]
+
+    settings = replace(SETTINGS, rdzv_closed_retries=2)
+    sup, group, env, _ = make(tmp_path, script, settings=settings, max_restarts=1)
+    out = sup.run()
+    # Two free relaunches, then the third counts: one restart (the budget), then give up.
+    assert out.exit_code == EXIT_FAILED and len(group.starts) == 4
+    assert "closed by another node" in (out.failure or "")
