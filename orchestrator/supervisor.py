@@ -392,7 +392,8 @@ class Supervisor:
                 "supervisor.resumed_elsewhere", attempt=self._attempt, step=self._resume_step
             )
         self._step = newest.step if self._step is None else max(self._step, newest.step)
-        baseline = -1 if self._resume_step is None else self._resume_step
+        # A fresh start heartbeats step 0 before training: only a completed step is progress.
+        baseline = 0 if self._resume_step is None else self._resume_step
         if newest.step > baseline:
             self._attempt_progressed = True
         if self._last_beat is None or (newest.step, newest.time) != (
@@ -416,7 +417,7 @@ class Supervisor:
             mirrored = self._mirror.mirrored_steps() & frozenset(usable)
             mirrored_changed = mirrored != self._known_mirrored
             self._known_mirrored = mirrored
-        baseline = -1 if self._resume_step is None else self._resume_step
+        baseline = 0 if self._resume_step is None else self._resume_step
         if self._newest_local is not None and self._newest_local > baseline:
             self._attempt_progressed = True
         steps = tuple(i.step for i in infos)
@@ -480,7 +481,9 @@ class Supervisor:
             self._exit_code = EXIT_OK
             self._enter(Phase.DONE)
             return
-        acked = self._acked_step()
+        # The watchdog's own kill reaches the ranks as torchrun's SIGTERM, which they turn into
+        # an emergency snapshot and ack: that is still a hang, a failure that spends a restart.
+        acked = self._acked_step() if self._hang_failure is None else None
         if acked is not None:
             # The ranks were signalled directly (not this supervisor) and stopped after an
             # emergency snapshot: relaunch at once. A preemption never counts as a restart.

@@ -213,17 +213,6 @@ def test_sigstop_rank1_is_detected_by_the_watchdog_and_recovered(
     assert "no heartbeat progress" in table["last_failure"], table
 
 
-class KnownBug(AssertionError):
-    """The product misbehaves as described in the xfail reason (not a broken precondition)."""
-
-
-@pytest.mark.xfail(
-    strict=True,
-    raises=KnownBug,
-    reason="product bug: Supervisor._attempt_ended checks the preemption ack before "
-    "_hang_failure, so a watchdog kill whose ranks honour the SIGTERM (emergency snapshot, "
-    "exit 75) is booked as a preemption: no restart, no last_failure, preemptions + 1",
-)
 def test_watchdog_kill_of_a_resumed_rank_counts_as_a_hang_not_a_preemption(
     golden: dict[int, str], ckpt: Path
 ) -> None:
@@ -257,9 +246,9 @@ def test_watchdog_kill_of_a_resumed_rank_counts_as_a_hang_not_a_preemption(
 
     st = result.status()
     if st["preemptions"] != 0 or named(evs, "supervisor.workers_preempted"):
-        raise KnownBug(f"the watchdog's own kill was booked as a preemption: {st}")
+        raise AssertionError(f"the watchdog's own kill was booked as a preemption: {st}")
     if st["restarts"] != 1 or "no heartbeat progress" not in (st["last_failure"] or ""):
-        raise KnownBug(f"the hang is not reported as a failure with a restart: {st}")
+        raise AssertionError(f"the hang is not reported as a failure with a restart: {st}")
     failed = named(evs, "supervisor.attempt_failed")
     assert [(e["attempt"], e["source"]) for e in failed] == [(first_attempt, "hang")], failed
 

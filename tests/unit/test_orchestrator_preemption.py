@@ -133,7 +133,7 @@ def test_cloud_notice_takes_the_sigterm_path(tmp_path: Path) -> None:
     # Rate-limited: about one check per interval of fake time, none after the notice.
     checks = notice.checks
     assert 3 <= checks <= 6, checks
-    events = [json.loads(line) for line in open(env.paths.events)]
+    events = [json.loads(line) for line in Path(env.paths.events).read_text().splitlines()]
     requested = [e for e in events if e["event"] == "supervisor.preempt_requested"]
     assert len(requested) == 1 and "notice" in requested[0]["source"]
     assert env.state()["preemptions"] == 1

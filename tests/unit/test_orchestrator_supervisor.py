@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 
 from orchestrator.config import LaunchConfig
-from orchestrator.runstate import EventLog, RunPaths, next_attempt, read_events, read_state
 from orchestrator.notices import NoticePoller
+from orchestrator.runstate import EventLog, RunPaths, next_attempt, read_events, read_state
 from orchestrator.settings import Settings
 from orchestrator.supervisor import (
     EXIT_FAILED,
@@ -550,7 +550,7 @@ def test_closed_rendezvous_retries_are_bounded(tmp_path: Path) -> None:
         return [Attempt(1, on_exit=write) for _ in range(4)]
 
     settings = replace(SETTINGS, rdzv_closed_retries=2)
-    sup, group, env, _ = make(tmp_path, script, settings=settings, max_restarts=1)
+    sup, group, _env, _ = make(tmp_path, script, settings=settings, max_restarts=1)
     out = sup.run()
     # Two free relaunches, then the third counts: one restart (the budget), then give up.
     assert out.exit_code == EXIT_FAILED and len(group.starts) == 4
