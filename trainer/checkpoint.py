@@ -362,9 +362,8 @@ class Checkpointer:
                 kind, message, fatal = outcome
                 raise PeerFailure(f"rank {peer} failed {what}: {kind}: {message}", fatal=fatal)
 
-    def _read(self, step: int) -> tuple[Manifest, bytes, np.ndarray]:
-        """The snapshot's manifest, tree and tensor bytes, every file checksum-verified."""
-        manifest = self.store.read_manifest(step)
+    def _read(self, step: int, manifest: Manifest) -> tuple[bytes, np.ndarray]:
+        """The snapshot's tree and tensor bytes, every file checksum-verified."""
         tree_bytes = self.store.open_verified(step, TREE_FILE)
         entry = manifest.files.get(TENSORS_FILE)
         if entry is None:
@@ -373,14 +372,19 @@ class Checkpointer:
         buffer = np.empty(entry.size, dtype=np.uint8)
         if entry.size:
             self.store.read_into(step, TENSORS_FILE, memoryview(buffer.data))
-        return manifest, tree_bytes, buffer
+        return tree_bytes, buffer
 
-    def _load(self, step: int) -> str:
-        manifest = self.store.read_manifest(step)
+    def _check_manifest(self, step: int, manifest: Manifest) -> None:
+        """Refuse a snapshot of another world size or (unless allowed) other hyperparameters."""
         if manifest.world_size != self.world_size:
             raise WorldSizeMismatch(step, manifest.world_size, self.world_size)
         self._check_hparams(step, manifest)
-        manifest, tree_bytes, buffer = self._read(step)
+
+    def _load(self, step: int) -> str:
+        manifest = self.store.read_manifest(step)
+        # Checked before reading gigabytes of tensors.
+        self._check_manifest(step, manifest)
+        tree_bytes, buffer = self._read(step, manifest)
         return self._apply(step, manifest, tree_bytes, buffer)
 
     def _load_broadcast(self, step: int, source: int) -> str:
@@ -389,7 +393,8 @@ class Checkpointer:
         buffer: np.ndarray | None = None
         if self.rank == source:
             try:
-                manifest, tree_bytes, buffer = self._read(step)
+                manifest = self.store.read_manifest(step)
+                tree_bytes, buffer = self._read(step, manifest)
                 header[0] = ("ok", manifest, tree_bytes, int(buffer.size))
             except Exception as exc:  # every rank must learn it before the bulk broadcast
                 header[0] = ("error", type(exc).__name__, str(exc), bool(getattr(exc, "fatal", False)))
@@ -411,9 +416,7 @@ class Checkpointer:
             source_rank=source,
             seconds=round(time.perf_counter() - started, 4),
         )
-        if manifest.world_size != self.world_size:
-            raise WorldSizeMismatch(step, manifest.world_size, self.world_size)
-        self._check_hparams(step, manifest)
+        self._check_manifest(step, manifest)
         return self._apply(step, manifest, tree_bytes, buffer)
 
     def _apply(self, step: int, manifest: Manifest, tree_bytes: bytes, buffer: np.ndarray) -> str:

@@ -127,6 +127,18 @@ def _all_digests(cluster: Cluster) -> dict[int, str]:
     return seen
 
 
+def _replace_node_and_finish(cluster: Cluster, victim: int, golden: dict[int, str]) -> None:
+    """Lose ``victim``, start a new supervisor on its empty disk; both finish, golden digests."""
+    cluster.lose(victim)
+    cluster.start(victim)
+    codes = {n: cluster.wait(n) for n in (0, 1)}
+    assert codes == {0: 0, 1: 0}, cluster.stderr()
+    got = _all_digests(cluster)
+    assert max(got) == harness.STEPS
+    for step, digest in got.items():
+        assert digest == golden[step], f"snapshot {step} differs from the golden run"
+
+
 def _events(ckpt: Path) -> list[dict[str, Any]]:
     lines = (ckpt / "run" / "events.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines]
@@ -155,14 +167,7 @@ def test_node_without_rank0_replaced_with_empty_disk(
     cluster.start(1)
     harness.wait_for(lambda: cluster.step() >= 50, timeout=180, what="step 50")
     victim = 1 - cluster.node_of_rank0()
-    cluster.lose(victim)
-    cluster.start(victim)
-    codes = {n: cluster.wait(n) for n in (0, 1)}
-    assert codes == {0: 0, 1: 0}, cluster.stderr()
-    got = _all_digests(cluster)
-    assert max(got) == harness.STEPS
-    for step, digest in got.items():
-        assert digest == golden[step], f"snapshot {step} differs from the golden run"
+    _replace_node_and_finish(cluster, victim, golden)
     # The survivor restarted (a peer vanished mid-collective) and resumed from its own disk;
     # the replacement joined with nothing and resumed from the same step, received by broadcast.
     survivor = _events(cluster.ckpt(1 - victim))
@@ -189,14 +194,7 @@ def test_rank0_node_replaced_resumes_from_the_mirror(
         )
         harness.wait_for(lambda: len(mirrored()) >= 2, timeout=180, what="two mirrored snapshots")
         victim = cluster.node_of_rank0()
-        cluster.lose(victim)
-        cluster.start(victim)
-        codes = {n: cluster.wait(n) for n in (0, 1)}
-        assert codes == {0: 0, 1: 0}, cluster.stderr()
-        got = _all_digests(cluster)
-        assert max(got) == harness.STEPS
-        for step, digest in got.items():
-            assert digest == golden[step], f"snapshot {step} differs from the golden run"
+        _replace_node_and_finish(cluster, victim, golden)
         # Aggregated over nodes from the mirror: both supervisors published their state.
         p = subprocess.run(
             [*harness.ORCH, "status", "--mirror", s3_bucket.url, "--json"],

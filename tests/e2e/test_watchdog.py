@@ -5,7 +5,6 @@ Every run is the real CLI under real torchrun (gloo, 2 ranks on CPU); every wait
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -16,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from orchestrator.launcher import find_processes, kill_and_wait
 from tests.e2e import harness
 from tests.e2e.harness import EVERY, ORCH, REPO, STEPS
 
@@ -36,31 +36,21 @@ NO_SUCH_IFACE = "orchnoif0"
 
 
 def run_processes(ckpt: Path) -> list[int]:
-    """Pids of live processes whose environment has ``ORCH_CHECKPOINT_DIR=<ckpt>``.
-
-    Unreadable environments (other users, vanished pids) are skipped; zombies have an empty one.
-    """
-    needle = f"ORCH_CHECKPOINT_DIR={os.path.abspath(ckpt)}".encode()
-    own = os.getpid()
-    found: list[int] = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == own:
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                env = f.read().split(b"\0")
-        except OSError:
-            continue
-        if needle in env:
-            found.append(int(entry))
-    return found
+    """Pids of live processes whose environment has ``ORCH_CHECKPOINT_DIR=<ckpt>``."""
+    return find_processes({"ORCH_CHECKPOINT_DIR": os.path.abspath(ckpt)})
 
 
 def kill_run_processes(ckpt: Path) -> None:
     """Cleanup after a failed test: SIGKILL (works on stopped processes too) what the run left."""
-    for pid in run_processes(ckpt):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    kill_and_wait(run_processes(ckpt), 10)
+
+
+def reap(proc: subprocess.Popen[str], ckpt: Path) -> list[int]:
+    """Kill what is left of a launch; the run's processes that were still alive before that."""
+    harness.kill_group(proc)
+    survivors = run_processes(ckpt)
+    kill_run_processes(ckpt)
+    return survivors
 
 
 def events(ckpt: Path) -> list[dict[str, Any]]:
@@ -181,9 +171,7 @@ def test_sigstop_rank1_is_detected_by_the_watchdog_and_recovered(
 
         out, err = proc.communicate(timeout=240)
     finally:
-        harness.kill_group(proc)
-        survivors = run_processes(ckpt)
-        kill_run_processes(ckpt)
+        survivors = reap(proc, ckpt)
     # Nothing of the run survives, the stopped rank of the hung attempt included.
     assert survivors == [], f"processes of the run survived the launch: {survivors}"
 
@@ -234,9 +222,7 @@ def test_watchdog_kill_of_a_resumed_rank_counts_as_a_hang_not_a_preemption(
         os.kill(pid, signal.SIGCONT)
         out, err = proc.communicate(timeout=240)
     finally:
-        harness.kill_group(proc)
-        survivors = run_processes(ckpt)
-        kill_run_processes(ckpt)
+        survivors = reap(proc, ckpt)
     assert survivors == [], f"processes of the run survived the launch: {survivors}"
     result = harness.Result(proc.returncode, out, err, ckpt)
     emergency = tuple(s for s in harness.digests(result.snapshots()) if s % EVERY)

@@ -555,3 +555,18 @@ def test_closed_rendezvous_retries_are_bounded(tmp_path: Path) -> None:
     # Two free relaunches, then the third counts: one restart (the budget), then give up.
     assert out.exit_code == EXIT_FAILED and len(group.starts) == 4
     assert "closed by another node" in (out.failure or "")
+
+
+def test_fresh_start_step0_heartbeat_is_not_progress(tmp_path: Path) -> None:
+    """resume() heartbeats step 0 before training: a fresh run dying there is a crash loop."""
+    def script(env: Env) -> list[Attempt]:
+        def crash(attempt: int, resume: int | None) -> None:
+            assert resume is None
+            env.heartbeat(attempt, 0)
+        return [Attempt(1, on_exit=crash) for _ in range(10)]
+
+    sup, group, env, _ = make(tmp_path, script, max_restarts=9)
+    out = sup.run()
+    assert out.exit_code == EXIT_FAILED and len(group.starts) == 3
+    gave_up = next(e for e in env.events() if e["event"] == "supervisor.gave_up")
+    assert gave_up["reason"] == "crash_loop"
