@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import builtins
 import errno
+import fcntl
 import hashlib
 import os
 import shutil
 import stat
 import time
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any
 
+import numpy as np
 import structlog
 
 from storage import layout
@@ -97,15 +100,33 @@ def _raise_storage(exc: OSError, what: str) -> StorageError:
     return StorageError(f"I/O error while {what}: {exc}")
 
 
+#: O_DIRECT needs the buffer address, file offset and length aligned to the logical block size;
+#: 4096 covers every block size in use.
+DIRECT_ALIGN = 4096
+
+
+def _address(view: memoryview) -> int:
+    return int(np.frombuffer(view, dtype=np.uint8).ctypes.data) if len(view) else 0
+
+
 class HashingFile:
     """A write-only file that computes its size and sha256 as bytes pass through.
 
-    Writing and hashing both release the GIL for large buffers, so a background writer thread
-    using this does not stall the training thread.
+    Hashing a chunk runs on a helper thread while the chunk is written (hashlib and ``os.write``
+    both release the GIL), so the file costs max(hash, write) rather than their sum, and a
+    background writer never stalls the training thread. With ``direct`` the file is opened with
+    ``O_DIRECT`` (bypassing the page cache) and aligned chunks go straight to the device; an
+    unaligned tail, or a filesystem that refuses ``O_DIRECT`` (tmpfs), falls back to buffered
+    writes, and ``close()`` fsyncs either way.
     """
 
     def __init__(
-        self, path: str, chunk_bytes: int, *, on_error: Callable[[], None] | None = None
+        self,
+        path: str,
+        chunk_bytes: int,
+        *,
+        on_error: Callable[[], None] | None = None,
+        direct: bool = False,
     ) -> None:
         self.path = path
         self._chunk = chunk_bytes
@@ -113,27 +134,68 @@ class HashingFile:
         self._hash = hashlib.sha256()
         self._size = 0
         self._entry: FileEntry | None = None
+        self._hasher: ThreadPoolExecutor | None = None
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+        self.direct = direct and hasattr(os, "O_DIRECT")
         try:
-            self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            self._fd: int | None = os.open(path, flags | (os.O_DIRECT if self.direct else 0), 0o644)
         except OSError as exc:
-            raise _raise_storage(exc, f"creating {path}") from exc
+            if not (self.direct and exc.errno == errno.EINVAL):
+                raise _raise_storage(exc, f"creating {path}") from exc
+            self.direct = False  # this filesystem has no O_DIRECT
+            try:
+                self._fd = os.open(path, flags, 0o644)
+            except OSError as exc2:
+                raise _raise_storage(exc2, f"creating {path}") from exc2
+
+    def _buffered(self) -> None:
+        """Turn O_DIRECT off for the rest of the file (an unaligned piece must be written)."""
+        if self.direct and self._fd is not None:
+            fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+            self.direct = False
+
+    def _write_all(self, chunk: memoryview) -> None:
+        fd = self._fd
+        if fd is None:
+            raise StorageError(f"write to closed snapshot file {self.path}")
+        if self.direct and (
+            len(chunk) % DIRECT_ALIGN or self._size % DIRECT_ALIGN or _address(chunk) % DIRECT_ALIGN
+        ):
+            self._buffered()
+        pos = 0
+        while pos < len(chunk):
+            try:
+                pos += os.write(fd, chunk[pos:])
+            except OSError as exc:
+                if not (self.direct and exc.errno == errno.EINVAL):
+                    raise
+                self._buffered()  # the device wants a larger alignment than DIRECT_ALIGN
+        self._size += len(chunk)
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         if self._fd is None:
             raise StorageError(f"write to closed snapshot file {self.path}")
         view = memoryview(data).cast("B")
         total = len(view)
-        pos = 0
+        if total > self._chunk and self._hasher is None:
+            self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="storage-hash")
+        pending: Future[None] | None = None
         try:
-            while pos < total:
+            for pos in range(0, total, self._chunk):
                 chunk = view[pos : pos + self._chunk]
-                written = os.write(self._fd, chunk)
-                self._hash.update(chunk[:written])
-                pos += written
+                if self._hasher is None:
+                    self._hash.update(chunk)
+                else:
+                    # One hashing thread takes the chunks in order and runs at its own pace
+                    # beside the writes; the caller's buffer is only read until write() returns.
+                    pending = self._hasher.submit(self._hash.update, chunk)
+                self._write_all(chunk)
         except OSError as exc:
             self._failed()
             raise _raise_storage(exc, f"writing {self.path}") from exc
-        self._size += total
+        finally:
+            if pending is not None:
+                pending.result()
         return total
 
     def close(self) -> FileEntry:
@@ -150,8 +212,14 @@ class HashingFile:
             self._failed()
             raise _raise_storage(exc, f"fsyncing {self.path}") from exc
         os.close(fd)
+        self._stop_hasher()
         self._entry = FileEntry(size=self._size, checksum=self._hash.hexdigest())
         return self._entry
+
+    def _stop_hasher(self) -> None:
+        if self._hasher is not None:
+            self._hasher.shutdown(wait=True)
+            self._hasher = None
 
     def _failed(self) -> None:
         """A write or fsync failed: the file is unusable; let the owner free the space now."""
@@ -163,6 +231,7 @@ class HashingFile:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+        self._stop_hasher()
 
     def __enter__(self) -> HashingFile:
         return self
@@ -199,8 +268,11 @@ class SnapshotWriter:
         except OSError as exc:
             raise _raise_storage(exc, f"creating {self.tmp_path}") from exc
 
-    def open(self, name: str) -> HashingFile:
-        """A new file in the snapshot; hash computed while writing, fsynced on close."""
+    def open(self, name: str, *, direct: bool = False) -> HashingFile:
+        """A new file in the snapshot; hash computed while writing, fsynced on close.
+
+        ``direct``: write with O_DIRECT when the settings allow it (for large, aligned buffers).
+        """
         if self._done:
             raise StorageError("snapshot writer already committed or aborted")
         if not layout.is_safe_filename(name):
@@ -213,6 +285,7 @@ class SnapshotWriter:
             os.path.join(self.tmp_path, name),
             self._settings.write_chunk_bytes,
             on_error=self.abort,
+            direct=direct and self._settings.direct_io,
         )
         self._files[name] = f
         return f

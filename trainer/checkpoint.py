@@ -34,6 +34,7 @@ from storage import LocalSnapshotStore, Manifest
 from storage.atomic import atomic_write_bytes, atomic_write_json, fsync_dir
 from storage.errors import CorruptSnapshot
 from trainer import codec, preemption
+from trainer.staging import DeferredStaging, deferrable_slots
 from trainer.distributed import is_initialized
 from trainer.errors import (
     ConfigMismatch,
@@ -52,7 +53,6 @@ log = structlog.get_logger("trainer.checkpoint")
 
 TENSORS_FILE = "tensors.bin"
 TREE_FILE = "tree.json"
-_WRITE_CHUNK = 16 << 20
 _ABSENT = "<absent>"
 
 
@@ -200,6 +200,9 @@ class Checkpointer:
     ``best_source`` picks the exported weights: ``"ema"`` (when an EMA is registered, the
     default) or ``"model"``. ``verify_digest`` recomputes the content digest on load (the files
     are always checksum-verified; this adds a pass over the state to check the codec too).
+    ``staging`` (default ``ORCH_SNAPSHOT_STAGING`` or ``"deferred"``): see :mod:`trainer.staging`;
+    ``"sync"`` copies everything inside ``snapshot()``, for loops that modify parameters in
+    place outside ``optimizer.step()``.
     """
 
     def __init__(
@@ -216,6 +219,7 @@ class Checkpointer:
         best_mode: Literal["max", "min"] = "max",
         best_source: Literal["ema", "model"] = "ema",
         verify_digest: bool = False,
+        staging: Literal["deferred", "sync"] | None = None,
         settings: WorkerSettings | None = None,
     ) -> None:
         self.settings = settings or WorkerSettings.from_env()
@@ -230,6 +234,9 @@ class Checkpointer:
             raise UsageError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
         if best_source not in ("ema", "model"):
             raise UsageError(f"best_source must be 'ema' or 'model', got {best_source!r}")
+        staging = staging or self.settings.snapshot_staging
+        if staging not in ("deferred", "sync"):
+            raise UsageError(f"staging must be 'deferred' or 'sync', got {staging!r}")
         self.state = state
         self.checkpoint_dir = os.path.abspath(directory)
         self.every = every
@@ -268,6 +275,13 @@ class Checkpointer:
         self._best_buffers: dict[str, torch.Tensor] | None = None
         self._best_job: Job | None = None
         self._snapshot_job: Job | None = None
+        self.staging = staging
+        self._staging: DeferredStaging | None = None
+        #: Seconds the training thread was blocked by the latest snapshot: its synchronous part
+        #: plus any wait of ``optimizer.step()`` for the deferred copy.
+        self.last_stall_s = 0.0
+        # The guard: the optimizer may not change parameters or its state while they are staged.
+        self._guard = state.optimizer.register_step_pre_hook(self._before_optimizer_step)
 
     # -- resume ---------------------------------------------------------------------------
 
@@ -279,6 +293,7 @@ class Checkpointer:
         node does not (a replaced node with an empty disk, global rank 0 moved to another node),
         the lowest rank of a holding node reads it, verified, and broadcasts the bytes.
         """
+        self._settle_staging()
         self._heartbeat()
         step, source = self._plan_resume()
         if step is None:
@@ -607,6 +622,7 @@ class Checkpointer:
         """Take a snapshot of the current step (collective: every rank must call it)."""
         step = self.state.step
         started = time.perf_counter()
+        self._settle_staging()
         gathered = self._gather_rank_states()
         self.last_snapshot_step = step
         if self.rank != 0:
@@ -623,9 +639,19 @@ class Checkpointer:
         self.writer.raise_if_failed()
         waited = time.perf_counter() - gathered_at
         encoded = codec.encode(self.state.snapshot_object(gathered))
-        arena = self.arena.stage(encoded)
-        encoded.sources = []  # the writer needs only the arena; drop references to live tensors
+        deferred = (
+            deferrable_slots(encoded, [self.state.optimizer]) if self.staging == "deferred" else frozenset()
+        )
+        arena = self.arena.stage(encoded, skip=deferred)
+        staging: DeferredStaging | None = None
+        if deferred:
+            staging = DeferredStaging(self.arena, encoded, deferred)
+            staging.start()
+            self._staging = staging
+        else:
+            encoded.sources = []  # the writer needs only the arena; drop references to live tensors
         stall = time.perf_counter() - started
+        self.last_stall_s = stall
         log.info(
             "snapshot.staged",
             step=step,
@@ -633,15 +659,31 @@ class Checkpointer:
             gather_s=round(gathered_at - started, 6),
             wait_s=round(waited, 6),
             bytes=encoded.arena_nbytes,
+            deferred_bytes=0 if staging is None else staging.nbytes,
         )
         self.faults.point("after_staging", step)
         metadata = self._manifest_metadata()
         epoch = self.state.epoch
 
         def job() -> None:
+            if staging is not None:
+                staging.wait()
             self._write_snapshot(step, epoch, encoded, arena, metadata)
 
         self._snapshot_job = self.writer.submit(job, label=f"snapshot@{step}")
+
+    def _before_optimizer_step(self, *_args: Any) -> None:
+        """Optimizer step pre-hook: parameters may change only once they are staged."""
+        self._settle_staging()
+
+    def _settle_staging(self) -> None:
+        """Wait for a deferred copy in flight (training thread); count the wait as stall."""
+        staging, self._staging = self._staging, None
+        if staging is not None:
+            waited = staging.wait()
+            self.last_stall_s += waited
+            if waited > 0.001:
+                log.debug("snapshot.staging_waited", seconds=round(waited, 6))
 
     def _reserve_arena(self) -> None:
         """Allocate the staging arena in the background before the first snapshot needs it."""
@@ -708,9 +750,9 @@ class Checkpointer:
             digester = _DigestThread(encoded.canonical_tree_bytes(), view, encoded.slots)
             digester.start()
             try:
-                with writer.open(TENSORS_FILE) as f:
-                    for lo in range(0, size, _WRITE_CHUNK):
-                        f.write(view[lo : min(size, lo + _WRITE_CHUNK)])
+                with writer.open(TENSORS_FILE, direct=True) as f:
+                    # One call: the file chunks it, hashing each chunk beside its write.
+                    f.write(view)
             finally:
                 digester.join()
             digest = digester.result()
@@ -739,6 +781,7 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Block until background writes finished; re-raise the first one that failed."""
+        self._settle_staging()
         self.writer.wait()
 
     def finish(self) -> None:
@@ -766,5 +809,10 @@ class Checkpointer:
         log.info("run.finished", step=step, digest=self.last_digest)
 
     def close(self) -> None:
-        """Wait for pending writes and stop the writer thread (re-raises a pending error)."""
+        """Wait for pending writes, stop the writer thread, remove the optimizer hook.
+
+        Re-raises a pending error.
+        """
+        self._guard.remove()
+        self._settle_staging()
         self.writer.close()

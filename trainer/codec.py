@@ -262,6 +262,9 @@ def state_digest(obj: Any) -> str:
     return "sha256:" + h.hexdigest()
 
 
+_PAGE = 4096
+
+
 class StagingArena:
     """A reusable staging buffer: copies a state's tensors into one aligned uint8 arena.
 
@@ -288,8 +291,11 @@ class StagingArena:
         layout = encoded.layout_key()
         size = encoded.arena_nbytes
         if self._buffer is None or self._buffer.numel() != size:
-            # empty, not zeros: only the padding needs zeroing, done below.
-            self._buffer = torch.empty(size, dtype=torch.uint8, pin_memory=self.pin_memory)
+            # empty, not zeros: only the padding needs zeroing, done below. Page-aligned, so the
+            # writer can hand it to O_DIRECT without a bounce buffer.
+            raw = torch.empty(size + _PAGE, dtype=torch.uint8, pin_memory=self.pin_memory)
+            start = -raw.data_ptr() % _PAGE
+            self._buffer = raw[start : start + size]
             self.allocations += 1
             self._layout = None
         if layout != self._layout:
@@ -300,29 +306,39 @@ class StagingArena:
             self._layout = layout
         return self._buffer
 
-    def stage(self, encoded: EncodedState) -> torch.Tensor:
-        """Copy every source tensor into the arena and return the arena (uint8, CPU)."""
-        size = encoded.arena_nbytes
+    def stage(self, encoded: EncodedState, *, skip: frozenset[int] = frozenset()) -> torch.Tensor:
+        """Copy every source tensor (except the slot indices in ``skip``) into the arena.
+
+        Returns the arena (uint8, CPU). Skipped slots are filled later by :meth:`copy_slot`.
+        """
         arena = self._prepare(encoded)
-        arena_np = arena.numpy() if size else np.zeros(0, dtype=np.uint8)
         needs_sync = False
-        for src, slot in zip(encoded.sources, encoded.slots, strict=True):
-            if slot.nbytes == 0:
-                continue
-            if isinstance(src, np.ndarray):
-                dst_np = arena_np[slot.offset : slot.offset + slot.nbytes]
-                dst_np.view(src.dtype).reshape(src.shape)[...] = src
-                continue
-            t = src.detach()
-            dst = arena[slot.offset : slot.offset + slot.nbytes].view(t.dtype).view(t.shape)
-            if t.device.type != "cpu":
-                needs_sync = True
-                dst.copy_(t, non_blocking=self.pin_memory)
-            else:
-                dst.copy_(t)
+        for index in range(len(encoded.slots)):
+            if index not in skip:
+                needs_sync |= self.copy_slot(encoded, index)
         if needs_sync and torch.cuda.is_available():
             torch.cuda.synchronize()
         return arena
+
+    def copy_slot(self, encoded: EncodedState, index: int) -> bool:
+        """Copy source ``index`` into its slot; True when it was an asynchronous device copy."""
+        src, slot = encoded.sources[index], encoded.slots[index]
+        if slot.nbytes == 0:
+            return False
+        arena = self._buffer
+        if arena is None or arena.numel() != encoded.arena_nbytes:
+            raise RuntimeError("copy_slot before stage(): the arena is not laid out for this state")
+        if isinstance(src, np.ndarray):
+            dst_np = arena.numpy()[slot.offset : slot.offset + slot.nbytes]
+            dst_np.view(src.dtype).reshape(src.shape)[...] = src
+            return False
+        t = src.detach()
+        dst = arena[slot.offset : slot.offset + slot.nbytes].view(t.dtype).view(t.shape)
+        if t.device.type != "cpu":
+            dst.copy_(t, non_blocking=self.pin_memory)
+            return True
+        dst.copy_(t)
+        return False
 
 
 def iter_regions(arena_nbytes: int, slots: list[TensorSlot], chunk: int) -> Iterator[tuple[int, int, bool]]:

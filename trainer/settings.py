@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 ResumeMode = Literal["auto", "fresh", "step"]
+StagingMode = Literal["deferred", "sync"]
+STAGING_MODES = ("deferred", "sync")
 
 DEFAULT_PG_TIMEOUT_S = 60.0
 LOG_FORMATS = ("json", "console")
@@ -49,6 +51,9 @@ class WorkerSettings:
     log_format: str | None = None
     #: Look for a preemption request every K steps (one all-reduce each time; 1 = every step).
     preempt_check_every: int = 1
+    #: ``deferred``: parameters and optimizer state are copied off the training thread, and
+    #: ``optimizer.step()`` waits for that copy; ``sync``: everything copied inside the snapshot.
+    snapshot_staging: StagingMode = "deferred"
 
     def __post_init__(self) -> None:
         if self.world_size < 1:
@@ -83,6 +88,10 @@ class WorkerSettings:
         if self.preempt_check_every < 1:
             raise ValueError(
                 f"ORCH_PREEMPT_CHECK_EVERY must be >= 1, got {self.preempt_check_every}"
+            )
+        if self.snapshot_staging not in STAGING_MODES:
+            raise ValueError(
+                f"ORCH_SNAPSHOT_STAGING must be one of {STAGING_MODES}, got {self.snapshot_staging!r}"
             )
         if self.checkpoint_dir is not None and not self.checkpoint_dir:
             raise ValueError("ORCH_CHECKPOINT_DIR must not be empty when set")
@@ -124,6 +133,7 @@ class WorkerSettings:
             pg_timeout_s=_float(e, "ORCH_PG_TIMEOUT_S", DEFAULT_PG_TIMEOUT_S),
             log_format=(_str(e, "ORCH_LOG_FORMAT") or None),
             preempt_check_every=_int(e, "ORCH_PREEMPT_CHECK_EVERY", 1),
+            snapshot_staging=(_str(e, "ORCH_SNAPSHOT_STAGING") or "deferred"),  # type: ignore[arg-type]
         )
 
 

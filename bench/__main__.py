@@ -1,0 +1,109 @@
+"""``python -m bench``: run the legs, write JSON and a markdown table."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import os
+import shlex
+import sys
+import tempfile
+import time
+import traceback
+from typing import Any
+
+import structlog
+
+from bench import core, legs, report
+
+DEFAULT_SIZES = "100M,1G"
+QUICK_SIZES = "100M"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p.add_argument("--quick", action="store_true",
+                   help=f"sizes {QUICK_SIZES}, fewer repeats: a few minutes on 2 cores")
+    p.add_argument("--sizes", default=None,
+                   help=f"comma-separated state sizes (default {DEFAULT_SIZES}; 4G optional)")
+    p.add_argument("--legs", default=",".join(legs.LEGS),
+                   help=f"comma-separated subset of: {', '.join(legs.LEGS)}")
+    p.add_argument("--repeats", type=int, default=None, help="samples per measurement (default 5, quick 3)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--workdir", default=None,
+                   help="scratch directory on the disk under test (default: a temp dir under ./.bench)")
+    p.add_argument("--json", dest="json_path", default="bench-results.json")
+    p.add_argument("--markdown", dest="md_path", default=None,
+                   help="default: the JSON path with .md")
+    return p.parse_args(argv)
+
+
+def quiet_logs() -> None:
+    """Our libraries log every snapshot at info; a benchmark wants only warnings and errors."""
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    quiet_logs()
+    try:
+        sizes = tuple(core.parse_size(s) for s in (args.sizes or (QUICK_SIZES if args.quick else DEFAULT_SIZES)).split(","))
+        selected = tuple(s.strip() for s in args.legs.split(",") if s.strip())
+        unknown = [s for s in selected if s not in legs.LEGS]
+        if unknown:
+            raise ValueError(f"unknown legs {unknown}; choose from {list(legs.LEGS)}")
+        base = args.workdir or os.path.join(os.getcwd(), ".bench")
+        os.makedirs(base, exist_ok=True)
+        config = core.BenchConfig(
+            sizes=sizes,
+            quick=args.quick,
+            repeats=args.repeats or (3 if args.quick else 5),
+            workdir=tempfile.mkdtemp(prefix="run-", dir=base),
+            device=args.device,
+            legs=selected,
+        )
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    doc: dict[str, Any] = {
+        "command": "python -m bench " + shlex.join(argv if argv is not None else sys.argv[1:]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": core.machine(),
+        "device": config.device,
+        "repeats": config.repeats,
+        "sizes": list(sizes),
+        "legs": [],
+        "errors": [],
+    }
+    failed = False
+    for name in config.legs:
+        fn = legs.load(name)
+        for size in sizes:
+            print(f"[bench] {name} {core.size_label(size)} ...", file=sys.stderr, flush=True)
+            started = time.perf_counter()
+            try:
+                result = fn(config, size)
+            except Exception as exc:  # one broken leg must not lose the others' numbers
+                failed = True
+                doc["errors"].append({"leg": name, "size": size, "error": f"{type(exc).__name__}: {exc}",
+                                      "traceback": traceback.format_exc()})
+                print(f"[bench] {name} failed: {exc}", file=sys.stderr, flush=True)
+                continue
+            result.seconds = time.perf_counter() - started
+            doc["legs"].append(result.to_json())
+            verdict = "met" if doc["legs"][-1]["met"] else "NOT met"
+            print(f"[bench] {name} {result.size}: {verdict} ({result.seconds:.1f} s)", file=sys.stderr, flush=True)
+            core.write_json(args.json_path, doc)  # partial results survive an interrupted run
+    doc["all_met"] = not failed and all(leg["met"] for leg in doc["legs"])
+    core.write_json(args.json_path, doc)
+    md_path = args.md_path or os.path.splitext(args.json_path)[0] + ".md"
+    with open(md_path, "w") as f:
+        f.write(report.markdown(doc))
+    print(report.markdown(doc))
+    print(f"[bench] wrote {args.json_path} and {md_path}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

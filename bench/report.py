@@ -1,0 +1,50 @@
+"""The markdown table of a benchmark run: one row per target, grouped by leg and size."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from bench.core import fmt
+
+
+def _stat(v: Mapping[str, Any]) -> str:
+    return f"{fmt(v['median'])} [{fmt(v['min'])}–{fmt(v['max'])}] {v['unit']}"
+
+
+def markdown(doc: Mapping[str, Any]) -> str:
+    """Markdown for a run document as written by ``python -m bench --json``."""
+    m = doc["machine"]
+    lines = [
+        f"Command: `{doc['command']}`  ",
+        f"Machine: {m.get('gpu') or 'no GPU'}; {m['cpu']}, {m['cores']} cores, "
+        f"{(m.get('memory_bytes') or 0) / 2**30:.0f} GiB; torch {m['torch']}; device `{doc['device']}`  ",
+        f"Date: {doc['date']}; repeats per measurement: {doc['repeats']} (medians, [min–max]).",
+        "",
+        "| leg | size | target | value | bound | met |",
+        "|---|---|---|---|---|---|",
+    ]
+    for leg in doc["legs"]:
+        for t in leg["targets"]:
+            value = "n/a" if t["value"] is None else fmt(t["value"])
+            lines.append(
+                f"| {leg['leg']} | {leg['size']} | {t['meaning']} | {value} | {t['op']} {fmt(t['bound'])} "
+                f"| {'yes' if t['met'] else '**no**'} |"
+            )
+        if not leg["targets"]:
+            lines.append(f"| {leg['leg']} | {leg['size']} | (no target) | | | |")
+    lines += ["", "Measured values:", ""]
+    for leg in doc["legs"]:
+        gate = leg["correctness"]
+        gate_text = (
+            "not checked" if gate["ok"] is None
+            else f"{gate['checked']} digest checks {'passed' if gate['ok'] else 'FAILED'}"
+        )
+        lines.append(f"- **{leg['leg']} {leg['size']}** ({gate_text}):")
+        for name, v in leg["values"].items():
+            lines.append(f"  - {name}: {_stat(v)}")
+        for name, v in leg["scalars"].items():
+            lines.append(f"  - {name}: {v}")
+        for note in leg["notes"]:
+            lines.append(f"  - note: {note}")
+    return "\n".join(lines) + "\n"
