@@ -9,6 +9,7 @@ timings: a missed target is a result to report, not an exception.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -63,7 +64,7 @@ class Stat:
     def short(self) -> str:
         """``median [min-max] unit`` with a sensible number of digits."""
         lo, hi = self.spread
-        return f"{fmt(self.median)} [{fmt(lo)}–{fmt(hi)}] {self.unit}"
+        return f"{fmt(self.median)} [{fmt(lo)}-{fmt(hi)}] {self.unit}"
 
 
 def fmt(x: float) -> str:
@@ -172,10 +173,7 @@ def parse_size(text: str) -> int:
     t = text.strip().upper().removesuffix("B")
     units = {"K": 1_000, "M": MB, "G": GB}
     try:
-        if t and t[-1] in units:
-            value = int(float(t[:-1]) * units[t[-1]])
-        else:
-            value = int(t)
+        value = int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
     except ValueError:
         raise ValueError(f"bad size {text!r}: use e.g. 100M, 1G, 4G") from None
     if value <= 0:
@@ -215,7 +213,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: 
     x = torch.randn(batch, first.shape[1], device=first.device)
     loss = model(x).square().mean()
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()  # type: ignore[no-untyped-call]
+    loss.backward()
     optimizer.step()
     return float(loss.detach())
 
@@ -362,10 +360,8 @@ def machine() -> dict[str, Any]:
     except OSError:
         pass
     mem = None
-    try:
+    with contextlib.suppress(ValueError, OSError):
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError):
-        pass
     info: dict[str, Any] = {
         "cpu": cpu,
         "cores": os.cpu_count(),

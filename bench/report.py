@@ -9,7 +9,7 @@ from bench.core import fmt
 
 
 def _stat(v: Mapping[str, Any]) -> str:
-    return f"{fmt(v['median'])} [{fmt(v['min'])}–{fmt(v['max'])}] {v['unit']}"
+    return f"{fmt(v['median'])} [{fmt(v['min'])}-{fmt(v['max'])}] {v['unit']}"
 
 
 def markdown(doc: Mapping[str, Any]) -> str:
@@ -19,7 +19,7 @@ def markdown(doc: Mapping[str, Any]) -> str:
         f"Command: `{doc['command']}`  ",
         f"Machine: {m.get('gpu') or 'no GPU'}; {m['cpu']}, {m['cores']} cores, "
         f"{(m.get('memory_bytes') or 0) / 2**30:.0f} GiB; torch {m['torch']}; device `{doc['device']}`  ",
-        f"Date: {doc['date']}; repeats per measurement: {doc['repeats']} (medians, [min–max]).",
+        f"Date: {doc['date']}; repeats per measurement: {doc['repeats']} (medians, [min-max]).",
         "",
         "| leg | size | target | value | bound | met |",
         "|---|---|---|---|---|---|",

@@ -34,7 +34,6 @@ from storage import LocalSnapshotStore, Manifest
 from storage.atomic import atomic_write_bytes, atomic_write_json, fsync_dir
 from storage.errors import CorruptSnapshot
 from trainer import codec, preemption
-from trainer.staging import DeferredStaging, deferrable_slots
 from trainer.distributed import is_initialized
 from trainer.errors import (
     ConfigMismatch,
@@ -46,6 +45,7 @@ from trainer.errors import (
 )
 from trainer.faults import FaultInjector
 from trainer.settings import WorkerSettings
+from trainer.staging import DeferredStaging, deferrable_slots
 from trainer.state import TrainingState
 from trainer.writer import BackgroundWriter, Job
 

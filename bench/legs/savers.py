@@ -39,6 +39,9 @@ class Saver(Protocol):
     def saved_digest(self, step: int) -> str:
         """:func:`bench.core.tensor_digest`-comparable digest of what was saved at ``step``."""
 
+    def delete(self, step: int) -> None:
+        """Remove what ``save(step)`` wrote (the disk must not fill up over many repeats)."""
+
     def close(self) -> None: ...
 
 
@@ -168,12 +171,12 @@ class DcpAsync:
         return os.path.join(self.directory, f"step-{step}")
 
     def save(self, step: int) -> float:
-        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict_saver import async_save
 
         if self.future is not None:
             self.future.result()
         started = time.perf_counter()
-        result = dcp.async_save(
+        result = async_save(
             core.training_state(self.model, self.optimizer),
             checkpoint_id=self.path(step),
             no_dist=True,
@@ -197,7 +200,7 @@ class DcpAsync:
         return time.perf_counter() - started
 
     def saved_digest(self, step: int) -> str:
-        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict_loader import load
 
         template = {
             "model": {k: torch.empty_like(v) for k, v in self.model.state_dict().items()},
@@ -205,7 +208,7 @@ class DcpAsync:
         }
         for t in core.iter_tensors(template["optim"]):
             t.zero_()
-        dcp.load(template, checkpoint_id=self.path(step), no_dist=True)
+        load(template, checkpoint_id=self.path(step), no_dist=True)
         return core.tensor_digest(template)
 
     def delete(self, step: int) -> None:

@@ -24,10 +24,14 @@ def copy_limit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, device:
         return core.memcpy_seconds(sum(t.numel() * t.element_size() for t in tensors), repeats=repeats)
     dst = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
 
+    def copy_all() -> None:
+        for d, s in zip(dst, tensors, strict=True):
+            d.copy_(s, non_blocking=True)
+        torch.cuda.synchronize()
+
     def once() -> float:
         torch.cuda.synchronize()
-        return core.timed(lambda: ([d.copy_(s, non_blocking=True) for d, s in zip(dst, tensors, strict=True)],
-                                   torch.cuda.synchronize()))
+        return core.timed(copy_all)
 
     once()
     return core.Stat(unit="s", samples=tuple(once() for _ in range(repeats)))
@@ -51,7 +55,7 @@ def measure(saver: savers.Saver, model: torch.nn.Module, optimizer: torch.optim.
         if i > 0:
             samples.append(stalled)
         result.gate(expected, saver.saved_digest(step - steps_between), f"{saver.name} save {i}")
-        saver.delete(step - steps_between)  # type: ignore[attr-defined]
+        saver.delete(step - steps_between)
     return core.Stat(unit="s", samples=tuple(samples))
 
 
@@ -65,7 +69,9 @@ def run(config: core.BenchConfig, size_bytes: int) -> core.LegResult:
     base = config.scratch("stall")
     limit = copy_limit(model, optimizer, config.device, config.repeats)
     result.values["copy_limit_s"] = limit
-    makers = {"ours": savers.Ours, "torch_save": savers.TorchSave, "dcp_async_save": savers.DcpAsync}
+    makers: dict[str, type[savers.Ours] | type[savers.TorchSave] | type[savers.DcpAsync]] = {
+        "ours": savers.Ours, "torch_save": savers.TorchSave, "dcp_async_save": savers.DcpAsync,
+    }
     for name, make in makers.items():
         saver = make(model, optimizer, f"{base}/{name}")
         try:

@@ -1,0 +1,84 @@
+"""Leg "overhead": training throughput with a snapshot every N steps against none at all.
+
+N is chosen, in this run, as the interval at which synchronous ``torch.save`` + fsync costs 10%
+of throughput (N = save time / (0.1 x step time)). Three loops then run interleaved over blocks of
+2N steps: bare (no checkpointing code at all), ours (``Checkpointer.step_done`` every step, so
+heartbeats and preemption checks are counted too, a snapshot every N) and ``torch.save`` every N.
+Each block ends on a snapshot step; after the clock stops, the block's last snapshot is compared
+with the live state's digest (nothing has trained since), so the gate costs the loop nothing.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+import trainer
+from bench import core
+from bench.legs import savers
+
+
+def run(config: core.BenchConfig, size_bytes: int) -> core.LegResult:
+    torch.set_num_threads(1)
+    model = core.make_model(size_bytes, device=config.device)
+    optimizer = core.make_optimizer(model)
+    core.train_step(model, optimizer)
+    nbytes = core.state_bytes(model, optimizer)
+    result = core.LegResult(leg="overhead", size=core.size_label(size_bytes), size_bytes=nbytes)
+    base = config.scratch("overhead")
+    plain = savers.TorchSave(model, optimizer, f"{base}/torch_save")
+
+    step_s = [core.timed(lambda: core.train_step(model, optimizer)) for _ in range(10)]
+    step_median = core.Stat(unit="s", samples=tuple(step_s)).median
+    save_s = [plain.save(0) for _ in range(3)]
+    save_median = core.Stat(unit="s", samples=tuple(save_s)).median
+    every = max(1, round(save_median / (0.10 * step_median)))
+    result.scalars.update(interval_steps=every, step_s=round(step_median, 5), torch_save_s=round(save_median, 4))
+
+    settings = trainer.WorkerSettings(checkpoint_dir=f"{base}/ours", run_id="bench")
+    state = trainer.TrainingState(model=model, optimizer=optimizer)
+    ckpt = trainer.Checkpointer(state, hparams={}, every=every, settings=settings)
+    step = 0
+    rates: dict[str, list[float]] = {"bare": [], "ours": [], "torch_save": []}
+
+    def block(kind: str) -> float:
+        nonlocal step
+        started = time.perf_counter()
+        for _ in range(2 * every):
+            core.train_step(model, optimizer)
+            step += 1
+            if kind == "ours":
+                ckpt.step_done(step)
+            elif kind == "torch_save" and step % every == 0:
+                plain.save(step)
+        return 2 * every / (time.perf_counter() - started)
+
+    try:
+        # Align to a multiple of the interval so every block ends on a snapshot step.
+        block("bare")
+        for _ in range(config.repeats):
+            for kind in ("bare", "ours", "torch_save"):
+                rates[kind].append(block(kind))
+                if kind == "ours":
+                    ckpt.wait()
+                    result.gate(ckpt.live_digest() or "", ckpt.store.read_manifest(step).digest,
+                                f"ours snapshot at step {step}")
+                elif kind == "torch_save":
+                    result.gate(core.tensor_digest(core.training_state(model, optimizer)),
+                                plain.saved_digest(step), f"torch.save at step {step}")
+                    plain.delete(step - every)
+                    plain.delete(step)
+    finally:
+        ckpt.close()
+    for kind, values in rates.items():
+        result.values[f"{kind}_steps_per_s"] = core.Stat(unit="steps/s", samples=tuple(values))
+    bare = result.values["bare_steps_per_s"].median
+    ours_overhead = 1 - core.ratio(result.values["ours_steps_per_s"].median, bare)
+    save_overhead = 1 - core.ratio(result.values["torch_save_steps_per_s"].median, bare)
+    result.scalars["torch_save_overhead"] = round(save_overhead, 4)
+    result.targets.append(core.Target(
+        name="throughput_overhead", value=ours_overhead, bound=0.01, op="<=",
+        meaning=f"throughput lost, snapshot every {every} steps (torch.save loses {save_overhead:.1%})",
+    ))
+    return result
