@@ -277,6 +277,8 @@ class Checkpointer:
         self._snapshot_job: Job | None = None
         self.staging = staging
         self._staging: DeferredStaging | None = None
+        self._last_beat = -math.inf
+        self._stepped = False
         #: Seconds the training thread was blocked by the latest snapshot: its synchronous part
         #: plus any wait of ``optimizer.step()`` for the deferred copy.
         self.last_stall_s = 0.0
@@ -483,9 +485,18 @@ class Checkpointer:
         if metrics:
             self._last_metrics = {str(k): _json_metric(v) for k, v in metrics.items()}
             self._track_best(step, metrics)
-        self._heartbeat()
+        snapshot_due = self.every > 0 and step % self.every == 0
+        first, self._stepped = not self._stepped, True
+        # A heartbeat is a file write and rename (~0.3 ms): rate-limited, so that short steps
+        # do not pay it every time. The supervisor's watchdog counts in seconds.
+        if (
+            snapshot_due
+            or first
+            or time.monotonic() - self._last_beat >= self.settings.heartbeat_interval_s
+        ):
+            self._heartbeat()
         self.faults.point("step_end", step)
-        if self.every > 0 and step % self.every == 0:
+        if snapshot_due:
             self.snapshot()
         elif self.rank == 0 and self._snapshot_job is None:
             self._reserve_arena()
@@ -518,6 +529,7 @@ class Checkpointer:
         """Snapshot this step (unless just taken), wait for its commit, acknowledge, stop."""
         started = time.perf_counter()
         log.warning("preempt.requested", step=step)
+        self._heartbeat()
         if self.last_snapshot_step != step:
             self.snapshot()
         if self.rank == 0:
@@ -549,6 +561,7 @@ class Checkpointer:
         raise Preempted(step)
 
     def _heartbeat(self) -> None:
+        self._last_beat = time.monotonic()
         doc = {
             "pid": os.getpid(),
             "rank": self.rank,
@@ -787,6 +800,7 @@ class Checkpointer:
     def finish(self) -> None:
         """Final snapshot (unless one exists at this step), wait for writes, export last.pt."""
         step = self.state.step
+        self._heartbeat()
         if self.last_snapshot_step != step:
             self.snapshot()
         if self.rank == 0:

@@ -54,6 +54,9 @@ class WorkerSettings:
     #: ``deferred``: parameters and optimizer state are copied off the training thread, and
     #: ``optimizer.step()`` waits for that copy; ``sync``: everything copied inside the snapshot.
     snapshot_staging: StagingMode = "deferred"
+    #: At most one heartbeat file write per this many seconds (0: every step). The first
+    #: completed step of an attempt, snapshot steps and the end always write one.
+    heartbeat_interval_s: float = 1.0
 
     def __post_init__(self) -> None:
         if self.world_size < 1:
@@ -89,6 +92,8 @@ class WorkerSettings:
             raise ValueError(
                 f"ORCH_PREEMPT_CHECK_EVERY must be >= 1, got {self.preempt_check_every}"
             )
+        if not self.heartbeat_interval_s >= 0:
+            raise ValueError(f"ORCH_HEARTBEAT_INTERVAL_S must be >= 0, got {self.heartbeat_interval_s}")
         if self.snapshot_staging not in STAGING_MODES:
             raise ValueError(
                 f"ORCH_SNAPSHOT_STAGING must be one of {STAGING_MODES}, got {self.snapshot_staging!r}"
@@ -134,6 +139,7 @@ class WorkerSettings:
             log_format=(_str(e, "ORCH_LOG_FORMAT") or None),
             preempt_check_every=_int(e, "ORCH_PREEMPT_CHECK_EVERY", 1),
             snapshot_staging=(_str(e, "ORCH_SNAPSHOT_STAGING") or "deferred"),  # type: ignore[arg-type]
+            heartbeat_interval_s=_float(e, "ORCH_HEARTBEAT_INTERVAL_S", 1.0),
         )
 
 
