@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         config = core.BenchConfig(
             sizes=sizes,
             quick=args.quick,
-            repeats=args.repeats or (3 if args.quick else 5),
+            repeats=args.repeats if args.repeats is not None else (3 if args.quick else 5),
             workdir=tempfile.mkdtemp(prefix="run-", dir=base),
             device=args.device,
             legs=selected,
