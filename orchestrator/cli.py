@@ -117,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-config-change", action="store_true", default=None, help="resume despite changed "
         "hyperparameters"
     )
+    launch.add_argument(
+        "--warm-spare", action="store_true", default=None, help="single node: keep a second "
+        "worker group started (imports, process group, model built) and waiting, so a restart "
+        "skips start-up; costs that group's memory (on GPU too, if the script allocates there "
+        "before Checkpointer.resume())"
+    )
     launch.add_argument("--config", metavar="FILE", help="TOML file with defaults for the flags")
     launch.add_argument("script", nargs="?", metavar="SCRIPT", help="the training script")
     launch.add_argument("script_args", nargs=argparse.REMAINDER, metavar="SCRIPT_ARGS")
@@ -176,6 +182,7 @@ _LAUNCH_KEYS = (
     "grace",
     "hang_timeout",
     "allow_config_change",
+    "warm_spare",
     "script",
 )
 
@@ -236,14 +243,17 @@ def _supervise(
             max_restarts=config.max_restarts,
             script=config.script,
         )
-        group = TorchrunGroup(
-            config=config,
-            settings=settings,
-            run_id=run_id,
-            base_env=inherited_environment(),
-            log_path=paths.attempt_log,
-            echo=sys.stderr.buffer,
-        )
+        def make_group() -> TorchrunGroup:
+            return TorchrunGroup(
+                config=config,
+                settings=settings,
+                run_id=run_id,
+                base_env=inherited_environment(),
+                log_path=paths.attempt_log,
+                echo=sys.stderr.buffer,
+            )
+
+        group = make_group()
         stop = StopRequest()
         preempt_signals = preempt_signal_numbers(settings.preempt_signals)
         store = LocalSnapshotStore(paths.checkpoint_dir)
@@ -277,6 +287,7 @@ def _supervise(
             preempt_signals=preempt_signals,
             preemptions=_previous_preemptions(paths),
             notices=poller_from_settings(settings),
+            spare_factory=make_group if config.warm_spare else None,
         )
 
         def on_signal(signum: int, _frame: FrameType | None) -> None:

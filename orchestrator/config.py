@@ -52,6 +52,7 @@ class LaunchConfig:
     grace: float = 30.0
     hang_timeout: float | None = None
     allow_config_change: bool = False
+    warm_spare: bool = False
 
     def __post_init__(self) -> None:
         if not self.checkpoint_dir:
@@ -93,6 +94,9 @@ class LaunchConfig:
             raise ValueError(f"--grace must be >= 0 seconds, got {self.grace}")
         if self.hang_timeout is not None and not self.hang_timeout > 0:
             raise ValueError(f"--hang-timeout must be > 0 seconds, got {self.hang_timeout}")
+        if self.warm_spare and self.nodes > 1:
+            raise ValueError("--warm-spare is single-node only (a spare group cannot join the "
+                             "other nodes' rendezvous ahead of time)")
 
     @property
     def retention_active(self) -> bool:
@@ -132,6 +136,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "grace": (int, float),
     "hang_timeout": (int, float),
     "allow_config_change": (bool,),
+    "warm_spare": (bool,),
 }
 CONFIG_KEYS = frozenset(_FIELD_TYPES)
 

@@ -40,8 +40,12 @@ _PR_SET_PDEATHSIG = 1
 class WorkerGroup(Protocol):
     """One attempt's worker group, as the supervisor sees it."""
 
-    def start(self, attempt: int, resume_step: int | None) -> None:
-        """Launch the group for ``attempt``, resuming from ``resume_step`` (None = fresh)."""
+    def start(self, attempt: int, resume_step: int | None, *, spare_gate: str | None = None) -> None:
+        """Launch the group for ``attempt``, resuming from ``resume_step`` (None = fresh).
+
+        With ``spare_gate`` the group is a warm spare: its ranks start up and wait in
+        ``Checkpointer.resume()`` until that file appears, and read the resume step from it.
+        """
         ...
 
     def poll(self) -> int | None:
@@ -271,6 +275,7 @@ def build_worker_env(
     attempt: int,
     resume_step: int | None,
     token: str,
+    spare_gate: str | None = None,
 ) -> dict[str, str]:
     """The environment of torchrun and its ranks (the contract in docs/INTERNALS.md)."""
     env = dict(base)
@@ -293,6 +298,12 @@ def build_worker_env(
         env.pop("ORCH_CHECKPOINT_EVERY", None)
     else:
         env["ORCH_CHECKPOINT_EVERY"] = str(config.checkpoint_every)
+    if spare_gate is not None:
+        # A warm spare learns its resume step only when it is promoted (from the gate file).
+        env.pop("ORCH_RESUME_STEP")
+        env["ORCH_SPARE_GATE"] = spare_gate
+    else:
+        env.pop("ORCH_SPARE_GATE", None)
     env.setdefault("OMP_NUM_THREADS", "1")
     # Ranks write into a pipe: unbuffered, their last words before a crash reach the log.
     env.setdefault("PYTHONUNBUFFERED", "1")
@@ -325,7 +336,7 @@ class TorchrunGroup:
         self._attempt = -1
         self._status: int | None = None
 
-    def start(self, attempt: int, resume_step: int | None) -> None:
+    def start(self, attempt: int, resume_step: int | None, *, spare_gate: str | None = None) -> None:
         if self._proc is not None and self._status is None:
             raise RuntimeError("the previous attempt's worker group is still running")
         self._token = uuid.uuid4().hex
@@ -342,6 +353,7 @@ class TorchrunGroup:
             attempt=attempt,
             resume_step=resume_step,
             token=self._token,
+            spare_gate=spare_gate,
         )
         path = self._log_path(attempt)
         os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Protocol
@@ -43,6 +43,7 @@ from orchestrator.runstate import (
 )
 from orchestrator.settings import Settings
 from storage import RetentionPolicy, SnapshotInfo, plan_retention
+from storage.atomic import atomic_write_json
 from storage.errors import StorageError
 
 log = structlog.get_logger("orchestrator.supervisor")
@@ -150,8 +151,13 @@ class Supervisor:
         preempt_signals: Sequence[int] = (signal.SIGTERM, signal.SIGUSR1),
         preemptions: int = 0,
         notices: NoticePoller | None = None,
+        spare_factory: Callable[[], WorkerGroup] | None = None,
     ) -> None:
         self._config = config
+        #: --warm-spare: makes the group started ahead of the next attempt.
+        self._spare_factory = spare_factory
+        self._spare: WorkerGroup | None = None
+        self._spare_attempt = -1
         self._notices = notices
         self._settings = settings
         self._run_id = run_id
@@ -244,6 +250,7 @@ class Supervisor:
             if self._group_running:
                 self._group.kill()
                 self._group_running = False
+            self._discard_spare("supervisor_error")
             self._last_failure = f"supervisor error: {type(exc).__name__}: {exc}"
             self._enter(Phase.FAILED)
             if self._mirror is not None:
@@ -252,6 +259,7 @@ class Supervisor:
                 except Exception as mirror_exc:  # the first error is the one to report
                     log.warning("mirror.close_failed", error=str(mirror_exc))
             raise
+        self._discard_spare(f"run_{self._phase.value}")
         if self._mirror is not None:
             self._finish_mirror(self._mirror)
         failure = self._last_failure if self._exit_code not in (EXIT_OK, EXIT_PREEMPTED) else None
@@ -284,7 +292,8 @@ class Supervisor:
         self._hang_failure = None
         self._last_beat = None
         try:
-            self._group.start(self._attempt, self._resume_step)
+            if not self._promote_spare():
+                self._group.start(self._attempt, self._resume_step)
         except OSError as exc:
             self._give_up(f"cannot start the worker group: {exc}", reason="start_failed")
             return
@@ -300,6 +309,59 @@ class Supervisor:
             nproc_per_node=self._config.nproc_per_node,
         )
         self._enter(Phase.RUNNING)
+
+    # -- warm spare ----------------------------------------------------------------------
+
+    def _spare_gate(self, attempt: int) -> str:
+        return os.path.join(self._paths.run_dir, "spare", f"attempt-{attempt}.json")
+
+    def _start_spare(self) -> None:
+        """Start the next attempt's group now; it waits, started up, until promoted.
+
+        Only once the running attempt has made progress: a spare starting beside a group that
+        is itself still starting would slow both, and a crash loop needs no spare.
+        """
+        if self._spare_factory is None:
+            return
+        attempt = self._attempt + 1
+        gate = self._spare_gate(attempt)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(gate)
+        os.makedirs(os.path.dirname(gate), exist_ok=True)
+        spare = self._spare_factory()
+        try:
+            spare.start(attempt, None, spare_gate=gate)
+        except OSError as exc:
+            self._events.emit("supervisor.spare_failed", attempt=attempt, error=str(exc))
+            self._spare_factory = None  # not retried: fall back to plain relaunches
+            return
+        self._spare, self._spare_attempt = spare, attempt
+        self._events.emit("supervisor.spare_started", attempt=attempt)
+
+    def _promote_spare(self) -> bool:
+        """Hand the attempt to the waiting spare; False (discarded) when it cannot take it."""
+        spare = self._spare
+        if spare is None:
+            return False
+        if self._spare_attempt != self._attempt or spare.poll() is not None:
+            self._discard_spare("stale" if self._spare_attempt != self._attempt else "exited")
+            return False
+        atomic_write_json(
+            self._spare_gate(self._attempt),
+            {"attempt": self._attempt, "resume_step": self._resume_step},
+            durable=False,
+        )
+        self._group, self._spare = spare, None
+        self._events.emit(
+            "supervisor.spare_promoted", attempt=self._attempt, resume_step=self._resume_step
+        )
+        return True
+
+    def _discard_spare(self, reason: str) -> None:
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            spare.kill()
+            self._events.emit("supervisor.spare_discarded", attempt=self._spare_attempt, reason=reason)
 
     def _select_resume(self) -> int | None:
         """The newest snapshot that passes full checksum verification; invalid ones are removed.
@@ -351,6 +413,8 @@ class Supervisor:
             self._attempt_ended(code)
             return
         self._read_progress()
+        if self._attempt_progressed and self._spare is None and self._spare_factory is not None:
+            self._start_spare()
         now = self._clock.monotonic()
         if now >= self._next_scan:
             self._next_scan = now + self._settings.scan_interval_s
@@ -592,6 +656,7 @@ class Supervisor:
         """
         name = source
         grace = self._config.grace
+        self._discard_spare("preempting")  # its CPU belongs to the emergency snapshot now
         self._preempt_signal = name
         self._preempt_seen = self._stop.count
         self._preempt_deadline = self._clock.monotonic() + grace

@@ -23,6 +23,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any, Literal
 
 import numpy as np
@@ -296,6 +297,8 @@ class Checkpointer:
         the lowest rank of a holding node reads it, verified, and broadcasts the bytes.
         """
         self._settle_staging()
+        if self.settings.spare_gate is not None:
+            self._await_promotion(self.settings.spare_gate)
         self._heartbeat()
         step, source = self._plan_resume()
         if step is None:
@@ -323,6 +326,29 @@ class Checkpointer:
         )
         self._heartbeat()
         return step
+
+    def _await_promotion(self, gate: str) -> None:
+        """Warm spare: wait, started up, until the supervisor promotes this group.
+
+        The gate file appears when the running attempt has failed and its processes are gone;
+        it names the step to resume from (``null``: fresh). Polled, because the waker is another
+        process; a 5 ms period costs nothing next to the start-up it saves. A SIGTERM (the
+        supervisor went away) ends the wait as a preemption with nothing to save.
+        """
+        started = time.perf_counter()
+        log.info("spare.waiting", gate=gate, attempt=self.settings.attempt)
+        while not os.path.exists(gate):
+            if preemption.signalled():
+                raise Preempted(0)
+            time.sleep(0.005)
+        with open(gate) as f:
+            doc = json.load(f)
+        step = doc.get("resume_step")
+        if step is None:
+            self.settings = replace(self.settings, resume_mode="fresh", resume_step=None, spare_gate=None)
+        else:
+            self.settings = replace(self.settings, resume_mode="step", resume_step=int(step), spare_gate=None)
+        log.info("spare.promoted", resume_step=step, waited_s=round(time.perf_counter() - started, 3))
 
     def _candidate(self) -> tuple[bool, int | None]:
         """(known, step): this node's offer; in auto mode only local rank 0 looks (known)."""

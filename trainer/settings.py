@@ -57,6 +57,9 @@ class WorkerSettings:
     #: At most one heartbeat file write per this many seconds (0: every step). The first
     #: completed step of an attempt, snapshot steps and the end always write one.
     heartbeat_interval_s: float = 1.0
+    #: Set for a warm spare group: ``Checkpointer.resume()`` waits until the supervisor writes
+    #: this file (promotion), then resumes from the step it names.
+    spare_gate: str | None = None
 
     def __post_init__(self) -> None:
         if self.world_size < 1:
@@ -140,6 +143,7 @@ class WorkerSettings:
             preempt_check_every=_int(e, "ORCH_PREEMPT_CHECK_EVERY", 1),
             snapshot_staging=(_str(e, "ORCH_SNAPSHOT_STAGING") or "deferred"),  # type: ignore[arg-type]
             heartbeat_interval_s=_float(e, "ORCH_HEARTBEAT_INTERVAL_S", 1.0),
+            spare_gate=_str(e, "ORCH_SPARE_GATE"),
         )
 
 
