@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -79,3 +80,23 @@ def test_keep_local_retention_during_recovery(golden: dict[int, str], ckpt: Path
     result = harness.launch(ckpt, faults="step_end@73:rank=0", extra_launch=("--keep-local", "2"))
     got = harness.assert_matches_golden(result, golden)
     assert sorted(got) == [STEPS - EVERY, STEPS]
+
+
+def test_warm_spare_takes_over_and_leaves_nothing_behind(golden: dict[int, str], ckpt: Path) -> None:
+    """--warm-spare: the waiting group is promoted after a crash, bit-identical, none left."""
+    from orchestrator.launcher import find_processes
+
+    result = harness.launch(ckpt, faults="step_end@53:rank=1", extra_launch=("--warm-spare",),
+                            script_args=("--step-delay", "0.02"))
+    harness.assert_matches_golden(result, golden)
+    st = result.status()
+    assert st["restarts"] == 1 and st["resumed_from_step"] == 40
+    events = [json.loads(line) for line in (ckpt / "run/events.jsonl").read_text().splitlines()]
+    names = [e["event"] for e in events]
+    assert "supervisor.spare_promoted" in names, names
+    promoted = next(e for e in events if e["event"] == "supervisor.spare_promoted")
+    assert (promoted["attempt"], promoted["resume_step"]) == (1, 40)
+    # The spare started for attempt 2 never ran: discarded when the run ended, and killed.
+    discarded = [e for e in events if e["event"] == "supervisor.spare_discarded"]
+    assert [(e["attempt"], e["reason"]) for e in discarded] == [(2, "run_done")]
+    assert find_processes({"ORCH_CHECKPOINT_DIR": str(ckpt)}) == []

@@ -570,3 +570,137 @@ def test_fresh_start_step0_heartbeat_is_not_progress(tmp_path: Path) -> None:
     assert out.exit_code == EXIT_FAILED and len(group.starts) == 3
     gave_up = next(e for e in env.events() if e["event"] == "supervisor.gave_up")
     assert gave_up["reason"] == "crash_loop"
+
+
+# -- warm spare -------------------------------------------------------------------------------
+
+
+@dataclass
+class FakeSpare:
+    """A spare group: waits for its gate file, then plays ``then`` (or dies while waiting)."""
+
+    then: Attempt | None
+    starts: list[tuple[int, int | None, str | None]] = field(default_factory=list)
+    kills: int = 0
+    _left: int = 0
+
+    def start(self, attempt: int, resume_step: int | None, *, spare_gate: str | None = None) -> None:
+        self.starts.append((attempt, resume_step, spare_gate))
+        self._left = self.then.polls if self.then is not None else 0
+
+    @property
+    def gate(self) -> str:
+        gate = self.starts[-1][2]
+        assert gate is not None
+        return gate
+
+    def poll(self) -> int | None:
+        if self.then is None:
+            return 1  # crashed while waiting
+        if not os.path.exists(self.gate):
+            return None
+        if self._left == self.then.polls and self.then.on_start is not None:
+            with open(self.gate) as f:  # promoted: the group starts its work now
+                self.then.on_start(self.starts[-1][0], json.load(f)["resume_step"])
+        self._left -= 1
+        if self._left > 0:
+            return None
+        if self.then.on_exit is not None:
+            with open(self.gate) as f:
+                self.then.on_exit(self.starts[-1][0], json.load(f)["resume_step"])
+        return self.then.code
+
+    def terminate(self, grace_s: float) -> int:
+        return -signal.SIGTERM
+
+    def kill(self) -> None:
+        self.kills += 1
+
+
+def with_spares(sup: Supervisor, spares: list[FakeSpare]) -> list[FakeSpare]:
+    made: list[FakeSpare] = []
+
+    def factory() -> FakeSpare:
+        made.append(spares[len(made)])
+        return made[-1]
+
+    sup._spare_factory = factory
+    return made
+
+
+def test_warm_spare_is_promoted_with_the_verified_resume_step(tmp_path: Path) -> None:
+    def script(env: Env) -> list[Attempt]:
+        def progress(attempt: int, _resume: int | None) -> None:
+            env.heartbeat(attempt, 12)
+            env.snapshot(10)
+
+        def crash(attempt: int, _resume: int | None) -> None:
+            env.error_file(attempt, 1, when=5.0, message="boom")
+        return [Attempt(1, polls=4, on_start=progress, on_exit=crash)]
+
+    sup, group, env, _ = make(tmp_path, script, warm_spare=True)
+
+    def finish(attempt: int, resume: int | None) -> None:
+        assert (attempt, resume) == (1, 10)
+        env.heartbeat(attempt, 20)
+        env.snapshot(20)
+
+    def resumed(attempt: int, _resume: int | None) -> None:
+        env.heartbeat(attempt, 15)
+
+    spares = with_spares(
+        sup, [FakeSpare(Attempt(0, polls=4, on_start=resumed, on_exit=finish)), FakeSpare(None)]
+    )
+    out = sup.run()
+    assert out.exit_code == EXIT_OK
+    assert group.starts == [(0, None)]  # no cold relaunch
+    first, second = spares
+    assert first.starts[0][:2] == (1, None)
+    with open(first.gate) as f:
+        assert json.load(f) == {"attempt": 1, "resume_step": 10}
+    assert first.kills == 0
+    assert second.starts[0][:2] == (2, None) and second.kills == 1  # discarded at the end
+    names = env.names()
+    assert names.index("supervisor.spare_started") < names.index("supervisor.attempt_failed")
+    assert names.index("supervisor.spare_promoted") < names.index("supervisor.finished")
+    discarded = next(e for e in env.events() if e["event"] == "supervisor.spare_discarded")
+    assert (discarded["attempt"], discarded["reason"]) == (2, "run_done")
+    assert env.state()["resumed_from_step"] == 10
+
+
+def test_a_spare_that_died_is_discarded_and_the_attempt_starts_cold(tmp_path: Path) -> None:
+    def script(env: Env) -> list[Attempt]:
+        def progress(attempt: int, _resume: int | None) -> None:
+            env.heartbeat(attempt, 12)
+            env.snapshot(10)
+
+        def crash(attempt: int, _resume: int | None) -> None:
+            env.error_file(attempt, 1, when=5.0, message="boom")
+        return [Attempt(1, polls=4, on_start=progress, on_exit=crash), Attempt(0)]
+
+    sup, group, env, _ = make(tmp_path, script, warm_spare=True)
+    spares = with_spares(sup, [FakeSpare(None), FakeSpare(None)])
+    out = sup.run()
+    assert out.exit_code == EXIT_OK
+    assert group.starts == [(0, None), (1, 10)]
+    assert spares[0].kills == 1
+    reasons = [e["reason"] for e in env.events() if e["event"] == "supervisor.spare_discarded"]
+    assert reasons[0] == "exited"
+
+
+def test_no_spare_before_progress_and_none_without_the_flag(tmp_path: Path) -> None:
+    def script(env: Env) -> list[Attempt]:
+        def crash(attempt: int, _resume: int | None) -> None:
+            env.error_file(attempt, 1, when=5.0, message="boom")
+        return [Attempt(1, polls=4, on_exit=crash) for _ in range(3)]
+
+    sup, _group, env, _ = make(tmp_path, script, warm_spare=True)
+    spares = with_spares(sup, [FakeSpare(None)])
+    sup.run()  # a crash loop: never progressed, so no spare was ever started
+    assert spares == []
+    assert "supervisor.spare_started" not in env.names()
+
+
+def test_warm_spare_is_single_node_only() -> None:
+    with pytest.raises(ValueError, match="single-node"):
+        LaunchConfig(checkpoint_dir="d", script="s.py", nodes=2, rdzv_endpoint="h:1", warm_spare=True)
