@@ -601,7 +601,10 @@ class Supervisor:
         elif self._no_progress_streak >= self._settings.crash_loop_attempts:
             self._give_up(failure.summary, reason="crash_loop")
         else:
-            delay = self._backoff.delay(self._failure_streak)
+            # An attempt that made progress is no crash loop: relaunch at once (a second on the
+            # clock of every preempted or crashed run otherwise). Repeated failures without
+            # progress back off exponentially, with jitter.
+            delay = 0.0 if progressed else self._backoff.delay(self._failure_streak)
             self._events.emit(
                 "supervisor.backoff",
                 attempt=self._attempt,

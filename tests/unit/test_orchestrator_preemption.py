@@ -192,7 +192,7 @@ def test_signal_during_backoff_exits_75_without_workers(tmp_path: Path) -> None:
 
     def script(env: Env) -> list[Attempt]:
         def crash(attempt: int, _resume: int | None) -> None:
-            env.snapshot(20)
+            # No progress (no snapshot, no step): only then is there a backoff to wait out.
             env.error_file(attempt, 0, when=1.0)
 
         return [Attempt(1, on_exit=crash)]

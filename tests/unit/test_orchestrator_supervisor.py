@@ -704,3 +704,18 @@ def test_no_spare_before_progress_and_none_without_the_flag(tmp_path: Path) -> N
 def test_warm_spare_is_single_node_only() -> None:
     with pytest.raises(ValueError, match="single-node"):
         LaunchConfig(checkpoint_dir="d", script="s.py", nodes=2, rdzv_endpoint="h:1", warm_spare=True)
+
+
+def test_an_attempt_that_progressed_is_relaunched_without_backoff(tmp_path: Path) -> None:
+    def script(env: Env) -> list[Attempt]:
+        def crash(attempt: int, _resume: int | None) -> None:
+            env.heartbeat(attempt, 12)
+            env.snapshot(10)
+            env.error_file(attempt, 1, when=5.0, message="boom")
+        return [Attempt(1, on_exit=crash), Attempt(1, polls=1), Attempt(0)]
+
+    sup, _group, env, _ = make(tmp_path, script)
+    assert sup.run().exit_code == EXIT_OK
+    delays = [e["delay_s"] for e in env.events() if e["event"] == "supervisor.backoff"]
+    assert delays[0] == 0.0  # progressed: at once
+    assert delays[1] >= 1.0  # the resumed attempt made no progress: back off
