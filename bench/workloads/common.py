@@ -1,0 +1,102 @@
+"""What ``ours.py`` and ``plain.py`` share: arguments, data, the step, and what they report.
+
+Each completed step appends ``"<step> <time.time()>\\n"`` to the progress file (rank 0, flushed),
+so the harness sees exactly when every step completed. Rank 0 also appends one JSON line per
+process start to the phases file (when the script started, finished its imports, joined the
+process group, built the model and loaded its checkpoint), and writes the final state's digest
+(:func:`bench.core.tensor_digest` of model + optimizer) to the result file at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from typing import IO, Any
+
+import torch
+
+from bench import core
+
+
+def parse_args(argv: list[str] | None = None, *, plain: bool = False) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="benchmark workload: 2-rank DDP MLP of a given state size")
+    p.add_argument("--size", type=int, required=True, help="model + AdamW state bytes")
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--every", type=int, default=None, help="snapshot/save interval in steps")
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--batch", type=int, default=8, help="samples per rank and step")
+    p.add_argument("--progress", required=True, help="file each completed step is appended to")
+    p.add_argument("--phases", default=None, help="file of per-start timestamps (JSON lines)")
+    p.add_argument("--result", default=None, help="JSON file with the final digest")
+    if plain:
+        p.add_argument("--ckpt", required=True, help="the checkpoint file (torch.save)")
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.size < 1 or (args.every is not None and args.every < 1):
+        p.error("--size, --steps and --every must be >= 1")
+    return args
+
+
+def hparams(args: argparse.Namespace) -> dict[str, Any]:
+    """What must match for a resume to be allowed."""
+    return {"size": args.size, "steps": args.steps, "seed": args.seed, "batch": args.batch}
+
+
+def build(size: int, seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The model and its AdamW, identical on every rank and in both scripts."""
+    model = core.make_model(size, seed=seed)
+    return model, core.make_optimizer(model)
+
+
+def batch(model: torch.nn.Module, *, seed: int, step: int, rank: int, n: int) -> torch.Tensor:
+    """Input of ``rank`` at ``step``: a pure function of ``(seed, step, rank)``."""
+    width = next(iter(model.parameters())).shape[1]
+    g = torch.Generator().manual_seed((seed * 1_000_003 + step) * 64 + rank)
+    return torch.randn(n, width, generator=g)
+
+
+def train_step(ddp: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor) -> float:
+    """One forward/backward/AdamW step, as :func:`bench.core.train_step` but on given data."""
+    loss = ddp(x).square().mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
+def digest(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> str:
+    return core.tensor_digest(core.training_state(model, optimizer))
+
+
+class Progress:
+    """Rank 0's append-only step log; other ranks write nothing."""
+
+    def __init__(self, path: str, enabled: bool) -> None:
+        self._file: IO[str] | None = open(path, "a") if enabled else None  # noqa: SIM115
+
+    def step(self, step: int) -> None:
+        if self._file is not None:
+            self._file.write(f"{step} {time.time():.6f}\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+def append_json(path: str | None, doc: dict[str, Any]) -> None:
+    if path is None:
+        return
+    with open(path, "a") as f:
+        f.write(json.dumps(doc) + "\n")
+        f.flush()
+
+
+def write_json(path: str | None, doc: dict[str, Any]) -> None:
+    if path is None:
+        return
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f)
+    os.replace(tmp, path)
