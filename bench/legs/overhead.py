@@ -12,21 +12,13 @@ from __future__ import annotations
 
 import time
 
-import torch
-
 import trainer
 from bench import core
 from bench.legs import savers
 
 
 def run(config: core.BenchConfig, size_bytes: int) -> core.LegResult:
-    torch.set_num_threads(1)
-    model = core.make_model(size_bytes, device=config.device)
-    optimizer = core.make_optimizer(model)
-    core.train_step(model, optimizer)
-    nbytes = core.state_bytes(model, optimizer)
-    result = core.LegResult(leg="overhead", size=core.size_label(size_bytes), size_bytes=nbytes)
-    base = config.scratch("overhead")
+    model, optimizer, result, base = savers.prepare(config, size_bytes, "overhead")
     plain = savers.TorchSave(model, optimizer, f"{base}/torch_save")
 
     step_s = [core.timed(lambda: core.train_step(model, optimizer)) for _ in range(10)]

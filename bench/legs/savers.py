@@ -24,6 +24,20 @@ from bench import core
 from storage.atomic import fsync_dir
 
 
+def prepare(config: core.BenchConfig, size_bytes: int, leg: str) -> tuple[
+    torch.nn.Module, torch.optim.Optimizer, core.LegResult, str
+]:
+    """The in-process legs' common start: a trained-once model + AdamW of about ``size_bytes``
+    (one torch thread, as ``OMP_NUM_THREADS=1`` workers), its empty result and scratch dir."""
+    torch.set_num_threads(1)
+    model = core.make_model(size_bytes, device=config.device)
+    optimizer = core.make_optimizer(model)
+    core.train_step(model, optimizer)
+    nbytes = core.state_bytes(model, optimizer)
+    result = core.LegResult(leg=leg, size=core.size_label(size_bytes), size_bytes=nbytes)
+    return model, optimizer, result, config.scratch(leg)
+
+
 class Saver(Protocol):
     name: str
 

@@ -60,13 +60,8 @@ def measure(saver: savers.Saver, model: torch.nn.Module, optimizer: torch.optim.
 
 
 def run(config: core.BenchConfig, size_bytes: int) -> core.LegResult:
-    torch.set_num_threads(1)
-    model = core.make_model(size_bytes, device=config.device)
-    optimizer = core.make_optimizer(model)
-    core.train_step(model, optimizer)
-    nbytes = core.state_bytes(model, optimizer)
-    result = core.LegResult(leg="stall", size=core.size_label(size_bytes), size_bytes=nbytes)
-    base = config.scratch("stall")
+    model, optimizer, result, base = savers.prepare(config, size_bytes, "stall")
+    nbytes = result.size_bytes
     limit = copy_limit(model, optimizer, config.device, config.repeats)
     result.values["copy_limit_s"] = limit
     makers: dict[str, type[savers.Ours] | type[savers.TorchSave] | type[savers.DcpAsync]] = {

@@ -10,20 +10,13 @@ with checksum verification and its tensors compared with the live state at its s
 
 from __future__ import annotations
 
-import torch
-
 from bench import core
 from bench.legs import savers
 
 
 def run(config: core.BenchConfig, size_bytes: int) -> core.LegResult:
-    torch.set_num_threads(1)
-    model = core.make_model(size_bytes, device=config.device)
-    optimizer = core.make_optimizer(model)
-    core.train_step(model, optimizer)
-    nbytes = core.state_bytes(model, optimizer)
-    result = core.LegResult(leg="write", size=core.size_label(size_bytes), size_bytes=nbytes)
-    base = config.scratch("write")
+    model, optimizer, result, base = savers.prepare(config, size_bytes, "write")
+    nbytes = result.size_bytes
     ours = savers.Ours(model, optimizer, f"{base}/ours")
     plain = savers.TorchSave(model, optimizer, f"{base}/torch_save")
     ours_mbps: list[float] = []
