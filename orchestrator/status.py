@@ -141,12 +141,15 @@ def remote_status_document(
 def status_document(checkpoint_dir: str, *, clock: Clock) -> dict[str, Any]:
     """The ``status --json`` object: ``state.json`` refreshed with live observations."""
     paths = RunPaths.of(checkpoint_dir)
+    # Liveness first, state second: the supervisor writes its terminal state before it releases
+    # the lock, so "not alive" here guarantees the state read next is the final one. The other
+    # order could pair a stale "running" with "not alive" (and end `--watch` on it).
+    alive = lock_is_held(paths.lock)
     state = read_state(paths)
     if state is None:
         raise NoRunState(f"no run found in {paths.checkpoint_dir} (run/state.json is missing)")
     doc: dict[str, Any] = dict(state)
     now = clock.time()
-    alive = lock_is_held(paths.lock)
     doc["supervisor_alive"] = alive
     attempt = doc.get("attempt")
     beats = [b for b in read_heartbeats(paths) if b.attempt == attempt]

@@ -347,3 +347,28 @@ def test_cli_never_imports_torch_or_trainer() -> None:
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_status_pairs_not_alive_with_the_final_state(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The supervisor writes ``done`` and then releases its lock: if status reads the state first,
+    it can print a stale ``running`` with ``supervisor_alive: false`` (and end ``--watch`` on it)."""
+    from orchestrator import status
+
+    ck = _snapshot_dir(tmp_path)
+    capsys.readouterr()
+    paths = RunPaths.of(str(ck))
+    os.makedirs(paths.run_dir, exist_ok=True)
+    write_json_atomic(paths.state, {"run_id": "r1", "phase": "running", "attempt": 0, "nodes": []})
+    real_lock_is_held = status.lock_is_held
+
+    def supervisor_finishes_now(path: str) -> bool:
+        # The supervisor's last moments, between any two reads of status: final state, then exit.
+        write_json_atomic(paths.state, {"run_id": "r1", "phase": "done", "attempt": 0, "nodes": []})
+        return real_lock_is_held(path)
+
+    monkeypatch.setattr(status, "lock_is_held", supervisor_finishes_now)
+    assert cli.main(["status", "--checkpoint-dir", str(ck), "--json", "--watch"]) == 0
+    frames = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert (frames[-1]["phase"], frames[-1]["supervisor_alive"]) == ("done", False)
