@@ -210,7 +210,11 @@ def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: int = 8) -> float:
     """One real forward/backward/AdamW step on random data; returns the loss."""
     first = next(iter(model.parameters()))
-    x = torch.randn(batch, first.shape[1], device=first.device)
+    return step_on(model, optimizer, torch.randn(batch, first.shape[1], device=first.device))
+
+
+def step_on(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor) -> float:
+    """One forward/backward/optimizer step on ``x`` (the workloads pass deterministic data)."""
     loss = model(x).square().mean()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()

@@ -218,9 +218,14 @@ class EventLog:
 
 def read_events(paths: RunPaths) -> list[dict[str, Any]]:
     """Every parseable event of the dir, in order (a torn last line is skipped)."""
+    return read_json_lines(paths.events)
+
+
+def read_json_lines(path: str) -> list[dict[str, Any]]:
+    """The JSON objects of a JSON-lines file, in order; unparseable lines skipped, [] if absent."""
     out: list[dict[str, Any]] = []
     try:
-        with open(paths.events, encoding="utf-8") as f:
+        with open(path, encoding="utf-8") as f:
             for line in f:
                 with contextlib.suppress(ValueError):
                     doc = json.loads(line)

@@ -344,10 +344,12 @@ class Checkpointer:
         with open(gate) as f:
             doc = json.load(f)
         step = doc.get("resume_step")
-        if step is None:
-            self.settings = replace(self.settings, resume_mode="fresh", resume_step=None, spare_gate=None)
-        else:
-            self.settings = replace(self.settings, resume_mode="step", resume_step=int(step), spare_gate=None)
+        self.settings = replace(
+            self.settings,
+            resume_mode="fresh" if step is None else "step",
+            resume_step=None if step is None else int(step),
+            spare_gate=None,
+        )
         log.info("spare.promoted", resume_step=step, waited_s=round(time.perf_counter() - started, 3))
 
     def _candidate(self) -> tuple[bool, int | None]:

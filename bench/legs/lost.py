@@ -27,11 +27,7 @@ _KILL_AFTER = h.EVERY - 1  # SIGKILL as late as possible in the interval
 
 
 def run(config: core.BenchConfig, size_bytes: int) -> core.LegResult:
-    n = h.samples_per_case(config)
-    workload = h.Workload(size=size_bytes, steps=h.steps_for(config))
-    result = core.LegResult(leg="lost", size=core.size_label(size_bytes), size_bytes=h.state_bytes(size_bytes))
-    base = config.scratch(f"lost-{result.size}")
-    timeout = h.timeout_for(size_bytes)
+    n, workload, result, base, timeout = h.leg_start(config, size_bytes, "lost")
     cases = ["term", "kill"] * n
     outcome: dict[str, tuple[int, list[h.Interruption]]] = {}
 

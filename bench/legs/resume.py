@@ -52,11 +52,7 @@ _FOOTPRINT = {"ours_spare": (1.2e9, 7.7), "ours": (0.5e9, 5.5), "baseline": (0.6
 
 
 def run(config: core.BenchConfig, size_bytes: int) -> core.LegResult:
-    n = h.samples_per_case(config)
-    workload = h.Workload(size=size_bytes, steps=h.steps_for(config))
-    result = core.LegResult(leg="resume", size=core.size_label(size_bytes), size_bytes=h.state_bytes(size_bytes))
-    base = config.scratch(f"resume-{result.size}")
-    timeout = h.timeout_for(size_bytes)
+    n, workload, result, base, timeout = h.leg_start(config, size_bytes, "resume")
     cases = ["warm", "cold"] * n
 
     series: dict[str, list[h.Interruption]] = {}

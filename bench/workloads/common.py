@@ -56,15 +56,6 @@ def batch(model: torch.nn.Module, *, seed: int, step: int, rank: int, n: int) ->
     return torch.randn(n, width, generator=g)
 
 
-def train_step(ddp: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor) -> float:
-    """One forward/backward/AdamW step, as :func:`bench.core.train_step` but on given data."""
-    loss = ddp(x).square().mean()
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return float(loss.detach())
-
-
 def digest(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> str:
     return core.tensor_digest(core.training_state(model, optimizer))
 

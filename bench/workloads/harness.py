@@ -30,6 +30,7 @@ from typing import Any
 
 from bench import core
 from orchestrator.launcher import find_processes, kill_and_wait
+from orchestrator.runstate import read_json_lines
 from storage import layout
 
 REPO = Path(__file__).resolve().parents[2]
@@ -190,20 +191,6 @@ def read_progress(path: str) -> list[tuple[int, float]]:
         if len(parts) == 2:
             with contextlib.suppress(ValueError):
                 out.append((int(parts[0]), float(parts[1])))
-    return out
-
-
-def read_json_lines(path: str) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    try:
-        with open(path) as f:
-            for line in f:
-                with contextlib.suppress(ValueError):
-                    doc = json.loads(line)
-                    if isinstance(doc, dict):
-                        out.append(doc)
-    except FileNotFoundError:
-        pass
     return out
 
 
@@ -687,3 +674,14 @@ def state_bytes(size_bytes: int, width: int = 1024) -> int:
     params = max(width * 4, size_bytes // 12)
     layers = max(1, params // (width * width + width))
     return layers * (width * width + width) * 12
+
+
+def leg_start(
+    config: core.BenchConfig, size_bytes: int, leg: str
+) -> tuple[int, Workload, core.LegResult, str, float]:
+    """What the resume and lost legs start from: kills per case, the workload, an empty result,
+    a fresh scratch dir and the per-run timeout."""
+    workload = Workload(size=size_bytes, steps=steps_for(config))
+    result = core.LegResult(leg=leg, size=core.size_label(size_bytes), size_bytes=state_bytes(size_bytes))
+    base = config.scratch(f"{leg}-{result.size}")
+    return samples_per_case(config), workload, result, base, timeout_for(size_bytes)

@@ -22,6 +22,7 @@ import os  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
 import trainer  # noqa: E402
+from bench import core  # noqa: E402
 from bench.workloads import common  # noqa: E402
 
 T_IMPORTED = time.time()
@@ -48,7 +49,7 @@ def main() -> None:
     try:
         for step in range(start + 1, args.steps + 1):
             x = common.batch(model, seed=args.seed, step=step, rank=ctx.rank, n=args.batch)
-            common.train_step(ddp, optimizer, x)
+            core.step_on(ddp, optimizer, x)
             ckpt.step_done(step)
             progress.step(step)
         ckpt.finish()

@@ -23,6 +23,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
+from bench import core  # noqa: E402
 from bench.workloads import common  # noqa: E402
 
 T_IMPORTED = time.time()
@@ -70,7 +71,7 @@ def main() -> None:
     try:
         for step in range(start + 1, args.steps + 1):
             x = common.batch(model, seed=args.seed, step=step, rank=rank, n=args.batch)
-            common.train_step(ddp, optimizer, x)
+            core.step_on(ddp, optimizer, x)
             if step % every == 0 and rank == 0:
                 save(args.ckpt, model, optimizer, step)
             progress.step(step)

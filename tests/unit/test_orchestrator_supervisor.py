@@ -628,17 +628,21 @@ def with_spares(sup: Supervisor, spares: list[FakeSpare]) -> list[FakeSpare]:
     return made
 
 
+def progressed_then_crashed(env: Env) -> Attempt:
+    """An attempt that completes step 12 and snapshot 10, then loses rank 1."""
+
+    def progress(attempt: int, _resume: int | None) -> None:
+        env.heartbeat(attempt, 12)
+        env.snapshot(10)
+
+    def crash(attempt: int, _resume: int | None) -> None:
+        env.error_file(attempt, 1, when=5.0, message="boom")
+
+    return Attempt(1, polls=4, on_start=progress, on_exit=crash)
+
+
 def test_warm_spare_is_promoted_with_the_verified_resume_step(tmp_path: Path) -> None:
-    def script(env: Env) -> list[Attempt]:
-        def progress(attempt: int, _resume: int | None) -> None:
-            env.heartbeat(attempt, 12)
-            env.snapshot(10)
-
-        def crash(attempt: int, _resume: int | None) -> None:
-            env.error_file(attempt, 1, when=5.0, message="boom")
-        return [Attempt(1, polls=4, on_start=progress, on_exit=crash)]
-
-    sup, group, env, _ = make(tmp_path, script, warm_spare=True)
+    sup, group, env, _ = make(tmp_path, lambda env: [progressed_then_crashed(env)], warm_spare=True)
 
     def finish(attempt: int, resume: int | None) -> None:
         assert (attempt, resume) == (1, 10)
@@ -669,16 +673,9 @@ def test_warm_spare_is_promoted_with_the_verified_resume_step(tmp_path: Path) ->
 
 
 def test_a_spare_that_died_is_discarded_and_the_attempt_starts_cold(tmp_path: Path) -> None:
-    def script(env: Env) -> list[Attempt]:
-        def progress(attempt: int, _resume: int | None) -> None:
-            env.heartbeat(attempt, 12)
-            env.snapshot(10)
-
-        def crash(attempt: int, _resume: int | None) -> None:
-            env.error_file(attempt, 1, when=5.0, message="boom")
-        return [Attempt(1, polls=4, on_start=progress, on_exit=crash), Attempt(0)]
-
-    sup, group, env, _ = make(tmp_path, script, warm_spare=True)
+    sup, group, env, _ = make(
+        tmp_path, lambda env: [progressed_then_crashed(env), Attempt(0)], warm_spare=True
+    )
     spares = with_spares(sup, [FakeSpare(None), FakeSpare(None)])
     out = sup.run()
     assert out.exit_code == EXIT_OK
