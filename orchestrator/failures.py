@@ -146,6 +146,18 @@ class _ErrorFile:
         )
 
 
+def reported_corrupt_snapshot(paths: RunPaths, attempt: int) -> bool:
+    """Whether a rank of ``attempt`` failed on a snapshot that did not verify while loading.
+
+    The rank that found the damage reports ``CorruptSnapshot``; its peers report a
+    ``PeerFailure`` that names it.
+    """
+    return any(
+        f.kind == "CorruptSnapshot" or ": CorruptSnapshot:" in f.message
+        for f in _read_error_files(paths.errors_dir(attempt))
+    )
+
+
 def _read_error_files(errors_dir: str) -> list[_ErrorFile]:
     """The attempt's error files, earliest first (junk skipped)."""
     try:

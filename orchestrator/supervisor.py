@@ -26,7 +26,7 @@ from tenacity import RetryCallState, Retrying, wait_exponential_jitter
 
 from orchestrator.clock import Clock
 from orchestrator.config import LaunchConfig
-from orchestrator.failures import Failure, diagnose
+from orchestrator.failures import Failure, diagnose, reported_corrupt_snapshot
 from orchestrator.launcher import WorkerGroup
 from orchestrator.mirror import Mirror, mirror_lag, pending_of
 from orchestrator.notices import NoticePoller
@@ -206,6 +206,10 @@ class Supervisor:
         self._last_activity = 0.0
         self._hang_failure: Failure | None = None
         self._verified: set[int] = set()
+        #: Whether the next selection checksums the local snapshots (see _select_resume).
+        self._verify_next = True
+        #: Whether the running attempt's resume point was checksum-verified before launch.
+        self._resume_verified = False
         self._preempt_signals = frozenset(int(s) for s in preempt_signals)
         #: Preemptions of this run so far (carried over from earlier launches on the dir).
         self._preemptions = preemptions
@@ -364,12 +368,22 @@ class Supervisor:
             self._events.emit("supervisor.spare_discarded", attempt=self._spare_attempt, reason=reason)
 
     def _select_resume(self) -> int | None:
-        """The newest snapshot that passes full checksum verification; invalid ones are removed.
+        """The newest valid snapshot; invalid ones are removed.
 
-        Equivalent to ``store.newest_valid(verify_checksums=True, cleanup=True)``, spelled out
+        Equivalent to ``store.newest_valid(verify_checksums=..., cleanup=True)``, spelled out
         so that every rejected snapshot becomes a ``supervisor.snapshot_invalid`` event.
+
+        The first attempt of a launch (and the one after ranks reported a snapshot that failed
+        its checksum) checksums every candidate. A relaunch within the launch checks manifests
+        and sizes only: the snapshots it chooses from were written under this supervisor's
+        watch, and the ranks verify every byte while they load anyway, so a second full pass
+        here would only delay the resume (about 1.4 s per GB). Should the ranks find damage,
+        they fail with ``CorruptSnapshot`` and the next selection verifies everything (see
+        :meth:`_attempt_ended`).
         """
-        local = self._newest_verified_local()
+        verify, self._verify_next = self._verify_next, False
+        self._resume_verified = verify
+        local = self._newest_valid_local(verify)
         if self._mirror is None:
             return local
         # Across tiers: a newer remote snapshot (or any, when no valid local one exists) is
@@ -388,11 +402,12 @@ class Supervisor:
         self._verified = {remote}
         return remote
 
-    def _newest_verified_local(self) -> int | None:
+    def _newest_valid_local(self, verify: bool) -> int | None:
         for info in reversed(self._store.list()):
-            checked = self._store.validate(info.step, verify_checksums=True)
+            checked = self._store.validate(info.step, verify_checksums=verify)
             if checked.valid:
-                self._verified = {checked.step}
+                if verify:
+                    self._verified = {checked.step}
                 return checked.step
             self._events.emit(
                 "supervisor.snapshot_invalid",
@@ -503,6 +518,8 @@ class Supervisor:
             if info.valid is not False and self._store.validate(info.step).valid:
                 self._verified.add(info.step)
                 return
+            # Damage seen here: the next selection checksums (and removes) it too.
+            self._verify_next = True
 
     def _apply_retention(self, infos: list[SnapshotInfo]) -> None:
         if not self._config.retention_active or not infos:
@@ -580,6 +597,22 @@ class Supervisor:
             return
         if failure.source != "rendezvous_closed":
             self._rdzv_closed_streak = 0
+        if not self._attempt_progressed and reported_corrupt_snapshot(self._paths, self._attempt):
+            # The ranks' verified load found the resume point damaged: verify every candidate
+            # next time (the damaged one is removed then). Chosen unverified, that is a
+            # selection's cost, not the job's: relaunch at once without spending a restart.
+            self._verify_next = True
+            self._events.emit(
+                "supervisor.resume_corrupt",
+                attempt=self._attempt,
+                step=self._resume_step,
+                root_cause=failure.summary,
+            )
+            if not self._resume_verified:
+                self._recover_at = self._clock.monotonic()
+                self._recover_counts = False
+                self._enter(Phase.RECOVERING)
+                return
         self._last_failure = failure.summary
         progressed = self._attempt_progressed
         self._no_progress_streak = 0 if progressed else self._no_progress_streak + 1

@@ -13,9 +13,11 @@ import builtins
 import errno
 import fcntl
 import hashlib
+import mmap
 import os
 import shutil
 import stat
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -419,6 +421,82 @@ class SnapshotWriter:
         shutil.rmtree(self.tmp_path, ignore_errors=True)
 
 
+class MappedFile:
+    """A committed snapshot file mapped into memory, its checksum verified on a thread meanwhile.
+
+    Loading a snapshot used to read it into a fresh buffer (a copy, and a page fault per 4 KiB of
+    never-touched memory) and hash it in the same loop, then decode it (a second copy). Mapped,
+    the page cache is the buffer: the caller decodes straight from :attr:`array` while the hash
+    runs beside it, and calls :meth:`verified` before using a single decoded value. The mapping
+    is copy-on-write (``ACCESS_COPY``), so views of it are writable for torch yet never write to
+    the file. Snapshots are immutable once committed; a file truncated under the mapping would
+    raise SIGBUS in the reader, which ends that process (an attempt failure, never bad data).
+    """
+
+    def __init__(self, fpath: str, name: str, entry: FileEntry, chunk_bytes: int) -> None:
+        self._name, self._entry, self._chunk = name, entry, chunk_bytes
+        self._error: BaseException | None = None
+        self._digest: str | None = None
+        self._map: mmap.mmap | None = None
+        try:
+            with open(fpath, "rb", buffering=0) as f:
+                size = os.fstat(f.fileno()).st_size
+                if size != entry.size:
+                    raise CorruptSnapshot(f"{name}: size {size} != manifest {entry.size}")
+                if size:
+                    self._map = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)
+        except FileNotFoundError as exc:
+            raise CorruptSnapshot(f"{name}: missing") from exc
+        except OSError as exc:
+            if exc.errno in _BAD_PATH:
+                raise CorruptSnapshot(f"{name}: {exc.strerror}") from exc
+            raise StorageError(f"mapping {fpath}: {exc}") from exc
+        if self._map is not None:
+            # Start reading the whole file ahead: the decoder and the hash both walk it in order.
+            self._map.madvise(mmap.MADV_WILLNEED)
+            self.array: np.ndarray[Any, Any] = np.frombuffer(self._map, dtype=np.uint8)
+        else:
+            self.array = np.zeros(0, dtype=np.uint8)
+        self._thread = threading.Thread(target=self._hash, name=f"verify-{name}", daemon=True)
+        self._thread.start()
+
+    def _hash(self) -> None:
+        try:
+            h = hashlib.sha256()
+            view = memoryview(self.array.data)
+            for start in range(0, len(view), self._chunk):
+                h.update(view[start : start + self._chunk])
+            self._digest = h.hexdigest()
+        except BaseException as exc:  # re-raised by verified()
+            self._error = exc
+
+    def verified(self) -> None:
+        """Wait for the hash; raise :class:`CorruptSnapshot` unless it matches the manifest."""
+        self._thread.join()
+        if self._error is not None:
+            raise StorageError(f"verifying {self._name}: {self._error}") from self._error
+        if self._digest != self._entry.checksum:
+            raise CorruptSnapshot(f"{self._name}: checksum mismatch")
+
+    def close(self) -> None:
+        """Wait for the hash thread (it reads the mapping), then drop this object's references.
+
+        The mapping itself is unmapped when the last view of :attr:`array` is gone (decoded
+        tensors that are copies hold none).
+        """
+        self._thread.join()
+        self.array = np.zeros(0, dtype=np.uint8)
+        self._map = None
+
+    def __enter__(self) -> MappedFile:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
 class LocalSnapshotStore:
     """Snapshots under `<checkpoint_dir>/snapshots` on a local (node-attached) disk."""
 
@@ -597,6 +675,20 @@ class LocalSnapshotStore:
             raise ValueError(f"buffer is {len(view)} bytes, {name} is {entry.size}")
         self._hash_file(os.path.join(self.path(step), name), name, entry, view)
         return manifest
+
+    def map_verifying(self, step: int, name: str, manifest: Manifest | None = None) -> MappedFile:
+        """Map file `name` of the snapshot and start verifying it (see :class:`MappedFile`).
+
+        Its size is checked at once; its checksum by :meth:`MappedFile.verified`, which the
+        caller must pass before trusting anything decoded from the mapping.
+        """
+        manifest = manifest if manifest is not None else self.read_manifest(step)
+        entry = manifest.files.get(name)
+        if entry is None:
+            raise CorruptSnapshot(f"step {step}: manifest lists no file {name!r}")
+        return MappedFile(
+            os.path.join(self.path(step), name), name, entry, self._settings.read_chunk_bytes
+        )
 
     def open_verified(self, step: int, name: str) -> bytes:
         """The whole content of file `name`, checksum-verified."""

@@ -429,8 +429,15 @@ class Checkpointer:
         manifest = self.store.read_manifest(step)
         # Checked before reading gigabytes of tensors.
         self._check_manifest(step, manifest)
-        tree_bytes, buffer = self._read(step, manifest)
-        return self._apply(step, manifest, tree_bytes, buffer)
+        tree_bytes = self.store.open_verified(step, TREE_FILE)
+        if TENSORS_FILE not in manifest.files:
+            raise CorruptSnapshot(f"step {step}: manifest lists no {TENSORS_FILE}")
+        # Decoded straight from the page cache while the checksum is computed beside it; nothing
+        # decoded is applied before the file is verified.
+        with self.store.map_verifying(step, TENSORS_FILE, manifest) as mapped:
+            obj, digest = self._decode(tree_bytes, mapped.array)
+            mapped.verified()
+        return self._apply(step, manifest, obj, digest)
 
     def _load_broadcast(self, step: int, source: int) -> str:
         """Rank ``source`` reads the snapshot and broadcasts it; every rank applies it."""
@@ -462,15 +469,18 @@ class Checkpointer:
             seconds=round(time.perf_counter() - started, 4),
         )
         self._check_manifest(step, manifest)
-        return self._apply(step, manifest, tree_bytes, buffer)
-
-    def _apply(self, step: int, manifest: Manifest, tree_bytes: bytes, buffer: np.ndarray) -> str:
-        # Copies, not views into the buffer: some consumers misread views (torch.set_rng_state
-        # ignores the storage offset; torch.save would write the whole buffer for each).
-        obj, digest = codec.decode_tree(
-            codec.parse_tree(tree_bytes), buffer, copy=True, compute_digest=self.verify_digest
-        )
+        obj, digest = self._decode(tree_bytes, buffer)
         del buffer
+        return self._apply(step, manifest, obj, digest)
+
+    def _decode(self, tree_bytes: bytes, arena: np.ndarray) -> tuple[Any, str | None]:
+        # Copies, not views into the arena: some consumers misread views (torch.set_rng_state
+        # ignores the storage offset; torch.save would write the whole buffer for each).
+        return codec.decode_tree(
+            codec.parse_tree(tree_bytes), arena, copy=True, compute_digest=self.verify_digest
+        )
+
+    def _apply(self, step: int, manifest: Manifest, obj: Any, digest: str | None) -> str:
         if digest is not None and digest != manifest.digest:
             raise CorruptSnapshot(
                 f"step {step}: content digest {digest} differs from manifest {manifest.digest}"

@@ -218,7 +218,8 @@ def test_crash_then_resume_from_newest_valid_snapshot(tmp_path: Path) -> None:
         def crash(attempt: int, _resume: int | None) -> None:
             env.heartbeat(attempt, 25)
             env.snapshot(10)
-            env.snapshot(20, corrupt=True)  # same size: only a checksum check catches it
+            env.snapshot(20)
+            os.truncate(os.path.join(env.store.path(20), "tensors.bin"), 10)
             env.error_file(attempt, 1, when=5.0, message="CUDA went away")
         return [Attempt(1, on_exit=crash), Attempt(0)]
 
@@ -226,16 +227,82 @@ def test_crash_then_resume_from_newest_valid_snapshot(tmp_path: Path) -> None:
     out = sup.run()
     assert out.exit_code == EXIT_OK
     assert group.starts == [(0, None), (1, 10)]
-    assert not os.path.exists(env.store.path(20)), "the corrupt snapshot is removed"
+    assert not os.path.exists(env.store.path(20)), "the invalid snapshot is removed"
     invalid = [e for e in env.events() if e["event"] == "supervisor.snapshot_invalid"]
     assert [e["step"] for e in invalid] == [20]
-    assert "checksum" in invalid[0]["reason"]
+    assert "size" in invalid[0]["reason"]
     failed = next(e for e in env.events() if e["event"] == "supervisor.attempt_failed")
     assert failed["root_cause"] == "rank 1: RuntimeError: CUDA went away"
     assert failed["progressed"] is True
     state = env.state()
     assert (state["restarts"], state["resumed_from_step"], state["attempt"]) == (1, 10, 1)
     assert state["last_failure"] == "rank 1: RuntimeError: CUDA went away"  # kept after recovery
+
+
+def damaged_on_load(env: Env, step: int) -> Hook:
+    """The ranks' verified load of ``step`` fails: rank 0 finds the damage, rank 1 hears of it."""
+    def fail(attempt: int, resume: int | None) -> None:
+        assert resume == step
+        env.error_file(attempt, 0, when=1.0, kind="CorruptSnapshot",
+                       message="tensors.bin: checksum mismatch")
+        env.error_file(attempt, 1, when=1.1, kind="PeerFailure", message=(
+            f"rank 0 failed loading snapshot step {step}: CorruptSnapshot: tensors.bin: "
+            "checksum mismatch"))
+    return fail
+
+
+def test_the_first_attempt_checksums_every_candidate(tmp_path: Path) -> None:
+    def script(env: Env) -> list[Attempt]:
+        env.snapshot(10)
+        env.snapshot(20, corrupt=True)  # same size: only a checksum catches it
+        return [Attempt(0)]
+
+    sup, group, env, _ = make(tmp_path, script)
+    assert sup.run().exit_code == EXIT_OK
+    assert group.starts == [(0, 10)]
+    invalid = [e for e in env.events() if e["event"] == "supervisor.snapshot_invalid"]
+    assert [(e["step"], "checksum" in e["reason"]) for e in invalid] == [(20, True)]
+
+
+def test_a_relaunch_leaves_checksums_to_the_ranks_and_verifies_once_they_find_damage(
+    tmp_path: Path,
+) -> None:
+    def script(env: Env) -> list[Attempt]:
+        def crash(attempt: int, _resume: int | None) -> None:
+            env.heartbeat(attempt, 25)
+            env.snapshot(10)
+            env.snapshot(20, corrupt=True)  # same size: only a checksum catches it
+            env.error_file(attempt, 1, when=5.0, message="CUDA went away")
+        return [Attempt(1, on_exit=crash), Attempt(1, on_exit=damaged_on_load(env, 20)), Attempt(0)]
+
+    sup, group, env, _ = make(tmp_path, script)
+    out = sup.run()
+    assert out.exit_code == EXIT_OK
+    # Attempt 1 gets 20 on its manifest and sizes; its ranks find the damage while loading.
+    assert group.starts == [(0, None), (1, 20), (2, 10)]
+    assert not os.path.exists(env.store.path(20))
+    corrupt = [e for e in env.events() if e["event"] == "supervisor.resume_corrupt"]
+    assert [(e["attempt"], e["step"]) for e in corrupt] == [(1, 20)]
+    invalid = [e for e in env.events() if e["event"] == "supervisor.snapshot_invalid"]
+    assert [(e["attempt"], e["step"], "checksum" in e["reason"]) for e in invalid] == [(2, 20, True)]
+    state = env.state()
+    # The damaged resume point cost a start-up, not a restart, and no backoff.
+    assert (state["restarts"], state["resumed_from_step"], state["attempt"]) == (1, 10, 2)
+    assert state["last_failure"] == "rank 1: RuntimeError: CUDA went away"
+
+
+def test_damage_found_after_a_verified_selection_is_an_ordinary_failure(tmp_path: Path) -> None:
+    def script(env: Env) -> list[Attempt]:
+        env.snapshot(10)
+        return [Attempt(1, on_exit=damaged_on_load(env, 10)), Attempt(0)]
+
+    sup, group, env, _ = make(tmp_path, script)
+    assert sup.run().exit_code == EXIT_OK
+    assert group.starts == [(0, 10), (1, 10)]  # still valid when checksummed again
+    assert "supervisor.resume_corrupt" in env.names()
+    state = env.state()
+    assert state["restarts"] == 1
+    assert state["last_failure"] == "rank 0: CorruptSnapshot: tensors.bin: checksum mismatch"
 
 
 def test_budget_spent_fails_with_root_cause(tmp_path: Path) -> None:

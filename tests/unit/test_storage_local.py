@@ -554,6 +554,47 @@ def test_reads_detect_grown_and_truncated_file(store: LocalSnapshotStore) -> Non
         store.open_verified(3, "tensors.bin")
 
 
+def test_map_verifying_reads_the_file_and_checks_it(store: LocalSnapshotStore) -> None:
+    files = payload(3)
+    commit(store, 3, files)
+    for name, data in files.items():
+        with store.map_verifying(3, name) as mapped:
+            assert mapped.array.tobytes() == data
+            assert mapped.array.flags.writeable  # copy-on-write: torch may view it
+            mapped.array[:1] = 0  # never reaches the file
+            mapped.verified()
+        assert store.open_verified(3, name) == data
+
+
+def test_map_verifying_detects_damage(store: LocalSnapshotStore) -> None:
+    commit(store, 3)
+    p = os.path.join(store.path(3), "tensors.bin")
+    flip_bit(p, 4000)
+    with store.map_verifying(3, "tensors.bin") as mapped:
+        assert len(mapped.array) == 4096  # the caller may decode meanwhile...
+        with pytest.raises(CorruptSnapshot, match="checksum"):
+            mapped.verified()  # ...but learns before using anything
+    with open(p, "ab") as f:
+        f.write(b"extra")
+    with pytest.raises(CorruptSnapshot, match="size"):
+        store.map_verifying(3, "tensors.bin")
+    os.truncate(p, 4000)
+    with pytest.raises(CorruptSnapshot, match="size"):
+        store.map_verifying(3, "tensors.bin")
+    os.remove(p)
+    with pytest.raises(CorruptSnapshot, match="missing"):
+        store.map_verifying(3, "tensors.bin")
+    with pytest.raises(CorruptSnapshot):
+        store.map_verifying(3, "nope.bin")
+
+
+def test_map_verifying_empty_file(store: LocalSnapshotStore) -> None:
+    commit(store, 3, {"empty": b"", "tensors.bin": b"x"})
+    with store.map_verifying(3, "empty") as mapped:
+        assert mapped.array.size == 0
+        mapped.verified()
+
+
 def test_read_into_wrong_buffer_size(store: LocalSnapshotStore) -> None:
     commit(store, 3)
     for n in (0, 4095, 4097):
