@@ -22,6 +22,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any, Literal
@@ -285,6 +286,16 @@ class Checkpointer:
         self.last_stall_s = 0.0
         # The guard: the optimizer may not change parameters or its state while they are staged.
         self._guard = state.optimizer.register_step_pre_hook(self._before_optimizer_step)
+        # torchrun's teardown after a lost rank ends this one at once (trainer.preemption); a
+        # snapshot already staged and being written is still committed first.
+        me = weakref.ref(self)
+
+        def drain() -> None:
+            checkpointer = me()
+            if checkpointer is not None:
+                checkpointer._drain_for_teardown()
+
+        preemption.on_teardown(drain)
 
     # -- resume ---------------------------------------------------------------------------
 
@@ -722,6 +733,16 @@ class Checkpointer:
             self._write_snapshot(step, epoch, encoded, arena, metadata)
 
         self._snapshot_job = self.writer.submit(job, label=f"snapshot@{step}")
+
+    def _drain_for_teardown(self) -> None:
+        """Let the snapshot in flight (its state complete in the arena) reach its commit."""
+        job = self._snapshot_job
+        if job is None or job.done.is_set():
+            return
+        started = time.perf_counter()
+        job.wait()
+        log.warning("snapshot.drained_on_teardown", label=job.label,
+                    seconds=round(time.perf_counter() - started, 4))
 
     def _before_optimizer_step(self, *_args: Any) -> None:
         """Optimizer step pre-hook: parameters may change only once they are staged."""

@@ -101,6 +101,14 @@ class SnapshotError(TrainerError):
     """A snapshot could not be taken (inconsistent ranks, bad state)."""
 
 
+class GroupTornDown(BaseException):
+    """torchrun is stopping this rank because another rank of its node already exited.
+
+    Raised from the SIGTERM handler (see :mod:`trainer.preemption`). A ``BaseException``, like
+    ``KeyboardInterrupt``, so that a training loop's ``except Exception`` does not swallow it.
+    """
+
+
 def error_record(exc: BaseException, *, rank: int, attempt: int) -> dict[str, Any]:
     """Build the JSON object of ``run/errors/attempt-<A>/rank-<R>.json`` for ``exc``."""
     return {

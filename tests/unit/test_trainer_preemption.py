@@ -123,3 +123,78 @@ def test_check_every_setting_is_validated() -> None:
     assert WorkerSettings.from_env({"ORCH_PREEMPT_CHECK_EVERY": "3"}).preempt_check_every == 3
     with pytest.raises(ValueError, match="ORCH_PREEMPT_CHECK_EVERY"):
         WorkerSettings.from_env({"ORCH_PREEMPT_CHECK_EVERY": "0"})
+
+
+def _fake_proc(root: Path, ppid: int, tasks: dict[int, str]) -> str:
+    for tid, children in tasks.items():
+        d = root / str(ppid) / "task" / str(tid)
+        d.mkdir(parents=True)
+        (d / "children").write_text(children)
+    return str(root)
+
+
+def test_local_peer_gone_counts_torchruns_live_children(tmp_path: Path) -> None:
+    env = {"LOCAL_WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "r"}
+    full = _fake_proc(tmp_path / "a", 10, {10: "11 12 ", 13: ""})
+    one_left = _fake_proc(tmp_path / "b", 10, {10: "11 ", 13: ""})
+    spread = _fake_proc(tmp_path / "c", 10, {10: "11 ", 13: "12 "})  # forked from two threads
+    assert not preemption.local_peer_gone(env, 10, full)
+    assert preemption.local_peer_gone(env, 10, one_left)
+    assert not preemption.local_peer_gone(env, 10, spread)
+    # Not under torchrun, one rank per node, or nothing to read: never a teardown.
+    assert not preemption.local_peer_gone({"LOCAL_WORLD_SIZE": "2"}, 10, one_left)
+    assert not preemption.local_peer_gone({**env, "LOCAL_WORLD_SIZE": "1"}, 10, one_left)
+    assert not preemption.local_peer_gone({**env, "LOCAL_WORLD_SIZE": "x"}, 10, one_left)
+    assert not preemption.local_peer_gone(env, 99, one_left)
+
+
+# A parent standing in for torchrun: two "ranks" under trainer.run; the parent SIGKILLs and reaps
+# one (as torchrun does) if asked, then SIGTERMs the other and reports how that one ended.
+TORCHRUN_STANDIN = textwrap.dedent(
+    """
+    import os, signal, subprocess, sys, time
+    rank = '''
+    import time, trainer
+    def main():
+        print("ready", flush=True)
+        while True:
+            time.sleep(0.01)
+    trainer.run(main)
+    '''
+    env = dict(os.environ, LOCAL_WORLD_SIZE="2", WORLD_SIZE="2", TORCHELASTIC_RUN_ID="standin")
+    ranks = [subprocess.Popen([sys.executable, "-c", rank], stdout=subprocess.PIPE, text=True,
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in (0, 1)]
+    if not all(p.stdout.readline().strip() == "ready" for p in ranks):
+        for p in ranks:
+            p.kill()
+        sys.exit("a rank did not start")
+    if sys.argv[1] == "lost":
+        ranks[1].kill()
+        ranks[1].wait()
+    ranks[0].send_signal(signal.SIGTERM)
+    try:
+        print(ranks[0].wait(timeout=3))
+    except subprocess.TimeoutExpired:
+        print("still running")
+    for p in ranks:
+        p.kill()
+    """
+)
+
+
+@pytest.mark.parametrize("case", ["lost", "complete"])
+def test_sigterm_after_a_lost_local_rank_ends_the_rank_at_once(tmp_path: Path, case: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ORCH_")}
+    env["ORCH_CHECKPOINT_DIR"] = str(tmp_path)
+    proc = subprocess.run([sys.executable, "-c", TORCHRUN_STANDIN, case], env=env,
+                          capture_output=True, text=True, timeout=60, cwd=os.getcwd())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    outcome = proc.stdout.strip().splitlines()[-1]
+    if case == "lost":
+        assert outcome == "1", proc.stderr[-3000:]  # a failure with a report, not a preemption
+        [report] = (tmp_path / "run" / "errors" / "attempt-0").glob("rank-0.json")
+        assert json.loads(report.read_text())["type"] == "GroupTornDown"
+    else:
+        # A complete group: the SIGTERM is a preemption request, honoured at a step boundary
+        # this loop never reaches.
+        assert outcome == "still running"
