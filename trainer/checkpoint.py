@@ -150,6 +150,9 @@ def write_weights_export(
     return final
 
 
+#: Parts of a snapshot decoded as views into the read buffer (see Checkpointer._decode).
+_BORROWED = frozenset({("shared", "model")})
+
 #: Bound on the device memory a cross-node resume broadcast uses at once (NCCL needs GPU tensors).
 _BROADCAST_CHUNK = 256 << 20
 
@@ -486,9 +489,15 @@ class Checkpointer:
 
     def _decode(self, tree_bytes: bytes, arena: np.ndarray) -> tuple[Any, str | None]:
         # Copies, not views into the arena: some consumers misread views (torch.set_rng_state
-        # ignores the storage offset; torch.save would write the whole buffer for each).
+        # ignores the storage offset; torch.save would write the whole buffer for each), and an
+        # optimizer keeps the tensors it is given. The model's are views: Module.load_state_dict
+        # copies them into the parameters at once and keeps none.
         return codec.decode_tree(
-            codec.parse_tree(tree_bytes), arena, copy=True, compute_digest=self.verify_digest
+            codec.parse_tree(tree_bytes),
+            arena,
+            copy=True,
+            compute_digest=self.verify_digest,
+            borrow=_BORROWED,
         )
 
     def _apply(self, step: int, manifest: Manifest, obj: Any, digest: str | None) -> str:

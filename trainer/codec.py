@@ -378,8 +378,16 @@ def _torch_dtype(name: str) -> torch.dtype:
 
 
 class _Decoder:
-    def __init__(self, arena: bytearray | memoryview | np.ndarray[Any, Any], *, copy: bool = True) -> None:
+    def __init__(
+        self,
+        arena: bytearray | memoryview | np.ndarray[Any, Any],
+        *,
+        copy: bool = True,
+        borrow: frozenset[tuple[str, ...]] = frozenset(),
+    ) -> None:
         self.copy = copy
+        self.borrow = borrow
+        self._path: list[Any] = []
         self.arena_np = np.frombuffer(arena, dtype=np.uint8) if not isinstance(arena, np.ndarray) else arena.view(np.uint8).reshape(-1)
         self.arena_t = torch.from_numpy(self.arena_np) if self.arena_np.size else None
         self.slots: list[TensorSlot] = []
@@ -397,7 +405,7 @@ class _Decoder:
         if node is None or isinstance(node, bool | int | float | str):
             return node
         if isinstance(node, list):
-            return [self.decode(x) for x in node]
+            return [self._child(i, x) for i, x in enumerate(node)]
         if not isinstance(node, dict):
             raise CodecError(f"bad tree node {node!r}")
         tag = node.get("t")
@@ -429,9 +437,9 @@ class _Decoder:
 
     def _dict(self, node: dict[str, Any]) -> dict[Any, Any]:
         keys = [self.decode(k) for k in node["k"]]
-        values = [self.decode(v) for v in node["v"]]
-        if len(keys) != len(values):
+        if len(keys) != len(node["v"]):
             raise CodecError("dict node with different numbers of keys and values")
+        values = [self._child(key, v) for key, v in zip(keys, node["v"], strict=True)]
         order = node.get("order", list(range(len(keys))))
         if sorted(order) != list(range(len(keys))):
             raise CodecError("dict node with a bad insertion order")
@@ -442,6 +450,18 @@ class _Decoder:
         if "meta" in node:
             out._metadata = self.decode(node["meta"])  # type: ignore[attr-defined]
         return out
+
+    def _child(self, key: Any, node: JsonTree) -> Any:
+        """Decode a dict value or list item; under a ``borrow`` path, views instead of copies."""
+        self._path.append(key)
+        saved = self.copy
+        try:
+            if self.copy and tuple(self._path) in self.borrow:
+                self.copy = False
+            return self.decode(node)
+        finally:
+            self.copy = saved
+            self._path.pop()
 
     def _tensor(self, node: dict[str, Any]) -> torch.Tensor:
         dtype = _torch_dtype(node["dtype"])
@@ -475,16 +495,20 @@ def decode_tree(
     *,
     copy: bool = True,
     compute_digest: bool = True,
+    borrow: frozenset[tuple[str, ...]] = frozenset(),
 ) -> tuple[Any, str | None]:
     """Rebuild the state from a parsed ``tree.json`` and its arena; return it and its digest.
 
     With ``copy=False`` the tensors are views into ``arena``, which must then never be reused
-    (it stays alive as long as they do). The digest is None unless ``compute_digest``.
+    (it stays alive as long as they do). ``borrow`` names dict-key paths (``("shared",
+    "model")``) whose tensors are views even with ``copy=True``: for parts the caller copies into
+    existing tensors at once (``load_state_dict`` of a module), where a fresh copy first would
+    only cost memory and page faults. The digest is None unless ``compute_digest``.
     """
     if tree.get("format") != FORMAT:
         raise CodecError(f"unknown tree format {tree.get('format')!r}; expected {FORMAT!r}")
     declared = tree.get("arena_nbytes")
-    dec = _Decoder(arena, copy=copy)
+    dec = _Decoder(arena, copy=copy, borrow=borrow)
     if declared != dec.arena_np.size:
         raise CodecError(f"arena has {dec.arena_np.size} bytes but the tree declares {declared}")
     obj = dec.decode(tree["root"])

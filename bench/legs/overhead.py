@@ -23,7 +23,12 @@ def run(config: core.BenchConfig, size_bytes: int) -> core.LegResult:
 
     step_s = [core.timed(lambda: core.train_step(model, optimizer)) for _ in range(10)]
     step_median = core.Stat(unit="s", samples=tuple(step_s)).median
-    save_s = [plain.save(0) for _ in range(3)]
+    # The first saves create and grow files; the loop's saves overwrite warm ones and are faster.
+    # Timing those would pick too long an interval (in one run: 47 steps, where torch.save then
+    # lost only 5.8% instead of 10%), which flatters every saver, ours included.
+    for _ in range(2):
+        plain.save(0)
+    save_s = [plain.save(0) for _ in range(5)]
     save_median = core.Stat(unit="s", samples=tuple(save_s)).median
     every = max(1, round(save_median / (0.10 * step_median)))
     result.scalars.update(interval_steps=every, step_s=round(step_median, 5), torch_save_s=round(save_median, 4))

@@ -216,3 +216,20 @@ def test_views_decode_shares_the_buffer() -> None:
     assert digest is None
     buf[:] = 0
     assert torch.equal(back["x"], torch.zeros(4))
+
+
+def test_borrowed_paths_are_views_and_everything_else_copies() -> None:
+    state = {
+        "shared": {"model": {"w": torch.ones(4)}, "optimizer": {"m": torch.ones(4)}},
+        "model": {"w": torch.ones(4)},  # the same key elsewhere: not borrowed
+        "ranks": [{"shared": {"model": torch.ones(4)}}],
+    }
+    tree, arena, _ = codec.encode_to_bytes(state)
+    buf = np.frombuffer(bytearray(arena), dtype=np.uint8)
+    back, _ = codec.decode_tree(codec.parse_tree(tree), buf, compute_digest=False,
+                                borrow=frozenset({("shared", "model")}))
+    buf[:] = 0
+    assert torch.equal(back["shared"]["model"]["w"], torch.zeros(4))
+    assert torch.equal(back["shared"]["optimizer"]["m"], torch.ones(4))
+    assert torch.equal(back["model"]["w"], torch.ones(4))
+    assert torch.equal(back["ranks"][0]["shared"]["model"], torch.ones(4))
