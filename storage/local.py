@@ -10,6 +10,7 @@ checksums against the manifest before a single byte is handed to the caller.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -105,6 +106,21 @@ def _raise_storage(exc: OSError, what: str) -> StorageError:
 #: O_DIRECT needs the buffer address, file offset and length aligned to the logical block size;
 #: 4096 covers every block size in use.
 DIRECT_ALIGN = 4096
+
+
+@contextlib.contextmanager
+def _file_errors(name: str, doing: str, fpath: str) -> Iterator[None]:
+    """Translate OS errors on a snapshot's file ``name``: a missing file or an impossible path
+    makes the snapshot invalid (:class:`CorruptSnapshot`); anything else is the environment
+    failing (:class:`StorageError`), which must never get a good snapshot deleted."""
+    try:
+        yield
+    except FileNotFoundError as exc:
+        raise CorruptSnapshot(f"{name}: missing") from exc
+    except OSError as exc:
+        if exc.errno in _BAD_PATH:
+            raise CorruptSnapshot(f"{name}: {exc.strerror}") from exc
+        raise StorageError(f"{doing} {fpath}: {exc}") from exc
 
 
 def _address(view: memoryview) -> int:
@@ -438,19 +454,12 @@ class MappedFile:
         self._error: BaseException | None = None
         self._digest: str | None = None
         self._map: mmap.mmap | None = None
-        try:
-            with open(fpath, "rb", buffering=0) as f:
-                size = os.fstat(f.fileno()).st_size
-                if size != entry.size:
-                    raise CorruptSnapshot(f"{name}: size {size} != manifest {entry.size}")
-                if size:
-                    self._map = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)
-        except FileNotFoundError as exc:
-            raise CorruptSnapshot(f"{name}: missing") from exc
-        except OSError as exc:
-            if exc.errno in _BAD_PATH:
-                raise CorruptSnapshot(f"{name}: {exc.strerror}") from exc
-            raise StorageError(f"mapping {fpath}: {exc}") from exc
+        with _file_errors(name, "mapping", fpath), open(fpath, "rb", buffering=0) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size != entry.size:
+                raise CorruptSnapshot(f"{name}: size {size} != manifest {entry.size}")
+            if size:
+                self._map = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)
         if self._map is not None:
             # Start reading the whole file ahead: the decoder and the hash both walk it in order.
             self._map.madvise(mmap.MADV_WILLNEED)
@@ -593,14 +602,8 @@ class LocalSnapshotStore:
 
     def _check_file(self, path: str, name: str, entry: FileEntry, verify: bool) -> None:
         fpath = os.path.join(path, name)
-        try:
+        with _file_errors(name, "checking", fpath):
             st = os.stat(fpath)
-        except FileNotFoundError as exc:
-            raise CorruptSnapshot(f"{name}: missing") from exc
-        except OSError as exc:
-            if exc.errno in _BAD_PATH:
-                raise CorruptSnapshot(f"{name}: {exc.strerror}") from exc
-            raise StorageError(f"checking {fpath}: {exc}") from exc
         if not stat.S_ISREG(st.st_mode):
             raise CorruptSnapshot(f"{name}: not a regular file")
         size = st.st_size
@@ -617,26 +620,19 @@ class LocalSnapshotStore:
         chunk = self._settings.read_chunk_bytes
         scratch = memoryview(bytearray(min(chunk, max(entry.size, 1)))) if into is None else None
         total = 0
-        try:
-            with open(fpath, "rb", buffering=0) as f:
-                while True:
-                    view = scratch if scratch is not None else into[total : total + chunk]  # type: ignore[index]
-                    if len(view) == 0:
-                        # The caller's buffer is full: one more byte means the file grew.
-                        if f.read(1):
-                            raise CorruptSnapshot(f"{name}: larger than manifest size")
-                        break
-                    n = f.readinto(view)
-                    if not n:
-                        break
-                    h.update(view[:n])
-                    total += n
-        except FileNotFoundError as exc:
-            raise CorruptSnapshot(f"{name}: missing") from exc
-        except OSError as exc:
-            if exc.errno in _BAD_PATH:
-                raise CorruptSnapshot(f"{name}: {exc.strerror}") from exc
-            raise StorageError(f"reading {fpath}: {exc}") from exc
+        with _file_errors(name, "reading", fpath), open(fpath, "rb", buffering=0) as f:
+            while True:
+                view = scratch if scratch is not None else into[total : total + chunk]  # type: ignore[index]
+                if len(view) == 0:
+                    # The caller's buffer is full: one more byte means the file grew.
+                    if f.read(1):
+                        raise CorruptSnapshot(f"{name}: larger than manifest size")
+                    break
+                n = f.readinto(view)
+                if not n:
+                    break
+                h.update(view[:n])
+                total += n
         if total != entry.size:
             raise CorruptSnapshot(f"{name}: read {total} bytes, manifest says {entry.size}")
         if h.hexdigest() != entry.checksum:
