@@ -686,9 +686,9 @@ class LocalSnapshotStore:
             os.path.join(self.path(step), name), name, entry, self._settings.read_chunk_bytes
         )
 
-    def open_verified(self, step: int, name: str) -> bytes:
-        """The whole content of file `name`, checksum-verified."""
-        manifest = self.read_manifest(step)
+    def open_verified(self, step: int, name: str, manifest: Manifest | None = None) -> bytes:
+        """The whole content of file `name`, checksum-verified (against `manifest` if given)."""
+        manifest = manifest if manifest is not None else self.read_manifest(step)
         entry = manifest.files.get(name)
         if entry is None:
             raise CorruptSnapshot(f"step {step}: manifest lists no file {name!r}")

@@ -423,7 +423,7 @@ class Checkpointer:
 
     def _read(self, step: int, manifest: Manifest) -> tuple[bytes, np.ndarray]:
         """The snapshot's tree and tensor bytes, every file checksum-verified."""
-        tree_bytes = self.store.open_verified(step, TREE_FILE)
+        tree_bytes = self.store.open_verified(step, TREE_FILE, manifest)
         entry = manifest.files.get(TENSORS_FILE)
         if entry is None:
             raise CorruptSnapshot(f"step {step}: manifest lists no {TENSORS_FILE}")
@@ -443,9 +443,7 @@ class Checkpointer:
         manifest = self.store.read_manifest(step)
         # Checked before reading gigabytes of tensors.
         self._check_manifest(step, manifest)
-        tree_bytes = self.store.open_verified(step, TREE_FILE)
-        if TENSORS_FILE not in manifest.files:
-            raise CorruptSnapshot(f"step {step}: manifest lists no {TENSORS_FILE}")
+        tree_bytes = self.store.open_verified(step, TREE_FILE, manifest)
         # Decoded straight from the page cache while the checksum is computed beside it; nothing
         # decoded is applied before the file is verified.
         with self.store.map_verifying(step, TENSORS_FILE, manifest) as mapped:
