@@ -387,6 +387,8 @@ class _Decoder:
     ) -> None:
         self.copy = copy
         self.borrow = borrow
+        #: Below this depth no borrow path can match: the path is no longer tracked there.
+        self._borrow_depth = max(map(len, borrow), default=0)
         self._path: list[Any] = []
         self.arena_np = np.frombuffer(arena, dtype=np.uint8) if not isinstance(arena, np.ndarray) else arena.view(np.uint8).reshape(-1)
         self.arena_t = torch.from_numpy(self.arena_np) if self.arena_np.size else None
@@ -453,6 +455,8 @@ class _Decoder:
 
     def _child(self, key: Any, node: JsonTree) -> Any:
         """Decode a dict value or list item; under a ``borrow`` path, views instead of copies."""
+        if len(self._path) >= self._borrow_depth:
+            return self.decode(node)  # deep (or nothing borrowed): the common case, untracked
         self._path.append(key)
         saved = self.copy
         try:
