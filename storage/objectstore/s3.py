@@ -144,7 +144,7 @@ class ObjectStore(Protocol):
 
 def open_object_store(url: str, *, settings: StorageSettings | None = None) -> ObjectStore:
     """`S3ObjectStore` for ``s3://bucket/prefix``, `FsspecObjectStore` for any other URL."""
-    settings = settings or StorageSettings()
+    settings = settings or StorageSettings.from_env()
     scheme = urlparse(url).scheme.lower()
     if scheme in ("s3", "s3a"):
         return S3ObjectStore(url, settings=settings)
@@ -223,7 +223,7 @@ class S3ObjectStore:
         self.bucket = parsed.netloc
         prefix = parsed.path.strip("/")
         self._root = prefix + "/" if prefix else ""
-        self._settings = settings or StorageSettings()
+        self._settings = settings or StorageSettings.from_env()
         s = self._settings
         session = boto3.session.Session()
 
@@ -706,7 +706,7 @@ class FsspecObjectStore:
         from fsspec.implementations.local import LocalFileSystem
 
         self.url = url.rstrip("/")
-        self._settings = settings or StorageSettings()
+        self._settings = settings or StorageSettings.from_env()
         fs, root = fsspec.core.url_to_fs(url)
         self._fs: Any = fs
         self._root = root.rstrip("/") or "/"
