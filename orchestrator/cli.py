@@ -17,6 +17,10 @@ from collections.abc import Sequence
 from types import FrameType
 from typing import Any
 
+from contract.codes import EXIT_FAILED, EXIT_PREEMPTED, EXIT_USAGE, TERMINAL_PHASE_NAMES
+from contract.faults import FaultInjector
+from contract.logs import configure_logging
+from contract.paths import RunPaths
 from orchestrator.clock import RealClock
 from orchestrator.config import LaunchConfig, build_config, check_launchable, load_config_file
 from orchestrator.launcher import TorchrunGroup, kill_orphans
@@ -36,7 +40,6 @@ from orchestrator.runstate import (
     EventLog,
     LockHeld,
     RunLock,
-    RunPaths,
     next_attempt,
     read_state,
     stable_run_id,
@@ -48,7 +51,6 @@ from orchestrator.settings import (
     preempt_signal_numbers,
 )
 from orchestrator.status import (
-    TERMINAL_PHASES,
     NoRunState,
     remote_snapshot_records,
     remote_status_document,
@@ -57,16 +59,9 @@ from orchestrator.status import (
     snapshot_records,
     status_document,
 )
-from orchestrator.supervisor import (
-    EXIT_FAILED,
-    EXIT_PREEMPTED,
-    EXIT_USAGE,
-    StopRequest,
-    Supervisor,
-)
-from storage import LocalSnapshotStore, configure_logging
+from orchestrator.supervisor import StopRequest, Supervisor
+from storage import LocalSnapshotStore
 from storage.errors import StorageError
-from storage.faults import FaultInjector
 
 PROG = "orchestrator"
 
@@ -382,7 +377,7 @@ def _status(args: argparse.Namespace) -> int:
             print(json.dumps(doc, sort_keys=True), flush=True)
         else:
             print(render_status(doc), flush=True)
-        ended = doc.get("phase") in TERMINAL_PHASES or not doc.get("supervisor_alive")
+        ended = doc.get("phase") in TERMINAL_PHASE_NAMES or not doc.get("supervisor_alive")
         if not args.watch or ended or clock.monotonic() >= deadline:
             return 0
         if not args.json:

@@ -14,11 +14,10 @@ import re
 import signal
 from dataclasses import dataclass
 
-from orchestrator.runstate import RunPaths, read_json
+from contract.codes import EXIT_FATAL
+from contract.documents import ErrorRecord, read_json
+from contract.paths import RunPaths
 
-#: Exit status the trainer uses for failures a relaunch cannot fix (sysexits EX_CONFIG); only
-#: consulted when no error file says so itself.
-FATAL_EXIT_CODE = 78
 _MESSAGE_LIMIT = 500
 _LOG_TAIL_BYTES = 256 * 1024
 _ERROR_FILE = re.compile(r"^rank-(\d+)\.json$")
@@ -127,23 +126,15 @@ def _clip(text: str) -> str:
     return text if len(text) <= _MESSAGE_LIMIT else text[: _MESSAGE_LIMIT - 3] + "..."
 
 
-@dataclass(frozen=True, kw_only=True)
-class _ErrorFile:
-    rank: int
-    time: float
-    kind: str
-    message: str
-    fatal: bool
-
-    def describe(self) -> str:
-        kind = self.kind
-        if kind == "ConfigMismatch":
-            # The worker names its environment variable; operators use the launch flag. Put
-            # first so that clipping a long message never drops it.
-            kind += " [relaunch with --allow-config-change to resume anyway]"
-        return f"rank {self.rank}: {kind}: {self.message}" if self.message else (
-            f"rank {self.rank}: {kind}"
-        )
+def _describe(record: ErrorRecord) -> str:
+    kind = record.type
+    if kind == "ConfigMismatch":
+        # The worker names its environment variable; operators use the launch flag. Put
+        # first so that clipping a long message never drops it.
+        kind += " [relaunch with --allow-config-change to resume anyway]"
+    return f"rank {record.rank}: {kind}: {record.message}" if record.message else (
+        f"rank {record.rank}: {kind}"
+    )
 
 
 def reported_corrupt_snapshot(paths: RunPaths, attempt: int) -> bool:
@@ -153,12 +144,12 @@ def reported_corrupt_snapshot(paths: RunPaths, attempt: int) -> bool:
     ``PeerFailure`` that names it.
     """
     return any(
-        f.kind == "CorruptSnapshot" or ": CorruptSnapshot:" in f.message
+        f.type == "CorruptSnapshot" or ": CorruptSnapshot:" in f.message
         for f in _read_error_files(paths.errors_dir(attempt))
     )
 
 
-def _read_error_files(errors_dir: str) -> list[_ErrorFile]:
+def _read_error_files(errors_dir: str) -> list[ErrorRecord]:
     """The attempt's error files, earliest first (junk skipped)."""
     try:
         names = sorted(os.listdir(errors_dir))
@@ -170,18 +161,9 @@ def _read_error_files(errors_dir: str) -> list[_ErrorFile]:
         if not m:
             continue
         doc = read_json(os.path.join(errors_dir, name))
-        if doc is None:
-            continue
-        when = doc.get("time")
-        records.append(
-            _ErrorFile(
-                rank=int(m.group(1)),
-                time=float(when) if isinstance(when, (int, float)) else float("inf"),
-                kind=str(doc.get("type") or "Error"),
-                message=str(doc.get("message") or ""),
-                fatal=doc.get("fatal") is True,
-            )
-        )
+        record = None if doc is None else ErrorRecord.from_json(doc, rank=int(m.group(1)))
+        if record is not None:
+            records.append(record)
     records.sort(key=lambda r: (r.time, r.rank))
     return records
 
@@ -217,7 +199,7 @@ def diagnose(paths: RunPaths, attempt: int, exit_code: int) -> Failure:
     if killed:
         summary = killed[0].describe()
         if files:
-            summary += f" (then {files[0].describe()})"
+            summary += f" (then {_describe(files[0])})"
         return Failure(
             summary=_clip(summary),
             fatal=bool(fatal_files),
@@ -227,7 +209,7 @@ def diagnose(paths: RunPaths, attempt: int, exit_code: int) -> Failure:
         )
     if files:
         first = files[0]
-        summary = first.describe()
+        summary = _describe(first)
         if fatal_files and not first.fatal:
             summary += f" (rank {fatal_files[0].rank} reported a fatal error)"
         return Failure(
@@ -237,7 +219,7 @@ def diagnose(paths: RunPaths, attempt: int, exit_code: int) -> Failure:
         root = reported[0]
         return Failure(
             summary=_clip(root.describe()),
-            fatal=root.exit_code == FATAL_EXIT_CODE,
+            fatal=root.exit_code == EXIT_FATAL,
             rank=root.rank,
             exit_code=root.exit_code,
             source="torchrun",

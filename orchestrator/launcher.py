@@ -28,12 +28,13 @@ from typing import IO, Any, Protocol
 
 import structlog
 
+from contract.env import CHECKPOINT_DIR_VAR, LAUNCH_TOKEN_VAR, WorkerEnv
 from orchestrator.config import LaunchConfig
 from orchestrator.settings import Settings
 
 log = structlog.get_logger("orchestrator.launcher")
 
-TOKEN_VAR = "ORCH_LAUNCH_TOKEN"
+TOKEN_VAR = LAUNCH_TOKEN_VAR
 _PR_SET_PDEATHSIG = 1
 
 
@@ -277,33 +278,28 @@ def build_worker_env(
     token: str,
     spare_gate: str | None = None,
 ) -> dict[str, str]:
-    """The environment of torchrun and its ranks (the contract in docs/INTERNALS.md)."""
-    env = dict(base)
-    env.update(
-        {
-            "ORCH_CHECKPOINT_DIR": os.path.abspath(config.checkpoint_dir),
-            "ORCH_RUN_ID": run_id,
-            "ORCH_ATTEMPT": str(attempt),
-            "ORCH_NODE_RANK": str(config.node_rank),
-            "ORCH_RESUME_STEP": "none" if resume_step is None else str(resume_step),
-            "ORCH_ALLOW_CONFIG_CHANGE": "1" if config.allow_config_change else "0",
-            "ORCH_PG_TIMEOUT_S": f"{settings.pg_timeout_s:g}",
-            "ORCH_LOG_FORMAT": settings.worker_log_format(),
-            TOKEN_VAR: token,
-        }
+    """The environment of torchrun and its ranks: ``base`` plus the :class:`WorkerEnv` contract.
+
+    A warm spare learns its resume step only when it is promoted (from the gate file), so it
+    gets no ``ORCH_RESUME_STEP``.
+    """
+    contract = WorkerEnv(
+        checkpoint_dir=os.path.abspath(config.checkpoint_dir),
+        run_id=run_id,
+        attempt=attempt,
+        node_rank=config.node_rank,
+        resume_mode="auto" if spare_gate is not None else "step" if resume_step is not None
+        else "fresh",
+        resume_step=None if spare_gate is not None else resume_step,
+        allow_config_change=config.allow_config_change,
+        # None: the script's own interval (an inherited value is dropped by apply()).
+        checkpoint_every=config.checkpoint_every,
+        pg_timeout_s=settings.pg_timeout_s,
+        log_format=settings.worker_log_format(),
+        spare_gate=spare_gate,
+        launch_token=token,
     )
-    if config.checkpoint_every is None:
-        # Unset = the script's own interval; a value inherited from the caller's shell would
-        # otherwise silently override it.
-        env.pop("ORCH_CHECKPOINT_EVERY", None)
-    else:
-        env["ORCH_CHECKPOINT_EVERY"] = str(config.checkpoint_every)
-    if spare_gate is not None:
-        # A warm spare learns its resume step only when it is promoted (from the gate file).
-        env.pop("ORCH_RESUME_STEP")
-        env["ORCH_SPARE_GATE"] = spare_gate
-    else:
-        env.pop("ORCH_SPARE_GATE", None)
+    env = contract.apply(base)
     env.setdefault("OMP_NUM_THREADS", "1")
     # Ranks write into a pipe: unbuffered, their last words before a crash reach the log.
     env.setdefault("PYTHONUNBUFFERED", "1")
@@ -462,7 +458,7 @@ def kill_orphans(checkpoint_dir: str, timeout_s: float) -> list[int]:
     # Only processes we launched carry a launch token: a shell that merely exported
     # ORCH_CHECKPOINT_DIR must never be touched.
     pids = find_processes(
-        {"ORCH_CHECKPOINT_DIR": os.path.abspath(checkpoint_dir)}, present=(TOKEN_VAR,)
+        {CHECKPOINT_DIR_VAR: os.path.abspath(checkpoint_dir)}, present=(TOKEN_VAR,)
     )
     if pids:
         kill_and_wait(pids, timeout_s)

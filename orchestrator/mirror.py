@@ -45,6 +45,8 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from contract.faults import FaultInjector
+from contract.logs import redact
 from orchestrator.settings import Settings
 from storage import LocalSnapshotStore, RetentionPolicy, SnapshotInfo, plan_retention
 from storage.errors import (
@@ -55,8 +57,6 @@ from storage.errors import (
     StorageError,
     TransientStorageError,
 )
-from storage.faults import FaultInjector
-from storage.logs import redact
 
 log = structlog.get_logger("orchestrator.mirror")
 

@@ -24,68 +24,15 @@ from typing import Any
 
 import structlog
 
+from contract.atomic import atomic_write_json
+from contract.documents import Heartbeat, read_json
+from contract.paths import RunPaths
 from orchestrator.clock import Clock
-from storage.atomic import atomic_write_json
 
 log = structlog.get_logger("orchestrator.runstate")
 
 _ATTEMPT_LOG = re.compile(r"^attempt-(\d+)\.log$")
 _RANK_FILE = re.compile(r"^rank-(\d+)\.json$")
-
-
-@dataclass(frozen=True)
-class RunPaths:
-    """Absolute paths of the run files of one checkpoint dir."""
-
-    checkpoint_dir: str
-
-    @classmethod
-    def of(cls, checkpoint_dir: str) -> RunPaths:
-        return cls(os.path.abspath(checkpoint_dir))
-
-    @property
-    def run_dir(self) -> str:
-        return os.path.join(self.checkpoint_dir, "run")
-
-    @property
-    def state(self) -> str:
-        return os.path.join(self.run_dir, "state.json")
-
-    @property
-    def events(self) -> str:
-        return os.path.join(self.run_dir, "events.jsonl")
-
-    @property
-    def lock(self) -> str:
-        return os.path.join(self.run_dir, "supervisor.lock")
-
-    @property
-    def logs_dir(self) -> str:
-        return os.path.join(self.run_dir, "logs")
-
-    @property
-    def progress_dir(self) -> str:
-        return os.path.join(self.run_dir, "progress")
-
-    @property
-    def control_dir(self) -> str:
-        return os.path.join(self.run_dir, "control")
-
-    @property
-    def preempt_request(self) -> str:
-        """Supervisor -> workers: take an emergency snapshot and stop (see trainer.preemption)."""
-        return os.path.join(self.control_dir, "preempt.json")
-
-    @property
-    def preempt_ack(self) -> str:
-        """Rank 0 -> supervisor: the emergency snapshot at ``step`` is committed."""
-        return os.path.join(self.control_dir, "preempted.json")
-
-    def attempt_log(self, attempt: int) -> str:
-        return os.path.join(self.logs_dir, f"attempt-{attempt}.log")
-
-    def errors_dir(self, attempt: int) -> str:
-        return os.path.join(self.run_dir, "errors", f"attempt-{attempt}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -129,23 +76,6 @@ class RunState:
 def write_json_atomic(path: str, doc: Mapping[str, Any]) -> None:
     """Replace ``path`` with ``doc`` so that readers see the old or the new content, never a mix."""
     atomic_write_json(path, doc, durable=True)
-
-
-def read_json(path: str) -> dict[str, Any] | None:
-    """A JSON object from ``path``; None when missing, unreadable or not an object.
-
-    Worker files are written by processes that may be SIGKILLed at any instant, so junk is
-    expected and treated as absent rather than as an error.
-    """
-    try:
-        with open(path, "rb") as f:
-            doc = json.loads(f.read())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        log.warning("runstate.unreadable_file", path=path, error=str(exc))
-        return None
-    return doc if isinstance(doc, dict) else None
 
 
 def read_state(paths: RunPaths) -> dict[str, Any] | None:
@@ -315,18 +245,6 @@ def lock_is_held(path: str) -> bool:
     return False
 
 
-@dataclass(frozen=True, kw_only=True)
-class Heartbeat:
-    """One worker heartbeat (``run/progress/rank-<R>.json``)."""
-
-    rank: int
-    step: int
-    attempt: int
-    time: float
-    #: The snapshot step this rank's attempt resumed from (None: fresh or not yet known).
-    resumed_from: int | None = None
-
-
 def read_heartbeats(paths: RunPaths) -> list[Heartbeat]:
     """All parseable heartbeats, any attempt; malformed files are skipped."""
     out: list[Heartbeat] = []
@@ -339,25 +257,7 @@ def read_heartbeats(paths: RunPaths) -> list[Heartbeat]:
         if not m:
             continue
         doc = read_json(os.path.join(paths.progress_dir, name))
-        if doc is None:
-            continue
-        step, attempt, when = doc.get("step"), doc.get("attempt"), doc.get("time")
-        if (
-            isinstance(step, int)
-            and isinstance(attempt, int)
-            and isinstance(when, (int, float))
-            and not isinstance(step, bool)
-        ):
-            resumed = doc.get("resumed_from")
-            out.append(
-                Heartbeat(
-                    rank=int(m.group(1)),
-                    step=step,
-                    attempt=attempt,
-                    time=float(when),
-                    resumed_from=resumed
-                    if isinstance(resumed, int) and not isinstance(resumed, bool)
-                    else None,
-                )
-            )
+        beat = None if doc is None else Heartbeat.from_json(doc, rank=int(m.group(1)))
+        if beat is not None:
+            out.append(beat)
     return out

@@ -13,13 +13,13 @@ from __future__ import annotations
 import os
 from typing import Any, Protocol
 
+from contract.codes import TERMINAL_PHASE_NAMES
+from contract.paths import RunPaths
 from orchestrator.clock import Clock
 from orchestrator.mirror import RemoteTier, call_bounded, mirror_lag
-from orchestrator.runstate import RunPaths, lock_is_held, read_heartbeats, read_state
+from orchestrator.runstate import lock_is_held, read_heartbeats, read_state
 from orchestrator.settings import Settings
 from storage import LocalSnapshotStore, SnapshotInfo
-
-TERMINAL_PHASES = ("done", "preempted", "failed")
 
 
 class NoRunState(Exception):
@@ -107,7 +107,7 @@ def remote_status_document(
     for d in docs:
         updated = _number(d.get("updated_at"))
         since = max(0.0, now - updated) if updated is not None else None
-        terminal = d.get("phase") in TERMINAL_PHASES
+        terminal = d.get("phase") in TERMINAL_PHASE_NAMES
         if since is not None and since <= fresh_s and not terminal:
             alive = True
         raw = d.get("nodes")
@@ -163,7 +163,7 @@ def status_document(checkpoint_dir: str, *, clock: Clock) -> dict[str, Any]:
         if isinstance(node, dict):
             if beats:
                 node["heartbeat_age_s"] = round(max(0.0, now - max(b.time for b in beats)), 3)
-            if not alive and node.get("phase") not in TERMINAL_PHASES:
+            if not alive and node.get("phase") not in TERMINAL_PHASE_NAMES:
                 node["phase"] = "unknown"
     doc["nodes"] = nodes
     if os.path.isdir(_snapshots_dir(checkpoint_dir)):

@@ -18,12 +18,21 @@ import os
 import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from enum import Enum
 from typing import Protocol
 
 import structlog
 from tenacity import RetryCallState, Retrying, wait_exponential_jitter
 
+from contract.codes import EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, Phase
+from contract.documents import (
+    Heartbeat,
+    PreemptAck,
+    PreemptRequest,
+    SpareGate,
+    read_document,
+    write_document,
+)
+from contract.paths import RunPaths
 from orchestrator.clock import Clock
 from orchestrator.config import LaunchConfig
 from orchestrator.failures import Failure, diagnose, reported_corrupt_snapshot
@@ -33,42 +42,16 @@ from orchestrator.notices import NoticePoller
 from orchestrator.restore import ProgressFactory, restore_newer
 from orchestrator.runstate import (
     EventLog,
-    Heartbeat,
     NodeState,
-    RunPaths,
     RunState,
     read_heartbeats,
-    read_json,
     write_json_atomic,
 )
 from orchestrator.settings import Settings
 from storage import RetentionPolicy, SnapshotInfo, plan_retention
-from storage.atomic import atomic_write_json
 from storage.errors import StorageError
 
 log = structlog.get_logger("orchestrator.supervisor")
-
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-#: Preempted after a committed emergency snapshot: relaunch to resume (sysexits EX_TEMPFAIL).
-EXIT_PREEMPTED = 75
-
-
-class Phase(str, Enum):
-    """Supervisor phases; the values appear in ``state.json`` and ``status``."""
-
-    STARTING = "starting"
-    RUNNING = "running"
-    RECOVERING = "recovering"
-    CHECKPOINTING = "checkpointing"
-    DONE = "done"
-    PREEMPTED = "preempted"
-    FAILED = "failed"
-
-    @property
-    def terminal(self) -> bool:
-        return self in (Phase.DONE, Phase.PREEMPTED, Phase.FAILED)
 
 
 class SnapshotStore(Protocol):
@@ -270,6 +253,8 @@ class Supervisor:
         return Outcome(exit_code=self._exit_code, phase=self._phase, failure=failure)
 
     def _enter(self, phase: Phase) -> None:
+        """The one place phases change; the enum lists what is allowed (IllegalTransition)."""
+        self._phase.check_transition(phase)
         if phase is not self._phase:
             log.info("supervisor.phase", phase=phase.value, previous=self._phase.value)
         self._phase = phase
@@ -316,9 +301,6 @@ class Supervisor:
 
     # -- warm spare ----------------------------------------------------------------------
 
-    def _spare_gate(self, attempt: int) -> str:
-        return os.path.join(self._paths.run_dir, "spare", f"attempt-{attempt}.json")
-
     def _start_spare(self) -> None:
         """Start the next attempt's group now; it waits, started up, until promoted.
 
@@ -328,7 +310,7 @@ class Supervisor:
         if self._spare_factory is None:
             return
         attempt = self._attempt + 1
-        gate = self._spare_gate(attempt)
+        gate = self._paths.spare_gate(attempt)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(gate)
         os.makedirs(os.path.dirname(gate), exist_ok=True)
@@ -350,9 +332,9 @@ class Supervisor:
         if self._spare_attempt != self._attempt or spare.poll() is not None:
             self._discard_spare("stale" if self._spare_attempt != self._attempt else "exited")
             return False
-        atomic_write_json(
-            self._spare_gate(self._attempt),
-            {"attempt": self._attempt, "resume_step": self._resume_step},
+        write_document(
+            self._paths.spare_gate(self._attempt),
+            SpareGate(attempt=self._attempt, resume_step=self._resume_step),
             durable=False,
         )
         self._group, self._spare = spare, None
@@ -708,16 +690,14 @@ class Supervisor:
         if self._group_running:
             now = self._clock.time()
             os.makedirs(self._paths.control_dir, exist_ok=True)
-            write_json_atomic(
-                self._paths.preempt_request,
-                {
-                    "requested_at": now,
-                    "deadline": now + grace,
-                    "attempt": self._attempt,
-                    "signal": signal_name,
-                    "source": source,
-                },
+            request = PreemptRequest(
+                requested_at=now,
+                deadline=now + grace,
+                attempt=self._attempt,
+                signal=signal_name,
+                source=source,
             )
+            write_document(self._paths.preempt_request, request, durable=True)
         self._enter(Phase.CHECKPOINTING)
 
     def _watch_preemption(self) -> None:
@@ -748,11 +728,8 @@ class Supervisor:
 
     def _acked_step(self) -> int | None:
         """The step rank 0 acknowledged an emergency snapshot at, for this attempt."""
-        ack = read_json(self._paths.preempt_ack)
-        if ack is None or ack.get("attempt") != self._attempt:
-            return None
-        step = ack.get("step")
-        return step if isinstance(step, int) and not isinstance(step, bool) else None
+        ack = read_document(self._paths.preempt_ack, PreemptAck)
+        return ack.step if ack is not None and ack.attempt == self._attempt else None
 
     def _preempt_ended(self, code: int | None, *, timed_out: bool) -> None:
         self._read_progress()

@@ -1,47 +1,19 @@
-"""Storage tunables, read once from the environment.
+"""Storage tunables: the local tier's I/O sizes and the object-store tier's transfer knobs.
 
-This is the only module in `storage` that reads `os.environ`; everything else receives these
-values explicitly so tests can vary them without touching the process environment.
+The only module of ``storage`` that reads the environment (through the registry in
+:mod:`contract.settings`, which holds every variable's default and documentation); everything
+else receives a :class:`StorageSettings` so tests can vary them without touching the process
+environment. A store built without one reads the environment (:meth:`StorageSettings.from_env`).
 """
 
 from __future__ import annotations
 
-import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
+from contract.settings import MiB, load, setting
 
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return int(raw)
-    except ValueError as exc:
-        raise ValueError(f"{name} must be an integer, got {raw!r}") from exc
-
-
-def _env_bool(name: str, default: bool) -> bool:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    if raw.lower() in ("1", "true", "yes", "on"):
-        return True
-    if raw.lower() in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"{name} must be 0 or 1, got {raw!r}")
-
-
-def _env_float(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return float(raw)
-    except ValueError as exc:
-        raise ValueError(f"{name} must be a number, got {raw!r}") from exc
-
-
-MiB = 1024 * 1024
+__all__ = ["MiB", "StorageSettings"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,28 +29,25 @@ class StorageSettings:
 
     # Large sequential chunks keep the kernel's write path efficient while bounding how much
     # one write call holds the (GIL-free) hashing/IO loop.
-    write_chunk_bytes: int = 16 * 1024 * 1024
-    read_chunk_bytes: int = 16 * 1024 * 1024
+    write_chunk_bytes: int = setting("ORCH_STORAGE_WRITE_CHUNK_BYTES")
+    read_chunk_bytes: int = setting("ORCH_STORAGE_READ_CHUNK_BYTES")
     # Snapshot tensor files are written with O_DIRECT where the filesystem allows it: no page
     # cache copy and no flush storm at fsync (measured ~1.6-2x buffered+fsync on a virtio disk).
-    direct_io: bool = True
-    log_format: str | None = None
-    remote_part_size: int = 32 * MiB
-    remote_multipart_threshold: int = 32 * MiB
-    remote_concurrency: int = 8
-    remote_max_pool_connections: int = 32
-    remote_connect_timeout_s: float = 5.0
-    remote_read_timeout_s: float = 30.0
+    direct_io: bool = setting("ORCH_STORAGE_DIRECT_IO")
+    remote_part_size: int = setting("ORCH_REMOTE_PART_SIZE")
+    remote_multipart_threshold: int = setting("ORCH_REMOTE_MULTIPART_THRESHOLD")
+    remote_concurrency: int = setting("ORCH_REMOTE_CONCURRENCY")
+    remote_max_pool_connections: int = setting("ORCH_REMOTE_MAX_POOL_CONNECTIONS")
+    remote_connect_timeout_s: float = setting("ORCH_REMOTE_CONNECT_TIMEOUT_S")
+    remote_read_timeout_s: float = setting("ORCH_REMOTE_READ_TIMEOUT_S")
     # None: path-style when an endpoint URL is configured (MinIO, SeaweedFS, R2), else auto.
-    s3_addressing_style: str | None = None
+    s3_addressing_style: str | None = setting("ORCH_S3_ADDRESSING_STYLE")
 
     def __post_init__(self) -> None:
         if self.write_chunk_bytes <= 0:
-            raise ValueError("write_chunk_bytes must be positive")
+            raise ValueError("ORCH_STORAGE_WRITE_CHUNK_BYTES must be positive")
         if self.read_chunk_bytes <= 0:
-            raise ValueError("read_chunk_bytes must be positive")
-        if self.log_format not in (None, "json", "console"):
-            raise ValueError(f"log format must be 'json' or 'console', got {self.log_format!r}")
+            raise ValueError("ORCH_STORAGE_READ_CHUNK_BYTES must be positive")
         if self.remote_part_size < 1 or self.remote_multipart_threshold < 1:
             raise ValueError("remote part size and multipart threshold must be positive")
         if self.remote_concurrency < 1 or self.remote_max_pool_connections < 1:
@@ -91,17 +60,6 @@ class StorageSettings:
             )
 
     @classmethod
-    def from_env(cls) -> StorageSettings:
-        return cls(
-            write_chunk_bytes=_env_int("ORCH_STORAGE_WRITE_CHUNK_BYTES", 16 * 1024 * 1024),
-            read_chunk_bytes=_env_int("ORCH_STORAGE_READ_CHUNK_BYTES", 16 * 1024 * 1024),
-            direct_io=_env_bool("ORCH_STORAGE_DIRECT_IO", True),
-            log_format=os.environ.get("ORCH_LOG_FORMAT") or None,
-            remote_part_size=_env_int("ORCH_REMOTE_PART_SIZE", 32 * MiB),
-            remote_multipart_threshold=_env_int("ORCH_REMOTE_MULTIPART_THRESHOLD", 32 * MiB),
-            remote_concurrency=_env_int("ORCH_REMOTE_CONCURRENCY", 8),
-            remote_max_pool_connections=_env_int("ORCH_REMOTE_MAX_POOL_CONNECTIONS", 32),
-            remote_connect_timeout_s=_env_float("ORCH_REMOTE_CONNECT_TIMEOUT_S", 5.0),
-            remote_read_timeout_s=_env_float("ORCH_REMOTE_READ_TIMEOUT_S", 30.0),
-            s3_addressing_style=os.environ.get("ORCH_S3_ADDRESSING_STYLE") or None,
-        )
+    def from_env(cls, env: Mapping[str, str] | None = None) -> StorageSettings:
+        """Settings from ``env`` (default: the process environment); ValueError names a bad one."""
+        return load(cls, env)

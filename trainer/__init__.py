@@ -7,6 +7,8 @@ so that failures reach the supervisor as error files and exit codes. Killed at a
 relaunched, it finishes with weights and state bit-identical to an uninterrupted run.
 """
 
+from contract.codes import EXIT_FATAL, EXIT_PREEMPTED
+from contract.faults import FaultInjector, FaultRule, parse_faults
 from trainer.checkpoint import Checkpointer, PeerFailure, config_hash, write_weights_export
 from trainer.codec import StagingArena, decode, encode, encode_to_bytes, state_digest
 from trainer.data import (
@@ -19,8 +21,6 @@ from trainer.data import (
 from trainer.distributed import DistContext, init_distributed, shutdown
 from trainer.errors import (
     EXIT_FAILURE,
-    EXIT_FATAL,
-    EXIT_PREEMPTED,
     CodecError,
     ConfigMismatch,
     FatalTrainerError,
@@ -32,7 +32,6 @@ from trainer.errors import (
     UsageError,
     WorldSizeMismatch,
 )
-from trainer.faults import FaultInjector, FaultRule, parse_faults
 from trainer.runtime import configure_worker_logging, entrypoint, run
 from trainer.settings import WorkerSettings
 from trainer.state import Stateful, TrainingState, capture_rng, restore_rng, unwrap_model

@@ -32,20 +32,24 @@ import structlog
 import torch
 import torch.distributed as dist
 
+from contract.atomic import atomic_write_json, fsync_dir
+from contract.documents import Heartbeat, PreemptAck, SpareGate, read_document, write_document
+from contract.faults import FaultInjector
+from contract.paths import RunPaths
 from storage import LocalSnapshotStore, Manifest
-from storage.atomic import atomic_write_bytes, atomic_write_json, fsync_dir
 from storage.errors import CorruptSnapshot
+from storage.layout import exports_root
 from trainer import codec, preemption
 from trainer.distributed import is_initialized
 from trainer.errors import (
     ConfigMismatch,
     Preempted,
+    ResumeError,
     SnapshotError,
     TrainerError,
     UsageError,
     WorldSizeMismatch,
 )
-from trainer.faults import FaultInjector
 from trainer.settings import WorkerSettings
 from trainer.staging import DeferredStaging, deferrable_slots
 from trainer.state import TrainingState
@@ -266,11 +270,10 @@ class Checkpointer:
         )
         self.writer = BackgroundWriter("trainer-snapshot-writer")
         self.arena = codec.StagingArena(pin_memory=torch.cuda.is_available())
-        self.progress_dir = os.path.join(self.checkpoint_dir, "run", "progress")
-        self.exports_dir = os.path.join(self.checkpoint_dir, "exports")
-        os.makedirs(self.progress_dir, exist_ok=True)
-        os.makedirs(os.path.dirname(preemption.ack_path(self.checkpoint_dir)), exist_ok=True)
-        self._request_path = preemption.request_path(self.checkpoint_dir)
+        self.paths = RunPaths.of(self.checkpoint_dir)
+        self.exports_dir = exports_root(self.checkpoint_dir)
+        os.makedirs(self.paths.progress_dir, exist_ok=True)
+        os.makedirs(self.paths.control_dir, exist_ok=True)
         self.last_snapshot_step: int | None = None
         self.resumed_from: int | None = None
         self.last_digest: str | None = None
@@ -355,13 +358,14 @@ class Checkpointer:
             if preemption.signalled():
                 raise Preempted(0)
             time.sleep(0.005)
-        with open(gate) as f:
-            doc = json.load(f)
-        step = doc.get("resume_step")
+        promotion = read_document(gate, SpareGate)
+        if promotion is None:
+            raise ResumeError(f"warm spare: unreadable promotion file {gate}")
+        step = promotion.resume_step
         self.settings = replace(
             self.settings,
             resume_mode="fresh" if step is None else "step",
-            resume_step=None if step is None else int(step),
+            resume_step=step,
             spare_gate=None,
         )
         log.info("spare.promoted", resume_step=step, waited_s=round(time.perf_counter() - started, 3))
@@ -567,8 +571,8 @@ class Checkpointer:
         per step makes them agree on this very step boundary.
         """
         mine = preemption.signalled() or (
-            os.path.exists(self._request_path)
-            and preemption.read_request(self.checkpoint_dir, self.settings.attempt) is not None
+            os.path.exists(self.paths.preempt_request)
+            and preemption.read_request(self.paths, self.settings.attempt) is not None
         )
         if not (is_initialized() and self.world_size > 1):
             return mine
@@ -590,24 +594,24 @@ class Checkpointer:
             self.snapshot()
         if self.rank == 0:
             self.writer.wait()  # the emergency snapshot is committed (or its error re-raised)
-            atomic_write_json(
-                preemption.ack_path(self.checkpoint_dir),
-                {"step": step, "attempt": self.settings.attempt, "time": time.time(),
-                 "digest": self.last_digest},
-                durable=True,
+            ack = PreemptAck(
+                step=step, attempt=self.settings.attempt, time=time.time(), digest=self.last_digest
             )
+            write_document(self.paths.preempt_ack, ack, durable=True)
         # No rank exits before rank 0 committed: torchrun stops the whole group on the first exit.
         if is_initialized() and self.world_size > 1:
             dist.barrier()
             if self.rank != 0 and self.settings.local_rank == 0:
                 # Every node's supervisor waits for an ack in its own checkpoint dir; the
                 # snapshot itself is on rank 0's node (and its mirror).
-                atomic_write_json(
-                    preemption.ack_path(self.checkpoint_dir),
-                    {"step": step, "attempt": self.settings.attempt, "time": time.time(),
-                     "digest": self.last_digest, "snapshot_rank": 0},
-                    durable=True,
+                ack = PreemptAck(
+                    step=step,
+                    attempt=self.settings.attempt,
+                    time=time.time(),
+                    digest=self.last_digest,
+                    snapshot_rank=0,
                 )
+                write_document(self.paths.preempt_ack, ack, durable=True)
         log.warning(
             "preempt.snapshot_committed",
             step=step,
@@ -618,17 +622,16 @@ class Checkpointer:
 
     def _heartbeat(self) -> None:
         self._last_beat = time.monotonic()
-        doc = {
-            "pid": os.getpid(),
-            "rank": self.rank,
-            "step": self.state.step,
-            "epoch": self.state.epoch,
-            "time": time.time(),
-            "attempt": self.settings.attempt,
-            "resumed_from": self.resumed_from,
-        }
-        path = os.path.join(self.progress_dir, f"rank-{self.rank}.json")
-        atomic_write_bytes(path, json.dumps(doc).encode(), durable=False)
+        beat = Heartbeat(
+            rank=self.rank,
+            step=self.state.step,
+            attempt=self.settings.attempt,
+            time=time.time(),
+            resumed_from=self.resumed_from,
+            epoch=self.state.epoch,
+            pid=os.getpid(),
+        )
+        write_document(self.paths.heartbeat(self.rank), beat, durable=False)
 
     def _track_best(self, step: int, metrics: Mapping[str, Any]) -> None:
         if self.best_metric is None or self.best_metric not in metrics:

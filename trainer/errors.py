@@ -16,15 +16,12 @@ import traceback
 from collections.abc import Mapping
 from typing import Any
 
-from storage.atomic import atomic_write_json
+from contract.codes import EXIT_FAILED
+from contract.documents import ErrorRecord, write_document
+from contract.paths import RunPaths
 
-#: Exit status of a worker that failed in a way a relaunch cannot fix (sysexits EX_CONFIG).
-EXIT_FATAL = 78
-#: Exit status of a worker that failed in a way a relaunch may fix.
-EXIT_FAILURE = 1
-#: Exit status of a worker that stopped for a preemption after its emergency snapshot was
-#: committed (sysexits EX_TEMPFAIL, the same as ``orchestrator launch``).
-EXIT_PREEMPTED = 75
+#: Exit status of a worker that failed in a way a relaunch may fix (the contract's EXIT_FAILED).
+EXIT_FAILURE = EXIT_FAILED
 
 
 class TrainerError(Exception):
@@ -109,17 +106,17 @@ class GroupTornDown(BaseException):
     """
 
 
-def error_record(exc: BaseException, *, rank: int, attempt: int) -> dict[str, Any]:
-    """Build the JSON object of ``run/errors/attempt-<A>/rank-<R>.json`` for ``exc``."""
-    return {
-        "rank": rank,
-        "attempt": attempt,
-        "time": time.time(),
-        "type": type(exc).__name__,
-        "message": str(exc),
-        "traceback": "".join(traceback.format_exception(exc)),
-        "fatal": is_fatal(exc),
-    }
+def error_record(exc: BaseException, *, rank: int, attempt: int) -> ErrorRecord:
+    """The error file of ``exc`` (``run/errors/attempt-<A>/rank-<R>.json``)."""
+    return ErrorRecord(
+        rank=rank,
+        attempt=attempt,
+        time=time.time(),
+        type=type(exc).__name__,
+        message=str(exc),
+        traceback="".join(traceback.format_exception(exc)),
+        fatal=is_fatal(exc),
+    )
 
 
 def is_fatal(exc: BaseException) -> bool:
@@ -131,8 +128,8 @@ def write_error_file(
     checkpoint_dir: str, exc: BaseException, *, rank: int, attempt: int
 ) -> str:
     """Write the error file of this rank and attempt atomically and return its path."""
-    directory = os.path.join(checkpoint_dir, "run", "errors", f"attempt-{attempt}")
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, f"rank-{rank}.json")
-    atomic_write_json(path, error_record(exc, rank=rank, attempt=attempt), durable=True)
+    paths = RunPaths.of(checkpoint_dir)
+    os.makedirs(paths.errors_dir(attempt), exist_ok=True)
+    path = paths.error_file(attempt, rank)
+    write_document(path, error_record(exc, rank=rank, attempt=attempt), durable=True)
     return path

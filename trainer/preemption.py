@@ -1,43 +1,29 @@
 """Worker side of preemption: the supervisor's control request and a SIGTERM that reaches a rank.
 
 The supervisor asks for an emergency snapshot by writing ``run/control/preempt.json``
-(``{"requested_at", "deadline", "attempt", "signal"}``); a signal delivered to the rank itself
+(a :class:`contract.documents.PreemptRequest`); a signal delivered to the rank itself
 (SLURM signalling every process, torchrun forwarding one) sets an in-process flag instead of
 killing it. :meth:`trainer.Checkpointer.step_done` reads both at every step boundary and all
 ranks agree (an all-reduce of one integer) to stop at the same step; rank 0 then writes the
-acknowledgement ``run/control/preempted.json`` (``{"step", "attempt", "time"}``) once the
+acknowledgement ``run/control/preempted.json`` (a :class:`contract.documents.PreemptAck`) once the
 emergency snapshot is committed, and every rank exits :data:`~trainer.errors.EXIT_PREEMPTED`.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
 from collections.abc import Callable, Mapping
 from types import FrameType
-from typing import Any
 
+from contract.documents import PreemptRequest, read_document
+from contract.paths import RunPaths
 from trainer.errors import GroupTornDown
-
-CONTROL_DIR = os.path.join("run", "control")
-REQUEST_FILE = "preempt.json"
-ACK_FILE = "preempted.json"
 
 _flag = threading.Event()
 #: Callbacks run before a teardown SIGTERM ends the rank (see on_teardown).
 _drains: list[Callable[[], None]] = []
-
-
-def request_path(checkpoint_dir: str) -> str:
-    """``<checkpoint-dir>/run/control/preempt.json``."""
-    return os.path.join(checkpoint_dir, CONTROL_DIR, REQUEST_FILE)
-
-
-def ack_path(checkpoint_dir: str) -> str:
-    """``<checkpoint-dir>/run/control/preempted.json``."""
-    return os.path.join(checkpoint_dir, CONTROL_DIR, ACK_FILE)
 
 
 def request() -> None:
@@ -55,16 +41,10 @@ def signalled() -> bool:
     return _flag.is_set()
 
 
-def read_request(checkpoint_dir: str, attempt: int) -> dict[str, Any] | None:
+def read_request(paths: RunPaths, attempt: int) -> PreemptRequest | None:
     """The supervisor's request for ``attempt``; None if absent, unreadable or for another one."""
-    try:
-        with open(request_path(checkpoint_dir), "rb") as f:
-            doc = json.loads(f.read())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(doc, dict) or doc.get("attempt") != attempt:
-        return None
-    return doc
+    doc = read_document(paths.preempt_request, PreemptRequest)
+    return doc if doc is not None and doc.attempt == attempt else None
 
 
 def local_peer_gone(

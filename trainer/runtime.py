@@ -20,12 +20,11 @@ from typing import Any, NoReturn, TypeVar
 
 import structlog
 
+from contract.codes import EXIT_FATAL, EXIT_PREEMPTED
 from trainer import preemption
 from trainer.distributed import shutdown
 from trainer.errors import (
     EXIT_FAILURE,
-    EXIT_FATAL,
-    EXIT_PREEMPTED,
     Preempted,
     UsageError,
     is_fatal,
@@ -40,7 +39,7 @@ T = TypeVar("T")
 
 def configure_worker_logging(settings: WorkerSettings) -> None:
     """Configure structlog with run_id/node_rank/rank/attempt bound (storage's shared set-up)."""
-    from storage.logs import configure_logging
+    from contract.logs import configure_logging
 
     configure_logging(
         fmt=settings.log_format,

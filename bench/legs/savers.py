@@ -21,7 +21,7 @@ import torch
 
 import trainer
 from bench import core
-from storage.atomic import fsync_dir
+from contract.atomic import fsync_dir
 
 
 def prepare(config: core.BenchConfig, size_bytes: int, leg: str) -> tuple[

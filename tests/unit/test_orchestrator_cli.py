@@ -15,9 +15,10 @@ from typing import Any
 import pytest
 import structlog
 
+from contract.paths import RunPaths
 from orchestrator import cli
 from orchestrator.mirror import MirrorUnavailable, PermanentStorageError, safe_url
-from orchestrator.runstate import RunLock, RunPaths, write_json_atomic
+from orchestrator.runstate import RunLock, write_json_atomic
 from storage import LocalSnapshotStore
 from storage.errors import StorageError, TransientStorageError
 from tests.unit.test_orchestrator_mirror import FakeRemote

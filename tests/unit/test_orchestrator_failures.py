@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from contract.paths import RunPaths
 from orchestrator.failures import (
     diagnose,
     parse_torchrun_failures,
     parse_torchrun_root_cause,
     signal_name,
 )
-from orchestrator.runstate import RunPaths
 
 pytestmark = pytest.mark.timeout(10)
 

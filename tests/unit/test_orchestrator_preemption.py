@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from contract.codes import EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, Phase
 from orchestrator.notices import NoticePoller
 from orchestrator.settings import load_settings, preempt_signal_numbers
-from orchestrator.supervisor import EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, Phase, StopRequest
+from orchestrator.supervisor import StopRequest
 from tests.unit.test_orchestrator_mirror import FakeRemote, supervised
 from tests.unit.test_orchestrator_supervisor import Attempt, Env, make
 

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from contract.paths import RunPaths
 from orchestrator.clock import RealClock
 from orchestrator.runstate import (
     EventLog,
     LockHeld,
     RunLock,
-    RunPaths,
     lock_is_held,
     next_attempt,
     read_events,

@@ -18,11 +18,12 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import Dataset
 
+from contract.codes import EXIT_FATAL
 from storage.errors import CorruptSnapshot, DiskFull
 from trainer import codec
 from trainer.checkpoint import Checkpointer
 from trainer.data import ResumableDistributedSampler, ResumableLoader, SampleKey, sample_generator
-from trainer.errors import EXIT_FAILURE, EXIT_FATAL, ConfigMismatch, WorldSizeMismatch
+from trainer.errors import EXIT_FAILURE, ConfigMismatch, WorldSizeMismatch
 from trainer.settings import WorkerSettings
 from trainer.state import TrainingState
 

@@ -14,16 +14,18 @@ from typing import Any
 
 import pytest
 
+from contract.codes import EXIT_PREEMPTED
+from contract.paths import RunPaths
 from tests.unit.test_trainer_checkpoint import Job
 from trainer import preemption
-from trainer.errors import EXIT_PREEMPTED, Preempted
+from trainer.errors import Preempted
 from trainer.settings import WorkerSettings
 
 pytestmark = pytest.mark.timeout(120)
 
 
 def _request(directory: Path, attempt: int = 0) -> None:
-    path = Path(preemption.request_path(str(directory)))
+    path = Path(RunPaths.of(str(directory)).preempt_request)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"requested_at": 0.0, "deadline": 30.0, "attempt": attempt}))
 
@@ -53,9 +55,9 @@ def test_request_stops_at_that_step_with_a_committed_snapshot(tmp_path: Path, at
     assert info.value.step == at
     snaps = sorted(p.name for p in (tmp_path / "run" / "snapshots").iterdir())
     assert snaps[-1] == f"step-{at:012d}" and snaps.count(snaps[-1]) == 1
-    ack = json.loads(Path(preemption.ack_path(str(tmp_path / "run"))).read_text())
+    ack = json.loads(Path(RunPaths.of(str(tmp_path / "run")).preempt_ack).read_text())
     assert ack["step"] == at and ack["attempt"] == 0 and ack["digest"]
-    os.unlink(preemption.request_path(str(tmp_path / "run")))  # the supervisor consumes it
+    os.unlink(RunPaths.of(str(tmp_path / "run")).preempt_request)  # the supervisor consumes it
     resumed = Job(tmp_path / "run", noise=True)
     resumed.train(20)
     assert resumed.ckpt.resumed_from == at

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import structlog
 
-from storage import configure_logging
-from storage.logs import redact
+from contract.logs import configure_logging
+from contract.logs import redact
 
 
 @pytest.fixture(autouse=True)

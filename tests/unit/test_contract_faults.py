@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from trainer.faults import FaultInjector, FaultRule, parse_faults
+from contract.faults import FaultInjector, FaultRule, parse_faults
 
 
 @pytest.mark.timeout(30)
@@ -47,7 +47,7 @@ def test_matching_respects_rank_attempt_and_step() -> None:
 @pytest.mark.timeout(60)
 def test_matching_point_kills_the_process_with_sigkill() -> None:
     code = (
-        "from trainer.faults import FaultInjector\n"
+        "from contract.faults import FaultInjector\n"
         "f = FaultInjector.from_spec('after_staging@3:rank=0', rank=0, attempt=0)\n"
         "f.point('after_staging', 2)\n"
         "print('alive', flush=True)\n"
