@@ -1,0 +1,215 @@
+"""The small JSON documents the supervisor and the workers exchange through the checkpoint dir.
+
+Each document type has one dataclass with ``to_json()`` and a lenient ``from_json()``: files
+written by processes that may be SIGKILLed at any instant can be missing, torn or foreign, and
+such junk reads as ``None`` (absent), never as an exception. Writers replace files atomically
+(:mod:`contract.atomic`), so a reader sees an old or a new document, never a mix. Paths:
+:class:`contract.paths.RunPaths`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Any, TypeVar
+
+import structlog
+
+from contract.atomic import atomic_write_json
+
+log = structlog.get_logger("contract.documents")
+
+D = TypeVar("D", "PreemptRequest", "PreemptAck", "Heartbeat", "ErrorRecord", "SpareGate")
+
+
+def read_json(path: str) -> dict[str, Any] | None:
+    """A JSON object from ``path``; None when missing, unreadable or not an object."""
+    try:
+        with open(path, "rb") as f:
+            doc = json.loads(f.read())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.warning("runstate.unreadable_file", path=path, error=str(exc))
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _num(value: Any) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+@dataclass(frozen=True, kw_only=True)
+class PreemptRequest:
+    """Supervisor -> workers: stop at the next step boundary after an emergency snapshot.
+
+    Only ``attempt`` decides whether a rank obeys (a request of another attempt is stale).
+    """
+
+    attempt: int
+    requested_at: float | None = None
+    #: Wall-clock time by which the supervisor stops waiting (``--grace`` after the request).
+    deadline: float | None = None
+    #: The signal's name (``SIGTERM``), or None for a cloud notice.
+    signal: str | None = None
+    #: What started it: the signal's name or ``notice (...)``.
+    source: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> PreemptRequest | None:
+        attempt = _int(doc.get("attempt"))
+        if attempt is None:
+            return None
+        return cls(
+            attempt=attempt,
+            requested_at=_num(doc.get("requested_at")),
+            deadline=_num(doc.get("deadline")),
+            signal=_str(doc.get("signal")),
+            source=_str(doc.get("source")) or "",
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class PreemptAck:
+    """Rank 0 (and local rank 0 of every other node) -> supervisor: the emergency snapshot of
+    ``step`` is committed."""
+
+    step: int
+    attempt: int
+    time: float
+    digest: str | None = None
+    #: Set on nodes other than rank 0's: the snapshot itself is on that rank's node.
+    snapshot_rank: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        doc = asdict(self)
+        if self.snapshot_rank is None:
+            del doc["snapshot_rank"]
+        return doc
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> PreemptAck | None:
+        step, attempt, when = _int(doc.get("step")), _int(doc.get("attempt")), _num(doc.get("time"))
+        if step is None or attempt is None:
+            return None
+        return cls(
+            step=step,
+            attempt=attempt,
+            time=0.0 if when is None else when,
+            digest=_str(doc.get("digest")),
+            snapshot_rank=_int(doc.get("snapshot_rank")),
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Heartbeat:
+    """Rank -> supervisor: the last completed step (``run/progress/rank-<R>.json``)."""
+
+    rank: int
+    step: int
+    attempt: int
+    time: float
+    #: The snapshot step this rank's attempt resumed from (None: fresh or not yet known).
+    resumed_from: int | None = None
+    epoch: int | None = None
+    pid: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any], *, rank: int | None = None) -> Heartbeat | None:
+        """``rank``: the rank the file is named after (it wins over the document's own)."""
+        step, attempt, when = _int(doc.get("step")), _int(doc.get("attempt")), _num(doc.get("time"))
+        who = rank if rank is not None else _int(doc.get("rank"))
+        if step is None or attempt is None or when is None or who is None:
+            return None
+        return cls(
+            rank=who,
+            step=step,
+            attempt=attempt,
+            time=when,
+            resumed_from=_int(doc.get("resumed_from")),
+            epoch=_int(doc.get("epoch")),
+            pid=_int(doc.get("pid")),
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ErrorRecord:
+    """Rank -> supervisor: why a rank failed (``run/errors/attempt-<A>/rank-<R>.json``).
+
+    ``fatal`` means a relaunch cannot help; the supervisor then gives up at once.
+    """
+
+    rank: int
+    attempt: int
+    time: float
+    type: str
+    message: str
+    traceback: str = ""
+    fatal: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any], *, rank: int | None = None) -> ErrorRecord | None:
+        """Lenient: a record with no time sorts last; ``rank`` from the file name wins."""
+        who = rank if rank is not None else _int(doc.get("rank"))
+        if who is None:
+            return None
+        when = _num(doc.get("time"))
+        return cls(
+            rank=who,
+            attempt=_int(doc.get("attempt")) or 0,
+            time=float("inf") if when is None else when,
+            type=str(doc.get("type") or "Error"),
+            message=str(doc.get("message") or ""),
+            traceback=str(doc.get("traceback") or ""),
+            fatal=doc.get("fatal") is True,
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class SpareGate:
+    """Supervisor -> a waiting warm spare: you are promoted; resume from ``resume_step``."""
+
+    attempt: int
+    #: None: start fresh.
+    resume_step: int | None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> SpareGate | None:
+        attempt = _int(doc.get("attempt"))
+        step = doc.get("resume_step")
+        if attempt is None or (step is not None and _int(step) is None):
+            return None
+        return cls(attempt=attempt, resume_step=_int(step))
+
+
+def read_document(path: str, kind: type[D]) -> D | None:
+    """The document of type ``kind`` at ``path``; None when missing or junk."""
+    doc = read_json(path)
+    return None if doc is None else kind.from_json(doc)
+
+
+def write_document(path: str, document: D, *, durable: bool) -> None:
+    """Replace ``path`` with ``document`` atomically (``durable``: survive a power loss)."""
+    atomic_write_json(path, document.to_json(), durable=durable)
