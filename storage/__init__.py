@@ -4,7 +4,6 @@ This package has no torch dependency: the supervisor uses it to choose, verify a
 snapshots without importing the training stack, and workers use it to write and read them.
 """
 
-from storage.atomic import atomic_write_bytes, atomic_write_json, fsync_dir
 from storage.errors import (
     CorruptSnapshot,
     DiskFull,
@@ -15,11 +14,18 @@ from storage.errors import (
     StorageError,
     TransientStorageError,
 )
-from storage.local import HashingFile, LocalSnapshotStore, SnapshotInfo, SnapshotWriter
-from storage.logs import configure_logging
+from storage.local import HashingFile, LocalSnapshotStore, SnapshotWriter
 from storage.manifest import FileEntry, Manifest
 from storage.retention import RetentionPolicy, plan_retention
 from storage.settings import StorageSettings
+from storage.tier import (
+    LocalTier,
+    RemoteTier,
+    SnapshotInfo,
+    SnapshotTier,
+    TransferProgress,
+    UploadResult,
+)
 
 __all__ = [
     "CorruptSnapshot",
@@ -27,20 +33,21 @@ __all__ = [
     "FileEntry",
     "HashingFile",
     "LocalSnapshotStore",
+    "LocalTier",
     "Manifest",
     "ObjectNotFound",
     "PermanentStorageError",
+    "RemoteTier",
     "RetentionPolicy",
     "SnapshotConflict",
     "SnapshotInfo",
     "SnapshotNotFound",
+    "SnapshotTier",
     "SnapshotWriter",
     "StorageError",
     "StorageSettings",
+    "TransferProgress",
     "TransientStorageError",
-    "atomic_write_bytes",
-    "atomic_write_json",
-    "configure_logging",
-    "fsync_dir",
+    "UploadResult",
     "plan_retention",
 ]

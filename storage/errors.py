@@ -5,9 +5,20 @@ Every failure the storage layer reports is a `StorageError`. Callers branch on t
 `PermanentStorageError` (bad credentials, access denied, a missing bucket) is reported at once
 and never retried, `CorruptSnapshot` means the bytes on a tier cannot be trusted and another snapshot must be
 chosen, `DiskFull` means a save failed for lack of space while every older snapshot is intact.
+OS errors on the local tier are translated into the family here, once (`os_error`, `file_errors`).
 """
 
 from __future__ import annotations
+
+import contextlib
+import errno
+from collections.abc import Iterator
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+# Errors that say the snapshot's own structure is wrong (a listed file is a directory, its name is
+# impossible), as opposed to the environment failing (EIO, EMFILE, EACCES): the former make a
+# snapshot invalid, the latter are raised so that a good snapshot is never deleted for them.
+_BAD_PATH = (errno.ENOENT, errno.EISDIR, errno.ENOTDIR, errno.ENAMETOOLONG, errno.ELOOP)
 
 
 class StorageError(Exception):
@@ -43,3 +54,25 @@ class ObjectNotFound(StorageError):
 
 class SnapshotConflict(StorageError):
     """A different snapshot (another digest) is already committed at this step on the remote."""
+
+
+def os_error(exc: OSError, what: str) -> StorageError:
+    """The storage error for ``exc`` raised while ``what``: `DiskFull` when out of space."""
+    if exc.errno in _NO_SPACE:
+        return DiskFull(f"no space left while {what}: {exc.strerror}")
+    return StorageError(f"I/O error while {what}: {exc}")
+
+
+@contextlib.contextmanager
+def file_errors(name: str, doing: str, fpath: str) -> Iterator[None]:
+    """Translate OS errors on a snapshot's file ``name``: a missing file or an impossible path
+    makes the snapshot invalid (:class:`CorruptSnapshot`); anything else is the environment
+    failing (:class:`StorageError`), which must never get a good snapshot deleted."""
+    try:
+        yield
+    except FileNotFoundError as exc:
+        raise CorruptSnapshot(f"{name}: missing") from exc
+    except OSError as exc:
+        if exc.errno in _BAD_PATH:
+            raise CorruptSnapshot(f"{name}: {exc.strerror}") from exc
+        raise StorageError(f"{doing} {fpath}: {exc}") from exc

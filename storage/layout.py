@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import stat
 
 SNAPSHOTS_DIR = "snapshots"
 RUN_DIR = "run"
@@ -78,3 +79,11 @@ def is_safe_filename(name: str) -> bool:
         and not name.startswith(".")
         and name != MANIFEST_NAME
     )
+
+
+def is_real_dir(path: str) -> bool:
+    """A directory, not a symlink to one: only such a directory can be a snapshot of ours."""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False

@@ -27,8 +27,8 @@ import json
 import re
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -40,28 +40,16 @@ from storage.errors import (
     SnapshotNotFound,
     TransientStorageError,
 )
-from storage.local import LocalSnapshotStore, SnapshotInfo
+from storage.local import LocalSnapshotStore
 from storage.manifest import FileEntry, Manifest
 from storage.objectstore import ObjectStore, open_object_store
 from storage.settings import StorageSettings
+from storage.tier import RemoteTier, SnapshotInfo, TransferProgress, UploadResult
 
 log = structlog.get_logger("storage.remote")
 
-TransferProgress = Callable[[int, int], None]
-"""Called with (bytes done, bytes total) as a transfer advances."""
-
 _SNAP = layout.SNAPSHOTS_DIR + "/"
 _NODE_STATE = re.compile(r"run/node-([0-9]{1,9})/state\.json")
-
-
-@dataclass(frozen=True, kw_only=True)
-class UploadResult:
-    """One upload: `skipped` when the same snapshot (same digest) was already remote."""
-
-    step: int
-    bytes: int
-    seconds: float
-    skipped: bool
 
 
 class _Counter:
@@ -111,7 +99,10 @@ def _snapshot_key(step: int, name: str) -> str:
 
 
 class RemoteSnapshotStore:
-    """Snapshots under `<url>/snapshots/` in an object store (tier "remote")."""
+    """Snapshots under `<url>/snapshots/` in an object store (tier "remote").
+
+    Implements :class:`storage.tier.RemoteTier` (and so :class:`storage.tier.SnapshotTier`).
+    """
 
     tier = "remote"
 
@@ -443,3 +434,7 @@ class RemoteSnapshotStore:
 
 
 __all__ = ["RemoteSnapshotStore", "TransferProgress", "UploadResult"]
+
+if TYPE_CHECKING:
+    # mypy proves here that the store is what the mirror types against (storage.tier).
+    _is_remote_tier: type[RemoteTier] = RemoteSnapshotStore

@@ -12,7 +12,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from storage.local import SnapshotInfo
+from storage.tier import SnapshotInfo
 
 
 @dataclass(frozen=True, kw_only=True)

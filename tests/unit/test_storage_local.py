@@ -112,10 +112,10 @@ def test_commit_writes_files_and_manifest(store: LocalSnapshotStore) -> None:
 def test_commit_order_files_fsynced_manifest_last_then_rename_then_parent(
     store: LocalSnapshotStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import storage.local as local_mod
+    import storage.writer as writer_mod
 
     log: list[tuple[str, str]] = []
-    real_fsync, real_fsync_dir, real_rename = os.fsync, local_mod.fsync_dir, os.rename
+    real_fsync, real_fsync_dir, real_rename = os.fsync, writer_mod.fsync_dir, os.rename
 
     def fsync(fd: int) -> None:
         target = os.readlink(f"/proc/self/fd/{fd}")
@@ -139,7 +139,7 @@ def test_commit_order_files_fsynced_manifest_last_then_rename_then_parent(
             Manifest.from_json(Path(store.root, tmp, "manifest.json").read_bytes())
 
     monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(local_mod, "fsync_dir", fsync_dir)
+    monkeypatch.setattr(writer_mod, "fsync_dir", fsync_dir)
     monkeypatch.setattr(os, "rename", rename)
     commit(store, 8, on_phase=hook)
     assert log[0:2] == [("fsync", "tree.json"), ("fsync", "tensors.bin")]
