@@ -30,7 +30,6 @@ records it and :meth:`Mirror.check`, :meth:`Mirror.flush` and :meth:`Mirror.clos
 
 from __future__ import annotations
 
-import builtins
 import contextvars
 import threading
 import time
@@ -48,7 +47,7 @@ from tenacity import (
 from contract.faults import FaultInjector
 from contract.logs import redact
 from orchestrator.settings import Settings
-from storage import LocalSnapshotStore, RetentionPolicy, SnapshotInfo, plan_retention
+from storage import LocalSnapshotStore, RetentionPolicy, plan_retention
 from storage.errors import (
     CorruptSnapshot,
     PermanentStorageError,
@@ -57,78 +56,12 @@ from storage.errors import (
     StorageError,
     TransientStorageError,
 )
+from storage.tier import RemoteTier as RemoteTier  # re-exported: cli imports it from here
 
 log = structlog.get_logger("orchestrator.mirror")
 
 T = TypeVar("T")
 Progress = Callable[[int, int], None]
-
-
-class UploadOutcome(Protocol):
-    """What ``RemoteSnapshotStore.upload`` returns."""
-
-    @property
-    def step(self) -> int: ...
-
-    @property
-    def bytes(self) -> int: ...
-
-    @property
-    def seconds(self) -> float: ...
-
-    @property
-    def skipped(self) -> bool: ...
-
-
-class RemoteTier(Protocol):
-    """The part of ``storage.remote.RemoteSnapshotStore`` (and its object store) used here."""
-
-    def list(self) -> list[SnapshotInfo]:
-        """Remote snapshots with a manifest, oldest first."""
-        ...
-
-    def validate(self, step: int, *, verify_checksums: bool = True) -> SnapshotInfo:
-        """The remote snapshot at ``step`` with ``valid`` filled in."""
-        ...
-
-    def upload(
-        self,
-        local: LocalSnapshotStore,
-        step: int,
-        progress: Progress | None = None,
-        on_phase: Callable[[str], None] | None = None,
-    ) -> UploadOutcome:
-        """Upload one committed local snapshot (data first, manifest last); idempotent.
-
-        ``on_phase`` is called at the ``mirror_*`` fault-injection points.
-        """
-        ...
-
-    def download(
-        self, step: int, local: LocalSnapshotStore, progress: Progress | None = None
-    ) -> SnapshotInfo:
-        """Download, verify and commit the remote snapshot at ``step`` into ``local``."""
-        ...
-
-    def delete(self, step: int) -> None:
-        """Delete the remote snapshot at ``step`` (manifest first)."""
-        ...
-
-    def put_state(self, node_rank: int, doc: Mapping[str, Any]) -> None:
-        """Store one node's run state under ``<prefix>/run/node-<R>/state.json``."""
-        ...
-
-    def get_state(self) -> builtins.list[dict[str, Any]]:
-        """Every node's mirrored run state."""
-        ...
-
-    def abort_incomplete_uploads(self, *, older_than_s: float = 0.0) -> int:
-        """Abort multipart uploads left under the prefix (started ``older_than_s`` ago); how many."""
-        ...
-
-    def preflight(self) -> None:
-        """Write, read and delete a probe object under the prefix (bounded by timeouts)."""
-        ...
 
 
 class EventSink(Protocol):

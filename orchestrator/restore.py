@@ -16,9 +16,9 @@ import time
 from collections.abc import Callable
 from typing import IO, Any
 
-from orchestrator.mirror import EventSink, Progress, RemoteTier, call_bounded, error_text
+from orchestrator.mirror import EventSink, Progress, call_bounded, error_text
 from orchestrator.settings import Settings
-from storage import LocalSnapshotStore
+from storage import LocalSnapshotStore, RemoteTier
 from storage.errors import CorruptSnapshot, StorageError, TransientStorageError
 
 ProgressFactory = Callable[[int], Progress | None]

@@ -11,15 +11,15 @@ every listed file has the recorded size, with ``--verify`` its checksums are che
 from __future__ import annotations
 
 import os
-from typing import Any, Protocol
+from typing import Any
 
 from contract.codes import TERMINAL_PHASE_NAMES
 from contract.paths import RunPaths
 from orchestrator.clock import Clock
-from orchestrator.mirror import RemoteTier, call_bounded, mirror_lag
+from orchestrator.mirror import call_bounded, mirror_lag
 from orchestrator.runstate import lock_is_held, read_heartbeats, read_state
 from orchestrator.settings import Settings
-from storage import LocalSnapshotStore, SnapshotInfo
+from storage import LocalSnapshotStore, RemoteTier, SnapshotTier
 
 
 class NoRunState(Exception):
@@ -50,13 +50,7 @@ def remote_snapshot_records(remote: RemoteTier, *, verify: bool) -> list[dict[st
     return _records(remote, verify=verify)
 
 
-class _Tier(Protocol):
-    def list(self) -> list[SnapshotInfo]: ...
-
-    def validate(self, step: int, *, verify_checksums: bool = True) -> SnapshotInfo: ...
-
-
-def _records(tier: _Tier, *, verify: bool) -> list[dict[str, Any]]:
+def _records(tier: SnapshotTier, *, verify: bool) -> list[dict[str, Any]]:
     """One record per listed snapshot of either tier; already-invalid rows are not re-checked."""
     out: list[dict[str, Any]] = []
     for info in tier.list():

@@ -18,7 +18,6 @@ import os
 import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Protocol
 
 import structlog
 from tenacity import RetryCallState, Retrying, wait_exponential_jitter
@@ -48,30 +47,10 @@ from orchestrator.runstate import (
     write_json_atomic,
 )
 from orchestrator.settings import Settings
-from storage import RetentionPolicy, SnapshotInfo, plan_retention
+from storage import LocalTier, RetentionPolicy, SnapshotInfo, plan_retention
 from storage.errors import StorageError
 
 log = structlog.get_logger("orchestrator.supervisor")
-
-
-class SnapshotStore(Protocol):
-    """The part of ``storage.LocalSnapshotStore`` the supervisor uses."""
-
-    def list(self) -> list[SnapshotInfo]:
-        """Committed snapshots, oldest first, unchecked."""
-        ...
-
-    def validate(self, step: int, *, verify_checksums: bool = True) -> SnapshotInfo:
-        """The snapshot at ``step`` with ``valid`` and ``reason`` filled in."""
-        ...
-
-    def delete(self, step: int) -> None:
-        """Remove the committed snapshot at ``step``."""
-        ...
-
-    def cleanup_abandoned(self) -> Sequence[str]:
-        """Remove temporary dirs of dead writers; their paths."""
-        ...
 
 
 class StopRequest:
@@ -124,7 +103,7 @@ class Supervisor:
         paths: RunPaths,
         clock: Clock,
         group: WorkerGroup,
-        store: SnapshotStore,
+        store: LocalTier,
         events: EventLog,
         stop: StopRequest,
         first_attempt: int = 0,
