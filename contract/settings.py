@@ -260,7 +260,7 @@ def bound_variables(*classes: type) -> set[str]:
 
 def markdown_table(set_by: tuple[SetBy, ...] = ("user", "tests")) -> str:
     """The README table of the variables set by ``set_by``, in registry order."""
-    rows = ["| variable | type | default | read by | meaning |", "|---|---|---|---|---|"]
+    rows = ["| variable | type | default | owner | meaning |", "|---|---|---|---|---|"]
     for v in REGISTRY:
         if v.set_by not in set_by:
             continue
