@@ -10,8 +10,7 @@ from typing import Any
 import pytest
 import structlog
 
-from contract.logs import configure_logging
-from contract.logs import redact
+from contract.logs import configure_logging, redact
 
 
 @pytest.fixture(autouse=True)
