@@ -31,6 +31,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import Dataset
 
 import trainer
+from trainer.settings import WorkerSettings
 
 log = structlog.get_logger("examples.digits_cnn")
 
@@ -202,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     # non-overlapping windows each input receives at most one gradient, so it is exact anyway.
     torch.use_deterministic_algorithms(True, warn_only=torch.cuda.is_available())
     ctx = trainer.init_distributed()
-    settings = trainer.WorkerSettings.from_env()
+    settings = WorkerSettings.from_env()
     every = args.checkpoint_every
     if every is None:
         every = settings.checkpoint_every if settings.checkpoint_every is not None else 25
@@ -256,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
     hparams["world_size"] = ctx.world_size
     ckpt = trainer.Checkpointer(
         state, checkpoint_dir=args.checkpoint_dir, every=every, hparams=hparams,
-        best_metric="val_acc", best_mode="max",
+        best=trainer.BestPolicy(metric="val_acc", mode="max"),  # also what --keep-best ranks by
     )
     start = ckpt.resume()
     log.info("train.start", start_step=start, steps=args.steps, world_size=ctx.world_size)

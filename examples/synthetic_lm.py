@@ -30,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
 import trainer
+from trainer.settings import WorkerSettings
 
 log = structlog.get_logger("examples.synthetic_lm")
 
@@ -184,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
         # cuBLAS is deterministic only with a fixed workspace; must be set before its first use.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     ctx = trainer.init_distributed()
-    settings = trainer.WorkerSettings.from_env()
+    settings = WorkerSettings.from_env()
     every = args.checkpoint_every
     if every is None:
         every = settings.checkpoint_every if settings.checkpoint_every is not None else 50

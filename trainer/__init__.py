@@ -5,80 +5,34 @@ A script builds its model as usual, registers what makes up its training state i
 ``step_done(step)`` after each step and ``finish()`` at the end, and runs under :func:`run`
 so that failures reach the supervisor as error files and exit codes. Killed at any moment and
 relaunched, it finishes with weights and state bit-identical to an uninterrupted run.
+
+Only what a training script uses is exported here; everything else is imported from the module
+that defines it (``trainer.codec``, ``trainer.errors``, ``trainer.settings``, ``trainer.resume``,
+``trainer.exports``, ``contract.codes`` for exit codes, ...).
 """
 
-from contract.codes import EXIT_FATAL, EXIT_PREEMPTED
-from contract.faults import FaultInjector, FaultRule, parse_faults
-from trainer.checkpoint import Checkpointer, PeerFailure, config_hash, write_weights_export
-from trainer.codec import StagingArena, decode, encode, encode_to_bytes, state_digest
-from trainer.data import (
-    ResumableDistributedSampler,
-    ResumableLoader,
-    SampleKey,
-    sample_generator,
-    sample_seed,
-)
-from trainer.distributed import DistContext, init_distributed, shutdown
-from trainer.errors import (
-    EXIT_FAILURE,
-    CodecError,
-    ConfigMismatch,
-    FatalTrainerError,
-    Preempted,
-    ResumeError,
-    SnapshotError,
-    StateMismatch,
-    TrainerError,
-    UsageError,
-    WorldSizeMismatch,
-)
-from trainer.runtime import configure_worker_logging, entrypoint, run
-from trainer.settings import WorkerSettings
-from trainer.state import Stateful, TrainingState, capture_rng, restore_rng, unwrap_model
-from trainer.writer import BackgroundWriter
+from trainer.checkpoint import Checkpointer
+from trainer.data import ResumableDistributedSampler, ResumableLoader, SampleKey, sample_generator
+from trainer.distributed import DistContext, init_distributed
+from trainer.errors import Preempted, TrainerError, UsageError
+from trainer.exports import BestPolicy
+from trainer.runtime import entrypoint, run
+from trainer.state import Stateful, TrainingState
 
 __all__ = [
-    "EXIT_FAILURE",
-    "EXIT_FATAL",
-    "EXIT_PREEMPTED",
-    "BackgroundWriter",
+    "BestPolicy",
     "Checkpointer",
-    "CodecError",
-    "ConfigMismatch",
     "DistContext",
-    "FatalTrainerError",
-    "FaultInjector",
-    "FaultRule",
-    "PeerFailure",
     "Preempted",
     "ResumableDistributedSampler",
     "ResumableLoader",
-    "ResumeError",
     "SampleKey",
-    "SnapshotError",
-    "StagingArena",
-    "StateMismatch",
     "Stateful",
     "TrainerError",
     "TrainingState",
     "UsageError",
-    "WorkerSettings",
-    "WorldSizeMismatch",
-    "capture_rng",
-    "config_hash",
-    "configure_worker_logging",
-    "decode",
-    "encode",
-    "encode_to_bytes",
     "entrypoint",
     "init_distributed",
-    "parse_faults",
-    "restore_rng",
     "run",
     "sample_generator",
-    "sample_seed",
-    "shutdown",
-    "state_digest",
-    "unwrap_model",
-    "write_weights_export",
 ]

@@ -36,6 +36,9 @@ from trainer.errors import CodecError
 
 FORMAT = "trainer-tree-v1"
 ALIGN = 64
+#: A snapshot directory's two files: the arena's raw bytes and the tree (JSON).
+TENSORS_FILE = "tensors.bin"
+TREE_FILE = "tree.json"
 
 JsonTree = Any
 

@@ -65,7 +65,8 @@ class ConfigMismatch(FatalTrainerError):
         super().__init__(
             f"hyperparameters differ from snapshot step {step} in keys [{keys}] ({details}); "
             "launch with --allow-config-change (ORCH_ALLOW_CONFIG_CHANGE=1, or "
-            "allow_config_change=True in code) to resume anyway"
+            "Checkpointer(resume_policy=ResumePolicy(allow_config_change=True)) in code) "
+            "to resume anyway"
         )
 
 
@@ -96,6 +97,14 @@ class ResumeError(TrainerError):
 
 class SnapshotError(TrainerError):
     """A snapshot could not be taken (inconsistent ranks, bad state)."""
+
+
+class PeerFailure(TrainerError):
+    """Another rank failed during a collective step (resume); carries that rank's fatality."""
+
+    def __init__(self, message: str, *, fatal: bool) -> None:
+        super().__init__(message)
+        self.fatal = fatal
 
 
 class GroupTornDown(BaseException):

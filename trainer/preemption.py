@@ -3,10 +3,11 @@
 The supervisor asks for an emergency snapshot by writing ``run/control/preempt.json``
 (a :class:`contract.documents.PreemptRequest`); a signal delivered to the rank itself
 (SLURM signalling every process, torchrun forwarding one) sets an in-process flag instead of
-killing it. :meth:`trainer.Checkpointer.step_done` reads both at every step boundary and all
-ranks agree (an all-reduce of one integer) to stop at the same step; rank 0 then writes the
-acknowledgement ``run/control/preempted.json`` (a :class:`contract.documents.PreemptAck`) once the
-emergency snapshot is committed, and every rank exits :data:`~trainer.errors.EXIT_PREEMPTED`.
+killing it. :meth:`trainer.Checkpointer.step_done` asks :func:`agreed` at step boundaries,
+where all ranks agree (an all-reduce of one integer) to stop at the same step; :func:`stop` then
+takes the emergency snapshot, rank 0 writes the acknowledgement ``run/control/preempted.json``
+(a :class:`contract.documents.PreemptAck`) once it is committed, and every rank raises
+:class:`~trainer.errors.Preempted` (exit :data:`~contract.codes.EXIT_PREEMPTED`).
 """
 
 from __future__ import annotations
@@ -14,12 +15,23 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Mapping
 from types import FrameType
+from typing import NoReturn, Protocol
 
-from contract.documents import PreemptRequest, read_document
+import structlog
+import torch
+import torch.distributed as dist
+
+from contract.documents import PreemptAck, PreemptRequest, read_document, write_document
 from contract.paths import RunPaths
-from trainer.errors import GroupTornDown
+from trainer.distributed import is_initialized
+from trainer.errors import GroupTornDown, Preempted
+from trainer.settings import WorkerSettings
+from trainer.writer import BackgroundWriter
+
+log = structlog.get_logger("trainer.preemption")
 
 _flag = threading.Event()
 #: Callbacks run before a teardown SIGTERM ends the rank (see on_teardown).
@@ -106,3 +118,77 @@ def install_signal_handlers(signums: tuple[int, ...] = (signal.SIGTERM,)) -> Non
 
     for s in signums:
         signal.signal(s, handler)
+
+
+class StopHost(Protocol):
+    """What the emergency stop needs from the checkpointer it serves (read at each use)."""
+
+    settings: WorkerSettings
+    paths: RunPaths
+    rank: int
+    world_size: int
+    writer: BackgroundWriter
+    last_snapshot_step: int | None
+    last_digest: str | None
+
+    def snapshot(self) -> None:
+        """Take a snapshot of the current step (collective)."""
+        ...
+
+
+def agreed(host: StopHost) -> bool:
+    """Whether any rank saw a preemption request; every rank gets the same answer.
+
+    Each rank looks for the supervisor's control file (one ``stat``) and its own signal
+    flag; ranks may notice at different steps, so one all-reduce(MAX) of a single integer
+    per step makes them agree on this very step boundary.
+    """
+    mine = signalled() or (
+        os.path.exists(host.paths.preempt_request)
+        and read_request(host.paths, host.settings.attempt) is not None
+    )
+    if not (is_initialized() and host.world_size > 1):
+        return mine
+    device = (
+        torch.device("cuda", torch.cuda.current_device())
+        if dist.get_backend() == "nccl"
+        else torch.device("cpu")
+    )
+    flag = torch.tensor([1 if mine else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def stop(host: StopHost, step: int, *, heartbeat: Callable[[], None]) -> NoReturn:
+    """Snapshot ``step`` (unless just taken), wait for its commit, acknowledge, raise Preempted."""
+    started = time.perf_counter()
+    log.warning("preempt.requested", step=step)
+    heartbeat()
+    if host.last_snapshot_step != step:
+        host.snapshot()
+    settings = host.settings
+    if host.rank == 0:
+        host.writer.wait()  # the emergency snapshot is committed (or its error re-raised)
+        ack = PreemptAck(step=step, attempt=settings.attempt, time=time.time(), digest=host.last_digest)
+        write_document(host.paths.preempt_ack, ack, durable=True)
+    # No rank exits before rank 0 committed: torchrun stops the whole group on the first exit.
+    if is_initialized() and host.world_size > 1:
+        dist.barrier()
+        if host.rank != 0 and settings.local_rank == 0:
+            # Every node's supervisor waits for an ack in its own checkpoint dir; the
+            # snapshot itself is on rank 0's node (and its mirror).
+            ack = PreemptAck(
+                step=step,
+                attempt=settings.attempt,
+                time=time.time(),
+                digest=host.last_digest,
+                snapshot_rank=0,
+            )
+            write_document(host.paths.preempt_ack, ack, durable=True)
+    log.warning(
+        "preempt.snapshot_committed",
+        step=step,
+        seconds=round(time.perf_counter() - started, 4),
+        digest=host.last_digest,
+    )
+    raise Preempted(step)

@@ -157,8 +157,9 @@ def _mbps(nbytes: int, seconds: float) -> float:
 def _make_snapshot(config: core.BenchConfig, size_bytes: int, result: core.LegResult) -> _Snapshot:
     """A real committed snapshot (model + AdamW after one step) taken by ``trainer.Checkpointer``."""
     from storage import LocalSnapshotStore
-    from trainer import Checkpointer, TrainingState, WorkerSettings
-    from trainer.checkpoint import TENSORS_FILE
+    from trainer import Checkpointer, TrainingState
+    from trainer.codec import TENSORS_FILE
+    from trainer.settings import WorkerSettings
 
     checkpoint_dir = os.path.join(config.scratch("mirror"), "ckpt")
     model = core.make_model(size_bytes, device=config.device)

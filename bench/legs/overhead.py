@@ -18,6 +18,7 @@ import time
 import trainer
 from bench import core
 from bench.legs import savers
+from trainer.settings import WorkerSettings
 
 
 def run(config: core.BenchConfig, size_bytes: int) -> core.LegResult:
@@ -36,7 +37,7 @@ def run(config: core.BenchConfig, size_bytes: int) -> core.LegResult:
     every = max(1, round(save_median / (0.10 * step_median)))
     result.scalars.update(interval_steps=every, step_s=round(step_median, 5), torch_save_s=round(save_median, 4))
 
-    settings = trainer.WorkerSettings(checkpoint_dir=f"{base}/ours", run_id="bench")
+    settings = WorkerSettings(checkpoint_dir=f"{base}/ours", run_id="bench")
     state = trainer.TrainingState(model=model, optimizer=optimizer)
     ckpt = trainer.Checkpointer(state, hparams={}, every=every, settings=settings)
     step = 0

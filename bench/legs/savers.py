@@ -22,6 +22,7 @@ import torch
 import trainer
 from bench import core
 from contract.atomic import fsync_dir
+from trainer.settings import WorkerSettings
 
 
 def prepare(config: core.BenchConfig, size_bytes: int, leg: str) -> tuple[
@@ -67,7 +68,7 @@ class Ours:
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: str) -> None:
         self.directory = directory
         self.state = trainer.TrainingState(model=model, optimizer=optimizer)
-        settings = trainer.WorkerSettings(checkpoint_dir=directory, run_id="bench")
+        settings = WorkerSettings(checkpoint_dir=directory, run_id="bench")
         self.ckpt = trainer.Checkpointer(self.state, hparams={}, every=0, settings=settings)
         self.live: dict[int, str] = {}
 
@@ -102,7 +103,7 @@ class Ours:
         reader = trainer.TrainingState(model=model, optimizer=torch.optim.AdamW(model.parameters()))
         restored = trainer.Checkpointer(
             reader, hparams={}, every=0,
-            settings=trainer.WorkerSettings(checkpoint_dir=self.directory, run_id="bench",
+            settings=WorkerSettings(checkpoint_dir=self.directory, run_id="bench",
                                             resume_mode="step", resume_step=step),
         )
         restored.resume()

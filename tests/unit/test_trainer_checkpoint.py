@@ -24,6 +24,8 @@ from trainer import codec
 from trainer.checkpoint import Checkpointer
 from trainer.data import ResumableDistributedSampler, ResumableLoader, SampleKey, sample_generator
 from trainer.errors import EXIT_FAILURE, ConfigMismatch, WorldSizeMismatch
+from trainer.exports import BestPolicy
+from trainer.resume import ResumePolicy
 from trainer.settings import WorkerSettings
 from trainer.state import TrainingState
 
@@ -83,8 +85,8 @@ class Job:
         settings = WorkerSettings(checkpoint_dir=str(directory), resume_mode=mode,
                                   resume_step=int(resume) if resume is not None and mode == "step" else None)
         self.ckpt = Checkpointer(self.state, hparams=hparams or HPARAMS, every=every, settings=settings,
-                                 allow_config_change=allow, best_metric="score", best_mode="max",
-                                 verify_digest=verify)
+                                 best=BestPolicy(metric="score", mode="max"),
+                                 resume_policy=ResumePolicy(allow_config_change=allow, verify_digest=verify))
 
     def train(self, until: int, *, finish: bool = True) -> None:
         step = self.ckpt.resume()
