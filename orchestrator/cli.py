@@ -102,9 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--keep-remote", type=_int_arg, metavar="K", help="keep the last K remote "
                         "snapshots (needs --mirror)")
     launch.add_argument("--keep-every", type=_int_arg, metavar="N", help="also keep steps divisible by N")
-    launch.add_argument("--keep-best", type=_int_arg, metavar="K", help="also keep the K best")
-    launch.add_argument("--best-metric", metavar="NAME", help="metric ranking --keep-best")
-    launch.add_argument("--best-mode", choices=("max", "min"))
+    launch.add_argument("--keep-best", type=_int_arg, metavar="K", help="also keep the K best "
+                        "by the metric the script declares (Checkpointer(best=BestPolicy(...)))")
+    # Refused with a message that says where the metric is named now (see config.BEST_MOVED).
+    launch.add_argument("--best-metric", help=argparse.SUPPRESS)
+    launch.add_argument("--best-mode", help=argparse.SUPPRESS)
     launch.add_argument("--max-restarts", type=_int_arg, metavar="K", help="default 3")
     launch.add_argument("--grace", type=_float_arg, metavar="SECONDS", help="default 30")
     launch.add_argument("--hang-timeout", type=_float_arg, metavar="SECONDS")

@@ -19,7 +19,12 @@ import tomllib
 
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _ENDPOINT = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):(?P<port>\d{1,5})$")
-BEST_MODES = ("max", "min")
+#: Why --best-metric/--best-mode are refused: the best metric is named once, by the script.
+BEST_MOVED = (
+    "the best metric is named once, in the training script: Checkpointer(best=trainer.BestPolicy("
+    "metric=NAME, mode='max'|'min')); every snapshot's manifest records it and --keep-best K "
+    "ranks by it (--best-metric/--best-mode are no longer accepted)"
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,8 +51,10 @@ class LaunchConfig:
     keep_remote: int | None = None
     keep_every: int | None = None
     keep_best: int = 0
+    #: Never set: kept so that a --best-metric/--best-mode flag or TOML key fails with
+    #: BEST_MOVED instead of being silently ignored; retention reads the manifests' declaration.
     best_metric: str | None = None
-    best_mode: str = "max"
+    best_mode: str | None = None
     max_restarts: int = 3
     grace: float = 30.0
     hang_timeout: float | None = None
@@ -86,10 +93,9 @@ class LaunchConfig:
         _at_least_one("--keep-every", self.keep_every)
         _non_negative("--keep-best", self.keep_best)
         _non_negative("--max-restarts", self.max_restarts)
-        if self.keep_best and not self.best_metric:
-            raise ValueError("--keep-best needs --best-metric NAME (a metric in the manifests)")
-        if self.best_mode not in BEST_MODES:
-            raise ValueError(f"--best-mode must be one of {BEST_MODES}, got {self.best_mode!r}")
+        if self.best_metric is not None or self.best_mode is not None:
+            flag = "--best-metric" if self.best_metric is not None else "--best-mode"
+            raise ValueError(f"{flag}: {BEST_MOVED}")
         if not self.grace >= 0:
             raise ValueError(f"--grace must be >= 0 seconds, got {self.grace}")
         if self.hang_timeout is not None and not self.hang_timeout > 0:

@@ -2,7 +2,9 @@
 
 Pure logic over `SnapshotInfo` lists so it can be tested exhaustively. Keep-last-K, keep-every-N
 and keep-best-K (by a metric recorded in the manifest) are separate rules; a snapshot survives if
-any rule keeps it. Whatever the rules say, the newest valid snapshot and every protected step
+any rule keeps it. Keep-best ranks by the metric and mode the training script declared once
+(``Checkpointer(best=BestPolicy(...))``), which every manifest records under ``metadata["best"]``;
+an explicit ``best_metric`` overrides that (API callers and tests; the CLI has no such flag). Whatever the rules say, the newest valid snapshot and every protected step
 (in flight, not yet mirrored) are never deleted.
 """
 
@@ -14,6 +16,10 @@ from dataclasses import dataclass
 
 from storage.tier import SnapshotInfo
 
+#: The manifest metadata key where the trainer records its declared best metric and mode
+#: (``trainer.exports.MANIFEST_KEY``; storage does not import the trainer).
+BEST_KEY = "best"
+
 
 @dataclass(frozen=True, kw_only=True)
 class RetentionPolicy:
@@ -22,8 +28,10 @@ class RetentionPolicy:
     keep_last: int | None = None
     keep_every: int | None = None
     keep_best: int = 0
+    #: None: rank by the metric the manifests declare (``metadata["best"]``), the usual case.
     best_metric: str | None = None
-    best_mode: str = "max"
+    #: With an explicit ``best_metric``; None means "max". Ignored for declared metrics.
+    best_mode: str | None = "max"
 
     def __post_init__(self) -> None:
         if self.keep_last is not None and self.keep_last < 1:
@@ -32,9 +40,9 @@ class RetentionPolicy:
             raise ValueError("keep_every must be a positive number of steps")
         if self.keep_best < 0:
             raise ValueError("keep_best must be non-negative")
-        if self.keep_best and not self.best_metric:
-            raise ValueError("keep_best needs best_metric: the metric name to rank snapshots by")
-        if self.best_mode not in ("max", "min"):
+        if self.best_metric is not None and not self.best_metric:
+            raise ValueError("best_metric must be a metric name, or None to use the declared one")
+        if self.best_mode is not None and self.best_mode not in ("max", "min"):
             raise ValueError(f"best_mode must be 'max' or 'min', got {self.best_mode!r}")
 
     @property
@@ -59,6 +67,32 @@ def _metric(info: SnapshotInfo, name: str) -> float | None:
     return score if math.isfinite(score) else None
 
 
+def _declared(info: SnapshotInfo) -> tuple[str, str] | None:
+    """The ``(metric, mode)`` the snapshot's manifest declares for keep-best, or None."""
+    if info.manifest is None:
+        return None
+    best = info.manifest.metadata.get(BEST_KEY)
+    if not isinstance(best, Mapping):
+        return None
+    metric, mode = best.get("metric"), best.get("mode")
+    if not isinstance(metric, str) or not metric or mode not in ("max", "min"):
+        return None
+    return metric, str(mode)
+
+
+def _ranking(candidates: Sequence[SnapshotInfo], policy: RetentionPolicy) -> tuple[str, str, bool] | None:
+    """``(metric, mode, declared)`` keep-best ranks by; None when nothing names a metric."""
+    if policy.best_metric:
+        return policy.best_metric, policy.best_mode or "max", False
+    # The newest declaration wins: a script that changed its metric (a resume with
+    # --allow-config-change) ranks by what it names now, never by scores of another metric.
+    for s in reversed(candidates):
+        declared = _declared(s)
+        if declared is not None:
+            return declared[0], declared[1], True
+    return None
+
+
 def plan_retention(
     snapshots: Sequence[SnapshotInfo],
     policy: RetentionPolicy,
@@ -79,10 +113,16 @@ def plan_retention(
         keep.update(s.step for s in candidates[-policy.keep_last :])
     if policy.keep_every is not None:
         keep.update(s.step for s in candidates if s.step % policy.keep_every == 0)
-    if policy.keep_best and policy.best_metric:
-        metric = policy.best_metric
-        scored = [(m, s.step) for s in candidates if (m := _metric(s, metric)) is not None]
+    ranking = _ranking(candidates, policy) if policy.keep_best else None
+    if ranking is not None:
+        metric, mode, declared = ranking
+        scored = [
+            (m, s.step)
+            for s in candidates
+            if (not declared or _declared(s) == (metric, mode))
+            and (m := _metric(s, metric)) is not None
+        ]
         # Ties go to the later step: it carries more training for the same score.
-        scored.sort(key=lambda ms: (ms[0] if policy.best_mode == "max" else -ms[0], ms[1]))
+        scored.sort(key=lambda ms: (ms[0] if mode == "max" else -ms[0], ms[1]))
         keep.update(step for _, step in scored[-policy.keep_best :])
     return [s.step for s in by_step if s.step not in keep]

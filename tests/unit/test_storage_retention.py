@@ -190,7 +190,6 @@ def test_keep_every_ignores_invalid() -> None:
         ({"keep_every": 0}, "keep_every"),
         ({"keep_every": -5}, "keep_every"),
         ({"keep_best": -1}, "keep_best"),
-        ({"keep_best": 2}, "best_metric"),
         ({"keep_best": 2, "best_metric": ""}, "best_metric"),
         ({"keep_best": 1, "best_metric": "loss", "best_mode": "lowest"}, "best_mode"),
         ({"best_mode": "MAX"}, "best_mode"),
