@@ -4,7 +4,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint
+.PHONY: install demo test test-fast lint
 
 $(BIN)/orchestrator: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -21,5 +21,11 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
+# Everything (what CI runs, via .ci/run): lint, then every test, end-to-end included (~15 min).
 test: install lint
 	$(BIN)/python -m pytest -q
+
+# The fast lane while editing: unit + integration tests, no lint, no end-to-end test (no real
+# torchrun worker group; everything under tests/e2e is marked `e2e`). About 2 min on 2 cores.
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not e2e"

@@ -26,9 +26,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from bench import core
+from contract import polling
 from orchestrator.launcher import find_processes, kill_and_wait
 from orchestrator.runstate import read_json_lines
 from storage import layout
@@ -40,6 +41,8 @@ TOKEN_VAR = "BENCH_TOKEN"
 #: Snapshot interval of every recovery run (steps); a kill comes ``KILL_AFTER`` steps after one.
 EVERY = 4
 KILL_AFTER = 2
+
+T = TypeVar("T")
 
 
 class BenchRunError(RuntimeError):
@@ -427,24 +430,19 @@ def newest_committed(files: RunFiles, upto: int) -> int | None:
     return None
 
 
-def wait_until(predicate: Callable[[], Any], *, timeout: float, what: str, job: Job | None = None,
-               interval: float = 0.01) -> Any:
+def wait_until(predicate: Callable[[], T | None], *, timeout: float, what: str, job: Job | None = None,
+               interval: float = 0.01) -> T:
     """Poll ``predicate`` until truthy; BenchRunError on timeout or if ``job`` exits meanwhile."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if job is not None and job.poll() is not None:
-            value = predicate()
-            if value:
-                return value
-            raise BenchRunError(f"launcher exited {job.poll()} while waiting for {what}; "
-                                f"log tail:\n{job.files.log_tail()}")
-        if time.monotonic() > deadline:
-            raise BenchRunError(f"timed out after {timeout:.0f}s waiting for {what}; "
-                                f"log tail:\n{job.files.log_tail() if job else ''}")
-        time.sleep(interval)
+
+    def exited() -> str | None:
+        code = None if job is None else job.poll()
+        return None if code is None else f"launcher exited {code}"
+
+    try:
+        return polling.wait_until(predicate, timeout=timeout, what=what, interval=interval,
+                                  stop_if=exited)
+    except (polling.PollAborted, polling.PollTimeout) as e:
+        raise BenchRunError(f"{e}; log tail:\n{job.files.log_tail() if job else ''}") from None
 
 
 # -- failures --------------------------------------------------------------------------------

@@ -1,4 +1,8 @@
-"""Session fixtures for end-to-end tests: uninterrupted golden runs, computed once."""
+"""Session fixtures for end-to-end tests: uninterrupted golden runs, computed once.
+
+Every test under tests/e2e is marked ``e2e`` here (whatever its module declares), so that
+``pytest -m "not e2e"`` (``make test-fast``) never launches a real worker group.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,15 @@ from pathlib import Path
 import pytest
 
 from tests.e2e import harness
+
+_HERE = Path(__file__).resolve().parent
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects anything
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if _HERE in item.path.resolve().parents:
+            item.add_marker(pytest.mark.e2e)
 
 
 def _golden(tmp_path_factory: pytest.TempPathFactory, name: str, *script_args: str) -> dict[int, str]:

@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,17 +132,6 @@ def progress(ckpt: Path, rank: int) -> dict[str, Any] | None:
         return out
     except (FileNotFoundError, json.JSONDecodeError):
         return None
-
-
-def wait_for(predicate: Any, *, timeout: float, what: str, interval: float = 0.05) -> Any:
-    """Poll an observable condition of another process (bounded); returns its truthy value."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def kill_group(p: subprocess.Popen[str]) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from contract.polling import wait_until
 from tests.e2e import harness
 from tests.support.conftest_plugin import S3Bucket, S3Proxy
 
@@ -80,7 +81,11 @@ def test_corrupt_remote_snapshot_is_skipped(
     assert result.status()["resumed_from_step"] == 40
 
 
-@pytest.mark.parametrize("fault", ["blackhole", "refuse", "reset"])
+# "refuse" (connection refused: a fast transient error, retried like a reset) is covered by
+# test_remote_s3.py::test_connection_refused_transient_and_fast with
+# test_orchestrator_mirror.py::test_transient_errors_are_retried_with_events and, through the
+# real CLI, test_cli_mirror.py::test_resets_mid_upload_are_retried.
+@pytest.mark.parametrize("fault", ["blackhole", "reset"])
 def test_endpoint_outage_never_blocks_training(
     golden: dict[int, str], s3_proxy: S3Proxy, tmp_path: Path, fault: str
 ) -> None:
@@ -91,8 +96,8 @@ def test_endpoint_outage_never_blocks_training(
     outage_seen = threading.Event()
 
     def outage() -> None:
-        harness.wait_for(lambda: (p := harness.progress(ckpt, 0)) and p["step"] >= 15,
-                         timeout=120, what="training to start")
+        wait_until(lambda: (p := harness.progress(ckpt, 0)) and p["step"] >= 15,
+                   timeout=120, what="training to start")
         if fault == "reset":
             s3_proxy.proxy.reset(after_bytes=100_000)  # mid-object: uploads die half-way
         else:

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from contract.polling import wait_until
 from orchestrator.launcher import find_processes, kill_and_wait
 from tests.e2e import harness
 from tests.support.conftest_plugin import S3Bucket
@@ -165,7 +166,7 @@ def test_node_without_rank0_replaced_with_empty_disk(
     """No mirror: the replacement gets the newest snapshot from rank 0's node by broadcast."""
     cluster.start(0)
     cluster.start(1)
-    harness.wait_for(lambda: cluster.step() >= 50, timeout=180, what="step 50")
+    wait_until(lambda: cluster.step() >= 50, timeout=180, what="step 50")
     victim = 1 - cluster.node_of_rank0()
     _replace_node_and_finish(cluster, victim, golden)
     # The survivor restarted (a peer vanished mid-collective) and resumed from its own disk;
@@ -192,7 +193,7 @@ def test_rank0_node_replaced_resumes_from_the_mirror(
         mirrored = lambda: harness.digests(  # noqa: E731
             harness.snapshots(mirror=s3_bucket.url, env=cluster.env, verify=False)
         )
-        harness.wait_for(lambda: len(mirrored()) >= 2, timeout=180, what="two mirrored snapshots")
+        wait_until(lambda: len(mirrored()) >= 2, timeout=180, what="two mirrored snapshots")
         victim = cluster.node_of_rank0()
         _replace_node_and_finish(cluster, victim, golden)
         # Aggregated over nodes from the mirror: both supervisors published their state.
@@ -223,14 +224,14 @@ def test_one_node_preempted_the_other_waits_then_both_finish(
     """
     cluster.start(0)
     cluster.start(1)
-    harness.wait_for(lambda: cluster.step() >= 45, timeout=180, what="step 45")
+    wait_until(lambda: cluster.step() >= 45, timeout=180, what="step 45")
     victim = 1 - cluster.node_of_rank0()  # the node without the snapshots
     os.kill(cluster.procs[victim].pid, signal.SIGTERM)
     assert cluster.wait(victim, timeout=120) == 75, cluster.stderr()
     st = harness.status(cluster.ckpt(victim))
     assert st["phase"] == "preempted" and st["preemptions"] == 1 and st["restarts"] == 0
     stop_step = st["step"]
-    other = harness.wait_for(
+    other = wait_until(
         lambda: (o := harness.status(cluster.ckpt(1 - victim)))["preemptions"] == 1 and o,
         timeout=60,
         what="the other node to see the preemption",

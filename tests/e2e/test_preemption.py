@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from contract.polling import wait_until
 from tests.e2e import harness
 from tests.support.fake_metadata import running_fake_metadata
 
@@ -20,7 +21,7 @@ def _preempt_at(ckpt: Path, min_step: int, *, delay: str = "0.05") -> tuple[harn
     """Run paced, SIGTERM the supervisor once rank 0 completed ``min_step``; (result, last step)."""
     proc = harness.start(ckpt, script_args=("--step-delay", delay))
     try:
-        harness.wait_for(
+        wait_until(
             lambda: (p := harness.progress(ckpt, 0)) and p["step"] >= min_step and p,
             timeout=180,
             what=f"rank 0 to pass step {min_step}",
@@ -81,7 +82,7 @@ def test_spot_notice_takes_the_same_path(golden: dict[int, str], ckpt: Path) -> 
         }
         proc = harness.start(ckpt, env=env, script_args=("--step-delay", "0.05"))
         try:
-            harness.wait_for(
+            wait_until(
                 lambda: (p := harness.progress(ckpt, 0)) and p["step"] >= 30,
                 timeout=180,
                 what="rank 0 to pass step 30",

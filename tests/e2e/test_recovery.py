@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from contract.polling import wait_until
 from tests.e2e import harness
 from tests.e2e.harness import EVERY, STEPS
 
@@ -28,7 +29,7 @@ def test_sigkill_rank1_mid_epoch_external(golden: dict[int, str], ckpt: Path) ->
     """SIGKILL of rank 1 from outside at an arbitrary mid-epoch step (not a snapshot step)."""
     proc = harness.start(ckpt, script_args=("--step-delay", "0.05"))
     try:
-        beat = harness.wait_for(
+        beat = wait_until(
             lambda: (p := harness.progress(ckpt, 1)) and p["step"] >= 50 and p, timeout=180,
             what="rank 1 to pass step 50",
         )
@@ -44,16 +45,12 @@ def test_sigkill_rank1_mid_epoch_external(golden: dict[int, str], ckpt: Path) ->
     assert 40 <= st["resumed_from_step"] <= beat["step"]
 
 
-def test_fault_rank1_step_end(golden: dict[int, str], ckpt: Path) -> None:
-    """Rank 1 dies right after step 53 (epoch 2, mid-epoch); resume from 40."""
-    result = harness.launch(ckpt, faults="step_end@53:rank=1")
-    harness.assert_matches_golden(result, golden)
-    st = result.status()
-    assert st["restarts"] == 1 and st["resumed_from_step"] == 40
-    assert "SIGKILL" in (st["last_failure"] or ""), st["last_failure"]
-
-
-@pytest.mark.parametrize("point", ["after_staging", "after_files", "before_rename"])
+# One phase is enough end to end: a hard crash at every commit phase leaving only garbage that
+# selection ignores and the supervisor removes is proven by test_storage_local.py
+# (test_hard_crash_at_phase_leaves_only_garbage, test_exception_at_phase_leaves_no_snapshot) and
+# test_orchestrator_supervisor.py (test_abandoned_temp_dirs_are_cleaned_before_each_attempt);
+# before_rename (a complete manifest, never renamed into place) is the closest call.
+@pytest.mark.parametrize("point", ["before_rename"])
 def test_sigkill_rank0_during_save(golden: dict[int, str], ckpt: Path, point: str) -> None:
     """Rank 0 killed inside the save of step 60: that snapshot never counts, resume from 40."""
     result = harness.launch(ckpt, faults=f"{point}@60:rank=0")

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from contract.polling import wait_until
 from orchestrator.launcher import find_processes, kill_and_wait
 from tests.e2e import harness
 from tests.e2e.harness import EVERY, ORCH, REPO, STEPS
@@ -117,7 +118,7 @@ def _stop_rank1(ckpt: Path) -> tuple[subprocess.Popen[str], dict[str, Any]]:
         env={"ORCH_PG_TIMEOUT_S": "300"},
     )
     try:
-        beat: dict[str, Any] = harness.wait_for(
+        beat: dict[str, Any] = wait_until(
             lambda: (p := harness.progress(ckpt, 1)) and p["step"] >= 30 and p,
             timeout=180,
             what="rank 1 to pass step 30",
@@ -150,7 +151,7 @@ def test_sigstop_rank1_is_detected_by_the_watchdog_and_recovered(
                 hung.append(st)
             return None
 
-        after = harness.wait_for(
+        after = wait_until(
             recovered, timeout=180, what="the watchdog to restart the hung group", interval=0.2
         )
         assert len(hung) >= 2, f"too few status samples during the hang: {hung}"
@@ -213,7 +214,7 @@ def test_watchdog_kill_of_a_resumed_rank_counts_as_a_hang_not_a_preemption(
     proc, beat = _stop_rank1(ckpt)
     pid, first_attempt = int(beat["pid"]), int(beat["attempt"])
     try:
-        harness.wait_for(
+        wait_until(
             lambda: named(events(ckpt), "supervisor.hang_detected"),
             timeout=180,
             what="the watchdog to detect the hang",
@@ -293,7 +294,7 @@ def test_status_table_and_watch_follow_a_run(golden: dict[int, str], ckpt: Path)
     proc = harness.start(ckpt, script_args=("--step-delay", "0.1"))
     watch: subprocess.Popen[str] | None = None
     try:
-        harness.wait_for(
+        wait_until(
             lambda: (p := harness.progress(ckpt, 0)) and p["step"] >= 5 and p,
             timeout=180,
             what="rank 0 to pass step 5",

@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from contract.polling import wait_until
 from orchestrator.launcher import find_processes
 
 REPO = Path(__file__).resolve().parents[2]
@@ -228,12 +229,7 @@ def test_unreachable_endpoint_exits_2(run_dir: Path, s3_proxy: Any) -> None:
 
 
 def _wait_for_event(run_dir: Path, name: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if named(run_dir, name):
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"no {name} event after {timeout_s}s")
+    wait_until(lambda: named(run_dir, name), timeout=timeout_s, what=f"a {name} event")
 
 
 @pytest.mark.timeout(180)

@@ -23,6 +23,7 @@ from orchestrator.notices import (
     poller_from_settings,
 )
 from orchestrator.settings import load_settings
+from tests.support.clock import FakeClock
 from tests.support.fake_metadata import FakeMetadata, running_fake_metadata
 
 
@@ -70,14 +71,6 @@ def _dead_url() -> str:
     return f"http://127.0.0.1:{port}"
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 # ------------------------------------------------------------------------------- AWS
 
 
@@ -118,15 +111,15 @@ def test_aws_get_without_token_is_rejected_by_the_fake(fake: FakeMetadata) -> No
 
 @pytest.mark.timeout(20)
 def test_aws_token_reused_then_refreshed_before_expiry(fake: FakeMetadata) -> None:
-    clock = FakeClock()
-    notice = AwsSpotNotice(fake.url, timeout_s=2.0, token_ttl_s=600, clock=clock)
+    clock = FakeClock(start=1000.0)
+    notice = AwsSpotNotice(fake.url, timeout_s=2.0, token_ttl_s=600, clock=clock.monotonic)
     for _ in range(3):
         assert notice.check() is None
-        clock.now += 100
+        clock.advance(100)
     assert fake.count("PUT", "/latest/api/token") == 1
     assert notice.tokens_fetched == 1
     assert fake.count("GET", "/latest/meta-data/spot/instance-action") == 3
-    clock.now += 300 - 30  # 570 s after the token: inside the 60 s refresh margin
+    clock.advance(300 - 30)  # 570 s after the token: inside the 60 s refresh margin
     assert notice.check() is None
     assert fake.count("PUT", "/latest/api/token") == 2
     last_get = [h for m, _, h in fake.requests if m == "GET"][-1]

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from orchestrator.clock import RealClock
 from orchestrator.config import LaunchConfig
 from orchestrator.mirror import (
     Mirror,
@@ -33,7 +34,8 @@ from orchestrator.settings import Settings
 from orchestrator.supervisor import EXIT_OK, Phase, StopRequest, Supervisor
 from storage import LocalSnapshotStore, Manifest, SnapshotInfo
 from storage.errors import CorruptSnapshot, StorageError, TransientStorageError
-from tests.unit.test_orchestrator_supervisor import SETTINGS, Attempt, Env, FakeClock, FakeGroup
+from tests.support.clock import FakeClock
+from tests.unit.test_orchestrator_supervisor import SETTINGS, Attempt, Env, FakeGroup
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -182,7 +184,7 @@ class Harness:
                  keep_remote: int | None = None, settings: Settings = FAST) -> None:
         self.store = LocalSnapshotStore(str(tmp_path / "ck"))
         self.paths = RunPaths.of(str(tmp_path / "ck"))
-        self.events = EventLog(self.paths.events, clock=_RealClock(), run_id="r")
+        self.events = EventLog(self.paths.events, clock=RealClock(), run_id="r")
         self.remote = remote or FakeRemote()
         self.mirror = Mirror(remote=self.remote, local=self.store, events=self.events,
                              settings=settings, keep_remote=keep_remote)
@@ -195,17 +197,6 @@ class Harness:
 
     def local_steps(self) -> list[int]:
         return [i.step for i in self.store.list()]
-
-
-class _RealClock:
-    def monotonic(self) -> float:
-        return time.monotonic()
-
-    def time(self) -> float:
-        return time.time()
-
-    def sleep(self, seconds: float) -> None:
-        time.sleep(seconds)
 
 
 @pytest.fixture

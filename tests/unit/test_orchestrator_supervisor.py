@@ -31,31 +31,11 @@ from orchestrator.supervisor import (
     Supervisor,
 )
 from storage import LocalSnapshotStore
+from tests.support.clock import FakeClock
 
 pytestmark = pytest.mark.timeout(30)
 
 DIGEST = "sha256:" + "0" * 64
-
-
-class FakeClock:
-    """Time that only moves when someone sleeps."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-        self.sleeps: list[float] = []
-        self.on_sleep: Callable[[], None] | None = None
-
-    def monotonic(self) -> float:
-        return self.now
-
-    def time(self) -> float:
-        return 1_800_000_000.0 + self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
-        if self.on_sleep is not None:
-            self.on_sleep()
 
 
 Hook = Callable[[int, "int | None"], None]

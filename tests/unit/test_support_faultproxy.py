@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from contract.polling import wait_until
 from tests.support.faultproxy import FaultProxy
 
 
@@ -87,15 +88,6 @@ def _recv_exact(s: socket.socket, n: int) -> bytes:
     return buf
 
 
-def _wait(cond, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.01)
-    return cond()
-
-
 @pytest.mark.timeout(30)
 def test_pass_forwards_and_counts(proxy, echo):
     assert proxy.endpoint_url == f"http://127.0.0.1:{proxy.port}"
@@ -103,7 +95,7 @@ def test_pass_forwards_and_counts(proxy, echo):
     with _connect(proxy) as s:
         s.sendall(payload)
         assert _recv_exact(s, len(payload)) == payload
-    assert _wait(lambda: proxy.active == 0)
+    wait_until(lambda: proxy.active == 0, timeout=5.0, what="the connection to close", interval=0.01)
     st = proxy.stats()
     assert st["connections"] == 1
     assert st["bytes_up"] == len(payload)
@@ -266,7 +258,8 @@ def test_target_down_gives_reset_not_hang(fault_proxy):
     with pytest.raises((ConnectionResetError, BrokenPipeError)), _connect(p) as s:
         s.sendall(b"x")
         s.recv(10)
-    assert _wait(lambda: p.stats()["upstream_failures"] == 1)
+    wait_until(lambda: p.stats()["upstream_failures"] == 1, timeout=5.0,
+               what="one upstream failure", interval=0.01)
 
 
 @pytest.mark.timeout(30)
