@@ -531,6 +531,42 @@ class Mirror:
             self._permanent(None, exc)
 
 
+def finish_mirror(
+    mirror: Mirror,
+    *,
+    timeout_s: float,
+    abort: Callable[[], bool],
+    events: EventSink,
+    newest_local: int | None,
+    publish_final: Callable[[], None],
+) -> None:
+    """The end of a run: wait (bounded, real time) for the mirror to catch up, then close it.
+
+    Once caught up, the final run state is published too (one small object, a short bound).
+    ``mirror.flushed`` or ``mirror.behind`` says how it ended; the exit code never depends on it.
+    """
+    events.emit("mirror.flushing", pending_steps=mirror.pending_steps(), timeout_s=timeout_s)
+    caught_up = mirror.flush(timeout_s, abort=abort)
+    if caught_up:
+        publish_final()
+        caught_up = mirror.flush(min(timeout_s, 10.0), abort=abort)
+    pending = mirror.pending_steps()
+    try:
+        mirror.close()
+    finally:
+        if caught_up:
+            events.emit("mirror.flushed", newest_remote_step=mirror.newest_remote_step)
+        else:
+            events.emit(
+                "mirror.behind",
+                pending_steps=pending,
+                newest_remote_step=mirror.newest_remote_step,
+                lag_steps=mirror_lag(newest_local, mirror.newest_remote_step),
+                error=mirror.error,
+                timeout_s=timeout_s,
+            )
+
+
 def pending_of(local_steps: Sequence[int], mirrored: frozenset[int]) -> list[int]:
     """Local steps not in ``mirrored``, ascending (what local retention must protect)."""
     return sorted(s for s in local_steps if s not in mirrored)

@@ -18,7 +18,7 @@ import os
 import re
 import threading
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -76,6 +76,38 @@ class RunState:
 def write_json_atomic(path: str, doc: Mapping[str, Any]) -> None:
     """Replace ``path`` with ``doc`` so that readers see the old or the new content, never a mix."""
     atomic_write_json(path, doc, durable=True)
+
+
+class StateFile:
+    """``run/state.json``, rewritten atomically; also published through ``publish`` (the mirror's
+    ``<prefix>/run/node-<R>/state.json``, for ``status --mirror``) on every phase change and at
+    most every ``publish_interval_s`` otherwise."""
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        clock: Clock,
+        publish: Callable[[Mapping[str, Any]], None] | None,
+        publish_interval_s: float,
+    ) -> None:
+        self._path = path
+        self._clock = clock
+        self._publish = publish
+        self._interval = publish_interval_s
+        self._published_phase: str | None = None
+        self._next_publish = 0.0
+
+    def write(self, doc: Mapping[str, Any], *, phase: str | None, force: bool = False) -> None:
+        """Replace the file with ``doc``; publish it too if due (``phase`` None: never)."""
+        write_json_atomic(self._path, doc)
+        if self._publish is None or phase is None:
+            return
+        now = self._clock.monotonic()
+        if force or phase != self._published_phase or now >= self._next_publish:
+            self._published_phase = phase
+            self._next_publish = now + self._interval
+            self._publish(doc)
 
 
 def read_state(paths: RunPaths) -> dict[str, Any] | None:

@@ -5,7 +5,12 @@ Phases: ``starting`` (pick the newest verified snapshot, launch a worker group),
 attempt), ``checkpointing`` (preempted: the workers take an emergency snapshot at the next step
 boundary, then the mirror is flushed within what is left of ``--grace``), and the terminal
 ``done``, ``preempted`` (exit 75, relaunch to resume) and ``failed``. One loop drives every
-transition; it reads and waits on time only through an injected
+transition and :meth:`Supervisor._enter` is the one place a phase changes (the allowed
+transitions are listed on :class:`~contract.codes.Phase` and enforced there). What to do after
+an attempt is the pure :func:`orchestrator.policy.decide`; snapshot bookkeeping, heartbeat
+progress, the warm spare and a preemption in progress are collaborators
+(:mod:`~orchestrator.bookkeeping`, :mod:`~orchestrator.progress`, :mod:`~orchestrator.spare`,
+:mod:`~orchestrator.preempting`). The loop reads and waits on time only through an injected
 :class:`~orchestrator.clock.Clock` and talks to the workers only through a
 :class:`~orchestrator.launcher.WorkerGroup`, files in the checkpoint dir and exit codes, so tests
 run the whole policy with a fake clock and a scripted group.
@@ -13,42 +18,38 @@ run the whole policy with a fake clock and a scripted group.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import structlog
-from tenacity import RetryCallState, Retrying, wait_exponential_jitter
 
 from contract.codes import EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, Phase
-from contract.documents import (
-    Heartbeat,
-    PreemptAck,
-    PreemptRequest,
-    SpareGate,
-    read_document,
-    write_document,
-)
 from contract.paths import RunPaths
+from orchestrator.bookkeeping import SnapshotBook
 from orchestrator.clock import Clock
 from orchestrator.config import LaunchConfig
 from orchestrator.failures import Failure, diagnose, reported_corrupt_snapshot
 from orchestrator.launcher import WorkerGroup
-from orchestrator.mirror import Mirror, mirror_lag, pending_of
+from orchestrator.mirror import Mirror, finish_mirror, mirror_lag, pending_of
 from orchestrator.notices import NoticePoller
-from orchestrator.restore import ProgressFactory, restore_newer
-from orchestrator.runstate import (
-    EventLog,
-    NodeState,
-    RunState,
-    read_heartbeats,
-    write_json_atomic,
+from orchestrator.policy import (
+    Action,
+    AttemptResult,
+    Backoff,
+    Counters,
+    Decision,
+    Limits,
+    announce,
+    decide,
 )
+from orchestrator.preempting import PreemptionRequest
+from orchestrator.progress import AttemptProgress
+from orchestrator.restore import ProgressFactory
+from orchestrator.runstate import EventLog, NodeState, RunState, StateFile
 from orchestrator.settings import Settings
-from storage import LocalTier, RetentionPolicy, SnapshotInfo, plan_retention
-from storage.errors import StorageError
+from orchestrator.spare import WarmSpare
+from storage import LocalTier
 
 log = structlog.get_logger("orchestrator.supervisor")
 
@@ -66,20 +67,6 @@ class StopRequest:
         self.count += 1
         if self.signum is None:
             self.signum = signum
-
-
-class Backoff:
-    """Restart delays: exponential from ``initial_s`` to ``max_s`` plus uniform jitter (tenacity)."""
-
-    def __init__(self, *, initial_s: float, max_s: float, jitter_s: float) -> None:
-        self._wait = wait_exponential_jitter(multiplier=initial_s, max=max_s, jitter=jitter_s)
-        self._retrying = Retrying()
-
-    def delay(self, failures: int) -> float:
-        """Delay before the relaunch following the ``failures``-th consecutive failure (>= 1)."""
-        state = RetryCallState(retry_object=self._retrying, fn=None, args=(), kwargs={})
-        state.attempt_number = max(1, failures)
-        return float(self._wait(state))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -116,72 +103,63 @@ class Supervisor:
         spare_factory: Callable[[], WorkerGroup] | None = None,
     ) -> None:
         self._config = config
-        #: --warm-spare: makes the group started ahead of the next attempt.
-        self._spare_factory = spare_factory
-        self._spare: WorkerGroup | None = None
-        self._spare_attempt = -1
-        self._notices = notices
         self._settings = settings
         self._run_id = run_id
         self._paths = paths
         self._clock = clock
         self._group = group
-        self._store = store
         self._events = events
         self._stop = stop
         self._pid = pid
         self._mirror = mirror
-        self._progress = progress
-        self._local_steps: tuple[int, ...] = ()
-        self._known_mirrored: frozenset[int] = frozenset()
-        self._published_phase: Phase | None = None
-        self._next_publish = 0.0
+        self._notices = notices
+        self._preempt_signals = frozenset(int(s) for s in preempt_signals)
+        self._snapshots = SnapshotBook(
+            config=config,
+            settings=settings,
+            store=store,
+            events=events,
+            mirror=mirror,
+            progress=progress,
+        )
+        self._progress = AttemptProgress(paths=paths, clock=clock, events=events)
+        self._spare = WarmSpare(factory=spare_factory, paths=paths, events=events)
+        self._preemption = PreemptionRequest(
+            paths=paths, clock=clock, events=events, grace=config.grace
+        )
         self._backoff = Backoff(
             initial_s=settings.backoff_initial_s,
             max_s=settings.backoff_max_s,
             jitter_s=settings.backoff_jitter_s,
         )
-        self._retention = RetentionPolicy(
-            keep_last=config.keep_local,
-            keep_every=config.keep_every,
-            keep_best=config.keep_best,
-            best_metric=config.best_metric,
-            best_mode=config.best_mode,
+        self._limits = Limits(
+            max_restarts=config.max_restarts,
+            crash_loop_attempts=settings.crash_loop_attempts,
+            rdzv_closed_retries=settings.rdzv_closed_retries,
         )
+        self._counters = Counters()
         self._phase = Phase.STARTING
         self._attempt = first_attempt
-        self._restarts = 0
         self._group_running = False
-        self._resume_step: int | None = None
-        self._step: int | None = None
         self._last_failure: str | None = None
         self._exit_code = EXIT_FAILED
-        self._newest_local: int | None = None
-        self._known_steps: tuple[int, ...] | None = None
         self._started_at = clock.time()
-        self._attempt_progressed = False
-        self._no_progress_streak = 0
-        self._failure_streak = 0
-        self._recover_at = 0.0
-        self._next_scan = 0.0
-        self._last_beat: Heartbeat | None = None
-        self._last_activity = 0.0
-        self._hang_failure: Failure | None = None
-        self._verified: set[int] = set()
-        #: Whether the next selection checksums the local snapshots (see _select_resume).
-        self._verify_next = True
-        #: Whether the running attempt's resume point was checksum-verified before launch.
-        self._resume_verified = False
-        self._preempt_signals = frozenset(int(s) for s in preempt_signals)
         #: Preemptions of this run so far (carried over from earlier launches on the dir).
         self._preemptions = preemptions
-        self._preempt_deadline = 0.0
-        self._preempt_signal = ""
-        self._preempt_seen = 0
-        self._flush_timeout: float | None = None
-        self._rdzv_closed_streak = 0
+        self._hang_failure: Failure | None = None
+        self._recover_at = 0.0
         #: Whether the relaunch after the current backoff spends a restart.
         self._recover_counts = True
+        self._next_scan = 0.0
+        self._state_file = StateFile(
+            paths.state,
+            clock=clock,
+            publish=None if mirror is None else mirror.publish_state,
+            publish_interval_s=settings.state_mirror_interval_s,
+        )
+        #: Preempted or finished during a preemption: the mirror flush gets what is left of
+        #: --grace (None: the ordinary end-of-run bound).
+        self._flush_timeout: float | None = None
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -216,7 +194,7 @@ class Supervisor:
             if self._group_running:
                 self._group.kill()
                 self._group_running = False
-            self._discard_spare("supervisor_error")
+            self._spare.discard("supervisor_error")
             self._last_failure = f"supervisor error: {type(exc).__name__}: {exc}"
             self._enter(Phase.FAILED)
             if self._mirror is not None:
@@ -225,7 +203,7 @@ class Supervisor:
                 except Exception as mirror_exc:  # the first error is the one to report
                     log.warning("mirror.close_failed", error=str(mirror_exc))
             raise
-        self._discard_spare(f"run_{self._phase.value}")
+        self._spare.discard(f"run_{self._phase.value}")
         if self._mirror is not None:
             self._finish_mirror(self._mirror)
         failure = self._last_failure if self._exit_code not in (EXIT_OK, EXIT_PREEMPTED) else None
@@ -244,141 +222,32 @@ class Supervisor:
     def _start_attempt(self) -> None:
         structlog.contextvars.bind_contextvars(attempt=self._attempt)
         # A request left by an earlier attempt or launch must not stop this one.
-        for stale in (self._paths.preempt_request, self._paths.preempt_ack):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(stale)
-        removed = list(self._store.cleanup_abandoned())
-        if removed:
-            self._events.emit("supervisor.abandoned_removed", attempt=self._attempt, paths=removed)
-        self._resume_step = self._select_resume()
-        self._events.emit(
-            "supervisor.resume_selected", attempt=self._attempt, step=self._resume_step
-        )
-        if self._resume_step is not None:
-            self._step = self._resume_step
-        self._attempt_progressed = False
+        self._preemption.clear_stale()
+        self._snapshots.cleanup_abandoned(self._attempt)
+        resume_step = self._snapshots.select_resume(self._attempt)
+        self._events.emit("supervisor.resume_selected", attempt=self._attempt, step=resume_step)
+        self._progress.begin(self._attempt, resume_step)
         self._hang_failure = None
-        self._last_beat = None
         try:
-            if not self._promote_spare():
-                self._group.start(self._attempt, self._resume_step)
+            spare = self._spare.promote(self._attempt, resume_step)
+            if spare is not None:
+                self._group = spare
+            else:
+                self._group.start(self._attempt, resume_step)
         except OSError as exc:
             self._give_up(f"cannot start the worker group: {exc}", reason="start_failed")
             return
         self._group_running = True
-        now = self._clock.monotonic()
-        self._last_activity = now
-        self._next_scan = now + self._settings.scan_interval_s
+        self._progress.touch()
+        self._next_scan = self._clock.monotonic() + self._settings.scan_interval_s
         self._events.emit(
             "supervisor.attempt_started",
             attempt=self._attempt,
-            restarts=self._restarts,
-            resume_step=self._resume_step,
+            restarts=self._counters.restarts,
+            resume_step=resume_step,
             nproc_per_node=self._config.nproc_per_node,
         )
         self._enter(Phase.RUNNING)
-
-    # -- warm spare ----------------------------------------------------------------------
-
-    def _start_spare(self) -> None:
-        """Start the next attempt's group now; it waits, started up, until promoted.
-
-        Only once the running attempt has made progress: a spare starting beside a group that
-        is itself still starting would slow both, and a crash loop needs no spare.
-        """
-        if self._spare_factory is None:
-            return
-        attempt = self._attempt + 1
-        gate = self._paths.spare_gate(attempt)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(gate)
-        os.makedirs(os.path.dirname(gate), exist_ok=True)
-        spare = self._spare_factory()
-        try:
-            spare.start(attempt, None, spare_gate=gate)
-        except OSError as exc:
-            self._events.emit("supervisor.spare_failed", attempt=attempt, error=str(exc))
-            self._spare_factory = None  # not retried: fall back to plain relaunches
-            return
-        self._spare, self._spare_attempt = spare, attempt
-        self._events.emit("supervisor.spare_started", attempt=attempt)
-
-    def _promote_spare(self) -> bool:
-        """Hand the attempt to the waiting spare; False (discarded) when it cannot take it."""
-        spare = self._spare
-        if spare is None:
-            return False
-        if self._spare_attempt != self._attempt or spare.poll() is not None:
-            self._discard_spare("stale" if self._spare_attempt != self._attempt else "exited")
-            return False
-        write_document(
-            self._paths.spare_gate(self._attempt),
-            SpareGate(attempt=self._attempt, resume_step=self._resume_step),
-            durable=False,
-        )
-        self._group, self._spare = spare, None
-        self._events.emit(
-            "supervisor.spare_promoted", attempt=self._attempt, resume_step=self._resume_step
-        )
-        return True
-
-    def _discard_spare(self, reason: str) -> None:
-        spare, self._spare = self._spare, None
-        if spare is not None:
-            spare.kill()
-            self._events.emit("supervisor.spare_discarded", attempt=self._spare_attempt, reason=reason)
-
-    def _select_resume(self) -> int | None:
-        """The newest valid snapshot; invalid ones are removed.
-
-        Equivalent to ``store.newest_valid(verify_checksums=..., cleanup=True)``, spelled out
-        so that every rejected snapshot becomes a ``supervisor.snapshot_invalid`` event.
-
-        The first attempt of a launch (and the one after ranks reported a snapshot that failed
-        its checksum) checksums every candidate. A relaunch within the launch checks manifests
-        and sizes only: the snapshots it chooses from were written under this supervisor's
-        watch, and the ranks verify every byte while they load anyway, so a second full pass
-        here would only delay the resume (about 1.4 s per GB). Should the ranks find damage,
-        they fail with ``CorruptSnapshot`` and the next selection verifies everything (see
-        :meth:`_attempt_ended`).
-        """
-        verify, self._verify_next = self._verify_next, False
-        self._resume_verified = verify
-        local = self._newest_valid_local(verify)
-        if self._mirror is None:
-            return local
-        # Across tiers: a newer remote snapshot (or any, when no valid local one exists) is
-        # downloaded, verified and committed locally; a corrupt one falls back to the next.
-        remote = restore_newer(
-            remote=self._mirror.remote,
-            local=self._mirror.local_store,
-            newer_than=local,
-            events=self._events,
-            settings=self._settings,
-            attempt=self._attempt,
-            progress=self._progress,
-        )
-        if remote is None:
-            return local
-        self._verified = {remote}
-        return remote
-
-    def _newest_valid_local(self, verify: bool) -> int | None:
-        for info in reversed(self._store.list()):
-            checked = self._store.validate(info.step, verify_checksums=verify)
-            if checked.valid:
-                if verify:
-                    self._verified = {checked.step}
-                return checked.step
-            self._events.emit(
-                "supervisor.snapshot_invalid",
-                attempt=self._attempt,
-                step=info.step,
-                reason=checked.reason,
-                path=info.path,
-            )
-            self._store.delete(info.step)
-        return None
 
     # -- running -------------------------------------------------------------------------
 
@@ -388,24 +257,25 @@ class Supervisor:
             self._group_running = False
             self._attempt_ended(code)
             return
-        self._read_progress()
-        if self._attempt_progressed and self._spare is None and self._spare_factory is not None:
-            self._start_spare()
+        self._progress.read()
+        if self._progress.progressed and self._spare.wanted():
+            self._spare.start(self._attempt + 1)
         now = self._clock.monotonic()
         if now >= self._next_scan:
             self._next_scan = now + self._settings.scan_interval_s
             self._scan_snapshots()
             self._write_state()
-        if self._hung(now):
+        if self._hung():
             return
         self._clock.sleep(self._settings.poll_interval_s)
 
-    def _hung(self, now: float) -> bool:
+    def _hung(self) -> bool:
         timeout = self._config.hang_timeout
-        if timeout is None or now - self._last_activity <= timeout:
+        silent = self._progress.silent_s()
+        if timeout is None or silent <= timeout:
             return False
-        silent = now - self._last_activity
-        last = "none yet" if self._step is None else str(self._step)
+        step = self._progress.step
+        last = "none yet" if step is None else str(step)
         self._hang_failure = Failure(
             summary=f"no heartbeat progress for {silent:.0f}s (--hang-timeout {timeout:g}s); "
             f"last step {last}",
@@ -418,197 +288,85 @@ class Supervisor:
         self._attempt_ended(code)
         return True
 
-    def _read_progress(self) -> None:
-        beats = [b for b in read_heartbeats(self._paths) if b.attempt == self._attempt]
-        if not beats:
-            return
-        newest = max(beats, key=lambda b: (b.step, b.time))
-        resumed = {b.resumed_from for b in beats if b.resumed_from is not None}
-        if resumed and max(resumed) != self._resume_step:
-            # Multi-node: the ranks agreed on a newer snapshot than this node's own (another
-            # node's disk, or the mirror through another node). Status reports what they did.
-            self._resume_step = max(resumed)
-            self._events.emit(
-                "supervisor.resumed_elsewhere", attempt=self._attempt, step=self._resume_step
-            )
-        self._step = newest.step if self._step is None else max(self._step, newest.step)
-        # A fresh start heartbeats step 0 before training: only a completed step is progress.
-        baseline = 0 if self._resume_step is None else self._resume_step
-        if newest.step > baseline:
-            self._attempt_progressed = True
-        if self._last_beat is None or (newest.step, newest.time) != (
-            self._last_beat.step,
-            self._last_beat.time,
-        ):
-            # Measured on our monotonic clock when *we* saw it change: immune to wall-clock
-            # jumps and to skew between the workers' clocks and ours.
-            self._last_activity = self._clock.monotonic()
-        self._last_beat = newest
-
     def _scan_snapshots(self) -> None:
-        infos = self._store.list()
-        usable = [i.step for i in infos if i.valid is not False]
-        self._newest_local = max(usable) if usable else None
-        self._local_steps = tuple(usable)
-        mirrored_changed = False
-        if self._mirror is not None:
-            self._mirror.check()  # a crashed mirror thread never goes unnoticed
-            self._mirror.notify(usable)
-            mirrored = self._mirror.mirrored_steps() & frozenset(usable)
-            mirrored_changed = mirrored != self._known_mirrored
-            self._known_mirrored = mirrored
-        baseline = 0 if self._resume_step is None else self._resume_step
-        if self._newest_local is not None and self._newest_local > baseline:
-            self._attempt_progressed = True
-        steps = tuple(i.step for i in infos)
-        if steps != self._known_steps or mirrored_changed:
-            self._known_steps = steps
-            self._apply_retention(infos)
+        protect = self._progress.resume_step if self._group_running else None
+        self._snapshots.scan(protect=protect)
+        self._progress.note_snapshot(self._snapshots.newest_local)
 
-    def _verify_newest(self) -> None:
-        """Checksum-verify the newest valid snapshot once the ranks are gone.
-
-        Retention then knows a *verified* newest snapshot and never deletes the last verified
-        fallback in favour of newer ones that might turn out corrupt.
-        """
-        if not self._config.retention_active:
-            return
-        for info in reversed(self._store.list()):
-            if info.step in self._verified:
-                return
-            if info.valid is not False and self._store.validate(info.step).valid:
-                self._verified.add(info.step)
-                return
-            # Damage seen here: the next selection checksums (and removes) it too.
-            self._verify_next = True
-
-    def _apply_retention(self, infos: list[SnapshotInfo]) -> None:
-        if not self._config.retention_active or not infos:
-            return
-        infos = [
-            replace(i, valid=True) if i.valid is None and i.step in self._verified else i
-            for i in infos
-        ]
-        # The snapshot the running ranks resumed from may still be being read by them.
-        protected: set[int] = set()
-        if self._group_running and self._resume_step is not None:
-            protected.add(self._resume_step)
-        if self._mirror is not None:
-            # Never delete a local snapshot that has not reached the object store yet.
-            protected.update(pending_of(self._local_steps, self._mirror.mirrored_steps()))
-        doomed = plan_retention(infos, self._retention, protected=protected)
-        deleted: list[int] = []
-        for step in doomed:
-            try:
-                self._store.delete(step)
-            except (StorageError, OSError) as exc:
-                self._events.emit("retention.failed", step=step, error=str(exc))
-                continue
-            deleted.append(step)
-        if deleted:
-            self._events.emit("retention.deleted", steps=deleted, tier="local")
-            self._known_steps = tuple(i.step for i in self._store.list())
+    def _settle(self) -> None:
+        """The ranks are gone: take in their last heartbeats and snapshots."""
+        self._progress.read()
+        self._snapshots.verify_newest()
+        # Re-plan retention even if no snapshot appeared: the resume point is unprotected now.
+        self._snapshots.replan()
+        self._scan_snapshots()
 
     # -- after an attempt ----------------------------------------------------------------
 
     def _attempt_ended(self, code: int) -> None:
-        self._read_progress()
-        self._verify_newest()
-        # Re-plan retention even if no snapshot appeared: the resume point is unprotected now.
-        self._known_steps = None
-        self._scan_snapshots()
+        self._settle()
+        result = self._attempt_result(code)
+        decision = decide(result, self._counters, self._limits)
+        self._counters = decision.counters
+        if decision.verify_next:
+            self._snapshots.verify_next = True
+        self._carry_out(decision, result)
+
+    def _attempt_result(self, code: int) -> AttemptResult:
+        """What the policy needs to know, read from the attempt's files."""
+        progressed = self._progress.progressed
         if code == 0:
-            self._events.emit("supervisor.finished", attempt=self._attempt, step=self._step)
+            return AttemptResult(exit_code=0, progressed=progressed)
+        # The watchdog's own kill reaches the ranks as torchrun's SIGTERM, which they turn into
+        # an emergency snapshot and ack: that is still a hang, a failure that spends a restart.
+        hang = self._hang_failure
+        acked = self._preemption.acked_step(self._attempt) if hang is None else None
+        if acked is not None:
+            return AttemptResult(exit_code=code, progressed=progressed, acked_step=acked)
+        paths = self._paths
+        return AttemptResult(
+            exit_code=code,
+            progressed=progressed,
+            failure=hang if hang is not None else diagnose(paths, self._attempt, code),
+            reported_corrupt=not progressed and reported_corrupt_snapshot(paths, self._attempt),
+            resume_verified=self._snapshots.resume_verified,
+        )
+
+    def _carry_out(self, decision: Decision, result: AttemptResult) -> None:
+        """The events and the phase change of a policy decision."""
+        failures = decision.backoff_failures
+        delay = 0.0 if failures == 0 else self._backoff.delay(failures)
+        for name, fields in announce(
+            decision,
+            result,
+            attempt=self._attempt,
+            step=self._progress.step,
+            resume_step=self._progress.resume_step,
+            delay_s=delay,
+            max_restarts=self._config.max_restarts,
+        ):
+            self._events.emit(name, **fields)
+        if decision.is_failure and result.failure is not None:
+            self._last_failure = result.failure.summary
+        if decision.action is Action.FINISH:
             # last_failure stays: it is the run's most recent failure, recovered from or not.
             self._exit_code = EXIT_OK
             self._enter(Phase.DONE)
-            return
-        # The watchdog's own kill reaches the ranks as torchrun's SIGTERM, which they turn into
-        # an emergency snapshot and ack: that is still a hang, a failure that spends a restart.
-        acked = self._acked_step() if self._hang_failure is None else None
-        if acked is not None:
+        elif decision.action is Action.RELAUNCH_NOW:
             # The ranks were signalled directly (not this supervisor) and stopped after an
             # emergency snapshot: relaunch at once. A preemption never counts as a restart.
             self._preemptions += 1
-            self._events.emit(
-                "supervisor.workers_preempted", attempt=self._attempt, step=acked, exit_code=code
-            )
             self._attempt += 1
             self._enter(Phase.STARTING)
-            return
-        failure = diagnose(self._paths, self._attempt, code)
-        if self._hang_failure is not None:
-            failure = self._hang_failure
-        if failure.source == "rendezvous_closed" and (
-            self._rdzv_closed_streak < self._settings.rdzv_closed_retries
-        ):
-            # Multi-node: no worker ran; another node is tearing down the previous attempt.
-            # Rejoin after a short backoff, spending neither a restart nor crash-loop credit.
-            self._rdzv_closed_streak += 1
-            delay = self._backoff.delay(self._rdzv_closed_streak)
-            self._events.emit(
-                "supervisor.rendezvous_closed",
-                attempt=self._attempt,
-                retry=self._rdzv_closed_streak,
-                delay_s=round(delay, 3),
-            )
-            self._recover_at = self._clock.monotonic() + delay
-            self._recover_counts = False
-            self._enter(Phase.RECOVERING)
-            return
-        if failure.source != "rendezvous_closed":
-            self._rdzv_closed_streak = 0
-        if not self._attempt_progressed and reported_corrupt_snapshot(self._paths, self._attempt):
-            # The ranks' verified load found the resume point damaged: verify every candidate
-            # next time (the damaged one is removed then). Chosen unverified, that is a
-            # selection's cost, not the job's: relaunch at once without spending a restart.
-            self._verify_next = True
-            self._events.emit(
-                "supervisor.resume_corrupt",
-                attempt=self._attempt,
-                step=self._resume_step,
-                root_cause=failure.summary,
-            )
-            if not self._resume_verified:
-                self._recover_at = self._clock.monotonic()
-                self._recover_counts = False
-                self._enter(Phase.RECOVERING)
-                return
-        self._last_failure = failure.summary
-        progressed = self._attempt_progressed
-        self._no_progress_streak = 0 if progressed else self._no_progress_streak + 1
-        self._failure_streak = 1 if progressed else self._failure_streak + 1
-        self._events.emit(
-            "supervisor.attempt_failed",
-            attempt=self._attempt,
-            exit_code=code,
-            root_cause=failure.summary,
-            source=failure.source,
-            failed_rank=failure.rank,
-            fatal=failure.fatal,
-            progressed=progressed,
-        )
-        if failure.fatal:
-            self._give_up(failure.summary, reason="fatal")
-        elif self._restarts >= self._config.max_restarts:
-            self._give_up(failure.summary, reason="restart_budget_spent")
-        elif self._no_progress_streak >= self._settings.crash_loop_attempts:
-            self._give_up(failure.summary, reason="crash_loop")
+        elif decision.action is Action.GIVE_UP:
+            self._give_up(self._last_failure or decision.reason, reason=decision.reason)
         else:
-            # An attempt that made progress is no crash loop: relaunch at once (a second on the
-            # clock of every preempted or crashed run otherwise). Repeated failures without
-            # progress back off exponentially, with jitter.
-            delay = 0.0 if progressed else self._backoff.delay(self._failure_streak)
-            self._events.emit(
-                "supervisor.backoff",
-                attempt=self._attempt,
-                delay_s=round(delay, 3),
-                restarts=self._restarts + 1,
-                max_restarts=self._config.max_restarts,
-            )
-            self._recover_at = self._clock.monotonic() + delay
-            self._recover_counts = True
-            self._enter(Phase.RECOVERING)
+            self._recover(delay, counts=decision.counts_restart)
+
+    def _recover(self, delay: float, *, counts: bool) -> None:
+        self._recover_at = self._clock.monotonic() + delay
+        self._recover_counts = counts
+        self._enter(Phase.RECOVERING)
 
     def _give_up(self, root_cause: str, *, reason: str) -> None:
         self._last_failure = root_cause
@@ -618,8 +376,8 @@ class Supervisor:
             attempt=self._attempt,
             reason=reason,
             root_cause=root_cause,
-            restarts=self._restarts,
-            no_progress_attempts=self._no_progress_streak,
+            restarts=self._counters.restarts,
+            no_progress_attempts=self._counters.no_progress_streak,
         )
         self._enter(Phase.FAILED)
 
@@ -630,7 +388,7 @@ class Supervisor:
             self._clock.sleep(min(remaining, self._settings.poll_interval_s))
             return
         if self._recover_counts:
-            self._restarts += 1
+            self._counters = replace(self._counters, restarts=self._counters.restarts + 1)
         self._attempt += 1
         structlog.contextvars.bind_contextvars(attempt=self._attempt)
         self._enter(Phase.STARTING)
@@ -644,125 +402,48 @@ class Supervisor:
         return self._notices.poll(self._clock.monotonic())
 
     def _begin_preemption(self, source: str, *, signal_name: str | None) -> None:
-        """Ask the ranks for an emergency snapshot at their next step boundary.
-
-        ``source`` is the signal's name or the cloud notice that started it: both take the same
-        path. torchrun is not signalled: it runs in its own session, and a SIGTERM to it would
-        have it SIGKILL the ranks 30 s later whatever they are doing. The request is a file the
-        ranks check at every step; the whole preemption (save + mirror flush) gets ``--grace``.
-        """
-        name = source
-        grace = self._config.grace
-        self._discard_spare("preempting")  # its CPU belongs to the emergency snapshot now
-        self._preempt_signal = name
-        self._preempt_seen = self._stop.count
-        self._preempt_deadline = self._clock.monotonic() + grace
-        self._events.emit(
-            "supervisor.preempt_requested",
-            attempt=self._attempt,
-            signal=signal_name,
+        """Ask the ranks for an emergency snapshot at their next step boundary (see
+        :mod:`orchestrator.preempting`); a signal and a cloud notice take the same path."""
+        self._spare.discard("preempting")  # its CPU belongs to the emergency snapshot now
+        self._preemption.begin(
             source=source,
-            grace_s=grace,
-            step=self._step,
+            signal_name=signal_name,
+            attempt=self._attempt,
+            step=self._progress.step,
             workers_running=self._group_running,
+            signals_seen=self._stop.count,
         )
-        if self._group_running:
-            now = self._clock.time()
-            os.makedirs(self._paths.control_dir, exist_ok=True)
-            request = PreemptRequest(
-                requested_at=now,
-                deadline=now + grace,
-                attempt=self._attempt,
-                signal=signal_name,
-                source=source,
-            )
-            write_document(self._paths.preempt_request, request, durable=True)
         self._enter(Phase.CHECKPOINTING)
 
     def _watch_preemption(self) -> None:
-        if self._stop.count != self._preempt_seen:
-            # A second signal changes nothing: the save in progress is the fastest way out, and
-            # the atomic commit keeps older snapshots valid if a SIGKILL follows.
-            self._preempt_seen = self._stop.count
-            self._events.emit("supervisor.preempt_signal_repeated", attempt=self._attempt)
-        if not self._group_running:
-            self._preempt_ended(None, timed_out=False)
-            return
-        code = self._group.poll()
-        if code is not None:
-            self._group_running = False
-            self._preempt_ended(code, timed_out=False)
-            return
-        self._read_progress()
-        now = self._clock.monotonic()
-        if now >= self._preempt_deadline:
-            self._events.emit(
-                "supervisor.preempt_deadline_passed", attempt=self._attempt, step=self._step
-            )
-            code = self._group.terminate(0.0)
-            self._group_running = False
-            self._preempt_ended(code, timed_out=True)
-            return
-        self._clock.sleep(min(self._settings.poll_interval_s, self._preempt_deadline - now))
-
-    def _acked_step(self) -> int | None:
-        """The step rank 0 acknowledged an emergency snapshot at, for this attempt."""
-        ack = read_document(self._paths.preempt_ack, PreemptAck)
-        return ack.step if ack is not None and ack.attempt == self._attempt else None
-
-    def _preempt_ended(self, code: int | None, *, timed_out: bool) -> None:
-        self._read_progress()
-        self._verify_newest()
-        self._known_steps = None
-        self._scan_snapshots()
-        acked = self._acked_step() if code is not None else None
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._paths.preempt_request)
-        remaining = max(0.0, self._preempt_deadline - self._clock.monotonic())
-        if code == 0:
-            # The run finished before the request took effect.
-            self._events.emit("supervisor.finished", attempt=self._attempt, step=self._step)
-            self._exit_code = EXIT_OK
-            self._flush_timeout = remaining
-            self._enter(Phase.DONE)
-            return
-        if code is None or acked is not None:
-            if acked is not None:
-                self._step = max(self._step or 0, acked)
-            self._preemptions += 1
-            self._exit_code = EXIT_PREEMPTED
-            self._flush_timeout = remaining
-            self._events.emit(
-                "supervisor.preempted",
-                attempt=self._attempt,
-                signal=self._preempt_signal,
-                snapshot_step=acked,
-                newest_local_step=self._newest_local,
-                exit_code=code,
-                grace_left_s=round(remaining, 3),
-            )
-            self._enter(Phase.PREEMPTED)
-            return
-        why = (
-            f"the workers did not commit an emergency snapshot within --grace "
-            f"{self._config.grace:g}s"
-            if timed_out
-            else f"the workers exited {code} without committing an emergency snapshot"
-        )
-        self._last_failure = (
-            f"preempted by {self._preempt_signal}: {why}; newest local snapshot: "
-            f"{self._newest_local}"
-        )
-        self._exit_code = EXIT_FAILED
-        self._flush_timeout = remaining
-        self._events.emit(
-            "supervisor.preempt_failed",
+        ended = self._preemption.watch(
+            self._group if self._group_running else None,
+            signals=self._stop.count,
             attempt=self._attempt,
-            root_cause=self._last_failure,
-            exit_code=code,
-            timed_out=timed_out,
+            progress=self._progress,
+            poll_interval_s=self._settings.poll_interval_s,
         )
-        self._enter(Phase.FAILED)
+        if ended is None:
+            return
+        code, timed_out = ended
+        self._group_running = False
+        self._settle()
+        ending, acked = self._preemption.conclude(
+            code, timed_out=timed_out, attempt=self._attempt,
+            newest_local=self._snapshots.newest_local,
+        )
+        self._flush_timeout = self._preemption.remaining_s()
+        self._exit_code = ending.exit_code
+        if ending.phase is Phase.DONE:
+            # The run finished before the request took effect.
+            self._events.emit("supervisor.finished", attempt=self._attempt, step=self._progress.step)
+        if ending.preempted:
+            self._preemptions += 1
+            if acked is not None:
+                self._progress.step = max(self._progress.step or 0, acked)
+        if ending.failure is not None:
+            self._last_failure = ending.failure
+        self._enter(ending.phase)
 
     def _interrupted(self, signum: int) -> None:
         name = signal.Signals(signum).name
@@ -781,49 +462,39 @@ class Supervisor:
 
     def state(self) -> RunState:
         """The current ``state.json`` content."""
-        now = self._clock.time()
-        age = None if self._last_beat is None else max(0.0, round(now - self._last_beat.time, 3))
         m = self._mirror
+        newest_local = self._snapshots.newest_local
         newest_remote = None if m is None else m.newest_remote_step
-        lag = None if m is None else mirror_lag(self._newest_local, newest_remote)
-        pending = None if m is None else pending_of(self._local_steps, m.mirrored_steps())
+        lag = None if m is None else mirror_lag(newest_local, newest_remote)
+        pending = None if m is None else pending_of(self._snapshots.local_steps, m.mirrored_steps())
         return RunState(
             run_id=self._run_id,
             phase=self._phase.value,
             attempt=self._attempt,
-            restarts=self._restarts,
+            restarts=self._counters.restarts,
             preemptions=self._preemptions,
-            step=self._step,
-            resumed_from_step=self._resume_step,
+            step=self._progress.step,
+            resumed_from_step=self._progress.resume_step,
             last_failure=self._last_failure,
-            newest_local_step=self._newest_local,
+            newest_local_step=newest_local,
             newest_remote_step=newest_remote,
             mirror_lag_steps=lag,
             mirror_error=None if m is None else m.error,
             mirror_pending_steps=pending,
             started_at=self._started_at,
-            updated_at=now,
+            updated_at=self._clock.time(),
             pid=self._pid,
             nodes=[
                 NodeState(
                     node_rank=self._config.node_rank,
-                    heartbeat_age_s=age,
+                    heartbeat_age_s=self._progress.heartbeat_age_s(),
                     phase=self._phase.value,
                 )
             ],
         )
 
     def _write_state(self) -> None:
-        doc = self.state().to_json()
-        write_json_atomic(self._paths.state, doc)
-        if self._mirror is None:
-            return
-        now = self._clock.monotonic()
-        if self._phase is not self._published_phase or now >= self._next_publish:
-            # To <prefix>/run/node-<R>/state.json, in the background: status --mirror URL.
-            self._published_phase = self._phase
-            self._next_publish = now + self._settings.state_mirror_interval_s
-            self._mirror.publish_state(doc)
+        self._state_file.write(self.state().to_json(), phase=self._phase.value)
 
     # -- mirror at the end -----------------------------------------------------------------
 
@@ -835,32 +506,18 @@ class Supervisor:
             timeout = min(timeout, self._flush_timeout)
         signals = self._stop.count
         self._scan_snapshots()
-        self._events.emit(
-            "mirror.flushing", pending_steps=mirror.pending_steps(), timeout_s=timeout
-        )
-        # A real-time wait on the mirror's thread (bounded); a second signal cuts it short.
-        caught_up = mirror.flush(timeout, abort=lambda: self._stop.count != signals)
-        if caught_up:
-            # Publish the final (caught-up) state too; a short bound, it is one small object.
-            self._next_publish = 0.0
-            self._published_phase = None
-            self._write_state()
-            caught_up = mirror.flush(min(timeout, 10.0), abort=lambda: self._stop.count != signals)
-        pending = mirror.pending_steps()
+
+        def publish_final() -> None:
+            self._state_file.write(self.state().to_json(), phase=self._phase.value, force=True)
+
         try:
-            mirror.close()
+            finish_mirror(
+                mirror,
+                timeout_s=timeout,
+                abort=lambda: self._stop.count != signals,  # a second signal cuts it short
+                events=self._events,
+                newest_local=self._snapshots.newest_local,
+                publish_final=publish_final,
+            )
         finally:
-            if caught_up:
-                self._events.emit(
-                    "mirror.flushed", newest_remote_step=mirror.newest_remote_step
-                )
-            else:
-                self._events.emit(
-                    "mirror.behind",
-                    pending_steps=pending,
-                    newest_remote_step=mirror.newest_remote_step,
-                    lag_steps=mirror_lag(self._newest_local, mirror.newest_remote_step),
-                    error=mirror.error,
-                    timeout_s=timeout,
-                )
-            write_json_atomic(self._paths.state, self.state().to_json())
+            self._state_file.write(self.state().to_json(), phase=None)

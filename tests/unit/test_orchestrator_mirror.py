@@ -19,6 +19,8 @@ from typing import Any
 
 import pytest
 
+from contract.codes import EXIT_OK, Phase
+from contract.paths import RunPaths
 from orchestrator.clock import RealClock
 from orchestrator.config import LaunchConfig
 from orchestrator.mirror import (
@@ -29,9 +31,9 @@ from orchestrator.mirror import (
     mirror_lag,
     preflight,
 )
-from orchestrator.runstate import EventLog, RunPaths, read_events
+from orchestrator.runstate import EventLog, read_events
 from orchestrator.settings import Settings
-from orchestrator.supervisor import EXIT_OK, Phase, StopRequest, Supervisor
+from orchestrator.supervisor import StopRequest, Supervisor
 from storage import LocalSnapshotStore, Manifest, SnapshotInfo
 from storage.errors import CorruptSnapshot, StorageError, TransientStorageError
 from tests.support.clock import FakeClock

@@ -18,18 +18,14 @@ from typing import Any
 
 import pytest
 
+from contract.codes import EXIT_FAILED, EXIT_OK, Phase
+from contract.paths import RunPaths
 from orchestrator.config import LaunchConfig
 from orchestrator.notices import NoticePoller
-from orchestrator.runstate import EventLog, RunPaths, next_attempt, read_events, read_state
+from orchestrator.policy import Backoff
+from orchestrator.runstate import EventLog, next_attempt, read_events, read_state
 from orchestrator.settings import Settings
-from orchestrator.supervisor import (
-    EXIT_FAILED,
-    EXIT_OK,
-    Backoff,
-    Phase,
-    StopRequest,
-    Supervisor,
-)
+from orchestrator.supervisor import StopRequest, Supervisor
 from storage import LocalSnapshotStore
 from tests.support.clock import FakeClock
 
@@ -671,7 +667,7 @@ def with_spares(sup: Supervisor, spares: list[FakeSpare]) -> list[FakeSpare]:
         made.append(spares[len(made)])
         return made[-1]
 
-    sup._spare_factory = factory
+    sup._spare.factory = factory
     return made
 
 
