@@ -58,7 +58,8 @@ class MappedFile:
     the page cache is the buffer: the caller decodes straight from :attr:`array` while the hash
     runs beside it, and calls :meth:`verified` before using a single decoded value. The mapping
     is copy-on-write (``ACCESS_COPY``), so views of it are writable for torch yet never write to
-    the file. Snapshots are immutable once committed; a file truncated under the mapping would
+    the file. The hash reads a second, read-only mapping of the same pages: a caller writing
+    into its views before :meth:`verified` must neither fail a good file nor pass a bad one. Snapshots are immutable once committed; a file truncated under the mapping would
     raise SIGBUS in the reader, which ends that process (an attempt failure, never bad data).
     """
 
@@ -67,12 +68,14 @@ class MappedFile:
         self._error: BaseException | None = None
         self._digest: str | None = None
         self._map: mmap.mmap | None = None
+        self._hash_map: mmap.mmap | None = None
         with file_errors(name, "mapping", fpath), open(fpath, "rb", buffering=0) as f:
             size = os.fstat(f.fileno()).st_size
             if size != entry.size:
                 raise CorruptSnapshot(f"{name}: size {size} != manifest {entry.size}")
             if size:
                 self._map = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)
+                self._hash_map = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ)
         if self._map is not None:
             # Start reading the whole file ahead: the decoder and the hash both walk it in order.
             self._map.madvise(mmap.MADV_WILLNEED)
@@ -85,9 +88,10 @@ class MappedFile:
     def _hash(self) -> None:
         try:
             h = hashlib.sha256()
-            view = memoryview(self.array.data)
-            for start in range(0, len(view), self._chunk):
-                h.update(view[start : start + self._chunk])
+            if self._hash_map is not None:
+                with memoryview(self._hash_map) as view:
+                    for start in range(0, len(view), self._chunk):
+                        h.update(view[start : start + self._chunk])
             self._digest = h.hexdigest()
         except BaseException as exc:  # re-raised by verified()
             self._error = exc
@@ -107,6 +111,9 @@ class MappedFile:
         tensors that are copies hold none).
         """
         self._thread.join()
+        if self._hash_map is not None:
+            self._hash_map.close()
+            self._hash_map = None
         self.array = np.zeros(0, dtype=np.uint8)
         self._map = None
 

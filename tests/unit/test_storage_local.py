@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -564,6 +565,31 @@ def test_map_verifying_reads_the_file_and_checks_it(store: LocalSnapshotStore) -
             mapped.array[:1] = 0  # never reaches the file
             mapped.verified()
         assert store.open_verified(3, name) == data
+
+
+def test_writes_into_the_mapping_never_reach_the_checksum(
+    store: LocalSnapshotStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The caller may write into its copy-on-write views before the hash has read those pages
+    (it ran beside the decoder on the same mapping once, failing a good file at random)."""
+    from storage import reading
+
+    files = payload(3)
+    commit(store, 3, files)
+    written = threading.Event()
+    hash_file = reading.MappedFile._hash
+
+    def after_the_write(self: reading.MappedFile) -> None:
+        written.wait(10)
+        hash_file(self)
+
+    monkeypatch.setattr(reading.MappedFile, "_hash", after_the_write)
+    for name in files:
+        with store.map_verifying(3, name) as mapped:
+            mapped.array[:] = 0xFF
+            written.set()
+            mapped.verified()  # the file is intact
+        written.clear()
 
 
 def test_map_verifying_detects_damage(store: LocalSnapshotStore) -> None:
