@@ -16,7 +16,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from types import FrameType
 from typing import NoReturn, Protocol
 
@@ -60,7 +60,7 @@ def read_request(paths: RunPaths, attempt: int) -> PreemptRequest | None:
 
 
 def local_peer_gone(
-    environ: Mapping[str, str] | None = None, parent: int | None = None, proc: str = "/proc"
+    local_world_size: int, under_torchelastic: bool, parent: int | None = None, proc: str = "/proc"
 ) -> bool:
     """Whether torchrun (this process's parent) has fewer live ranks than it started.
 
@@ -69,12 +69,8 @@ def local_peer_gone(
     preemption: without that rank no step boundary can be agreed nor snapshot taken. (SLURM and
     torchrun's own stop signal a complete group.) False when not under torchrun or unsure.
     """
-    env = os.environ if environ is None else environ
-    try:
-        expected = int(env.get("LOCAL_WORLD_SIZE", "0"))
-    except ValueError:
-        return False
-    if expected < 2 or "TORCHELASTIC_RUN_ID" not in env:
+    expected = local_world_size
+    if expected < 2 or not under_torchelastic:
         return False
     ppid = os.getppid() if parent is None else parent
     children: set[str] = set()
@@ -92,7 +88,9 @@ def on_teardown(drain: Callable[[], None]) -> None:
     _drains.append(drain)
 
 
-def install_signal_handlers(signums: tuple[int, ...] = (signal.SIGTERM,)) -> None:
+def install_signal_handlers(
+    *, local_world_size: int, under_torchelastic: bool, signums: tuple[int, ...] = (signal.SIGTERM,)
+) -> None:
     """Turn the first ``signums`` signal into a preemption request; a second one kills as usual.
 
     A SIGTERM that torchrun sends because a rank of this node already exited (see
@@ -103,7 +101,7 @@ def install_signal_handlers(signums: tuple[int, ...] = (signal.SIGTERM,)) -> Non
     """
 
     def handler(signum: int, _frame: FrameType | None) -> None:
-        if local_peer_gone():
+        if local_peer_gone(local_world_size, under_torchelastic):
             signal.signal(signum, signal.SIG_DFL)  # a second one kills
             for drain in list(_drains):
                 drain()

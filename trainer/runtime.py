@@ -69,7 +69,10 @@ def run(
         configure_worker_logging(settings)
     # A SIGTERM that reaches the rank itself (SLURM signals every process; torchrun forwards
     # one) becomes a preemption request honoured at the next step boundary, not a death.
-    preemption.install_signal_handlers()
+    preemption.install_signal_handlers(
+        local_world_size=settings.local_world_size,
+        under_torchelastic=settings.under_torchelastic,
+    )
     code = 0
     try:
         main()

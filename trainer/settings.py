@@ -37,6 +37,10 @@ class WorkerSettings(WorkerEnv):
     master_addr: str | None = None
     master_port: int | None = None
     launched_by_torchrun: bool = False
+    #: torchrun's ``LOCAL_WORLD_SIZE``: ranks it started on this node.
+    local_world_size: int = 1
+    #: ``TORCHELASTIC_RUN_ID`` is set: a torchrun agent is this process's parent.
+    under_torchelastic: bool = False
     faults: str = setting("ORCH_FAULTS")
     #: Look for a preemption request every K steps (one all-reduce each time; 1 = every step).
     preempt_check_every: int = setting("ORCH_PREEMPT_CHECK_EVERY")
@@ -53,6 +57,8 @@ class WorkerSettings(WorkerEnv):
             raise ValueError(f"WORLD_SIZE must be >= 1, got {self.world_size}")
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"RANK must be in [0, {self.world_size}), got {self.rank}")
+        if self.local_world_size < 1:
+            raise ValueError(f"LOCAL_WORLD_SIZE must be >= 1, got {self.local_world_size}")
         if self.local_rank < 0:
             raise ValueError(f"LOCAL_RANK must be >= 0, got {self.local_rank}")
         if self.group_rank < 0:
@@ -83,6 +89,8 @@ class WorkerSettings(WorkerEnv):
             master_addr=_str(e, "MASTER_ADDR"),
             master_port=_opt_int(e, "MASTER_PORT"),
             launched_by_torchrun="TORCHELASTIC_RUN_ID" in e or ("RANK" in e and "MASTER_ADDR" in e),
+            local_world_size=_int(e, "LOCAL_WORLD_SIZE", 1),
+            under_torchelastic="TORCHELASTIC_RUN_ID" in e,
             **overrides,
         )
 

@@ -74,8 +74,7 @@ def test_only_the_settings_modules_read_the_environment() -> None:
         for path, text in _sources(*PRODUCT).items()
         if re.search(r"os\.environ\b|os\.getenv\b", text) and path not in ENV_READERS
     ]
-    # trainer/preemption.py reads torchrun's LOCAL_WORLD_SIZE / TORCHELASTIC_RUN_ID (not ours).
-    assert offenders in ([], ["trainer/preemption.py"])
+    assert not offenders
 
 
 @pytest.mark.parametrize(

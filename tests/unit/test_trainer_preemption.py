@@ -136,18 +136,24 @@ def _fake_proc(root: Path, ppid: int, tasks: dict[int, str]) -> str:
 
 
 def test_local_peer_gone_counts_torchruns_live_children(tmp_path: Path) -> None:
-    env = {"LOCAL_WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "r"}
+    env = {"LOCAL_WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "r", "WORLD_SIZE": "2"}
+    s = WorkerSettings.from_env(env)
+    torchrun = (s.local_world_size, s.under_torchelastic)
+    assert torchrun == (2, True)
     full = _fake_proc(tmp_path / "a", 10, {10: "11 12 ", 13: ""})
     one_left = _fake_proc(tmp_path / "b", 10, {10: "11 ", 13: ""})
     spread = _fake_proc(tmp_path / "c", 10, {10: "11 ", 13: "12 "})  # forked from two threads
-    assert not preemption.local_peer_gone(env, 10, full)
-    assert preemption.local_peer_gone(env, 10, one_left)
-    assert not preemption.local_peer_gone(env, 10, spread)
+    assert not preemption.local_peer_gone(*torchrun, 10, full)
+    assert preemption.local_peer_gone(*torchrun, 10, one_left)
+    assert not preemption.local_peer_gone(*torchrun, 10, spread)
     # Not under torchrun, one rank per node, or nothing to read: never a teardown.
-    assert not preemption.local_peer_gone({"LOCAL_WORLD_SIZE": "2"}, 10, one_left)
-    assert not preemption.local_peer_gone({**env, "LOCAL_WORLD_SIZE": "1"}, 10, one_left)
-    assert not preemption.local_peer_gone({**env, "LOCAL_WORLD_SIZE": "x"}, 10, one_left)
-    assert not preemption.local_peer_gone(env, 99, one_left)
+    plain = WorkerSettings.from_env({"LOCAL_WORLD_SIZE": "2"})
+    assert not preemption.local_peer_gone(plain.local_world_size, plain.under_torchelastic, 10,
+                                          one_left)
+    assert not preemption.local_peer_gone(1, True, 10, one_left)
+    assert not preemption.local_peer_gone(*torchrun, 99, one_left)
+    with pytest.raises(ValueError, match="LOCAL_WORLD_SIZE must be an integer"):
+        WorkerSettings.from_env({**env, "LOCAL_WORLD_SIZE": "x"})
 
 
 # A parent standing in for torchrun: two "ranks" under trainer.run; the parent SIGKILLs and reaps
