@@ -11,12 +11,13 @@ from __future__ import annotations
 import hashlib
 import mmap
 import os
-import threading
+from concurrent import futures
 from types import TracebackType
 from typing import Any
 
 import numpy as np
 
+from contract.threads import run_in_thread
 from storage.errors import CorruptSnapshot, StorageError, file_errors
 from storage.manifest import FileEntry
 
@@ -65,8 +66,6 @@ class MappedFile:
 
     def __init__(self, fpath: str, name: str, entry: FileEntry, chunk_bytes: int) -> None:
         self._name, self._entry, self._chunk = name, entry, chunk_bytes
-        self._error: BaseException | None = None
-        self._digest: str | None = None
         self._map: mmap.mmap | None = None
         self._hash_map: mmap.mmap | None = None
         with file_errors(name, "mapping", fpath), open(fpath, "rb", buffering=0) as f:
@@ -82,26 +81,22 @@ class MappedFile:
             self.array: np.ndarray[Any, Any] = np.frombuffer(self._map, dtype=np.uint8)
         else:
             self.array = np.zeros(0, dtype=np.uint8)
-        self._thread = threading.Thread(target=self._hash, name=f"verify-{name}", daemon=True)
-        self._thread.start()
+        self._digest = run_in_thread(self._hash, name=f"verify-{name}")
 
-    def _hash(self) -> None:
-        try:
-            h = hashlib.sha256()
-            if self._hash_map is not None:
-                with memoryview(self._hash_map) as view:
-                    for start in range(0, len(view), self._chunk):
-                        h.update(view[start : start + self._chunk])
-            self._digest = h.hexdigest()
-        except BaseException as exc:  # re-raised by verified()
-            self._error = exc
+    def _hash(self) -> str:
+        h = hashlib.sha256()
+        if self._hash_map is not None:
+            with memoryview(self._hash_map) as view:
+                for start in range(0, len(view), self._chunk):
+                    h.update(view[start : start + self._chunk])
+        return h.hexdigest()
 
     def verified(self) -> None:
         """Wait for the hash; raise :class:`CorruptSnapshot` unless it matches the manifest."""
-        self._thread.join()
-        if self._error is not None:
-            raise StorageError(f"verifying {self._name}: {self._error}") from self._error
-        if self._digest != self._entry.checksum:
+        error = self._digest.exception()
+        if error is not None:
+            raise StorageError(f"verifying {self._name}: {error}") from error
+        if self._digest.result() != self._entry.checksum:
             raise CorruptSnapshot(f"{self._name}: checksum mismatch")
 
     def close(self) -> None:
@@ -110,7 +105,7 @@ class MappedFile:
         The mapping itself is unmapped when the last view of :attr:`array` is gone (decoded
         tensors that are copies hold none).
         """
-        self._thread.join()
+        futures.wait([self._digest])
         if self._hash_map is not None:
             self._hash_map.close()
             self._hash_map = None

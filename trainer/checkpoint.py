@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import math
 import os
-import threading
 import time
 import weakref
 from collections.abc import Mapping
+from concurrent import futures
 from typing import Any
 
 import structlog
@@ -27,6 +27,7 @@ import torch.distributed as dist
 from contract.documents import Heartbeat, write_document
 from contract.faults import FaultInjector
 from contract.paths import RunPaths
+from contract.threads import run_in_thread
 from storage import LocalSnapshotStore
 from storage.layout import exports_root
 from trainer import codec, preemption
@@ -42,30 +43,6 @@ from trainer.state import TrainingState
 from trainer.writer import BackgroundWriter, Job
 
 log = structlog.get_logger("trainer.checkpoint")
-
-
-class _DigestThread(threading.Thread):
-    """Computes an arena's content digest on its own thread; :meth:`result` re-raises errors."""
-
-    def __init__(self, tree: bytes, view: memoryview, slots: list[codec.TensorSlot]) -> None:
-        super().__init__(name="trainer-digest", daemon=True)
-        self._args = (tree, view, slots)
-        self._digest: str | None = None
-        self._error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            self._digest = codec.arena_digest(*self._args)
-        except BaseException as exc:  # handed to the writer thread by result()
-            self._error = exc
-
-    def result(self) -> str:
-        """The digest; raises what the computation raised."""
-        if self._error is not None:
-            raise self._error
-        if self._digest is None:
-            raise RuntimeError("digest thread has not finished")
-        return self._digest
 
 
 class Checkpointer:
@@ -347,14 +324,16 @@ class Checkpointer:
             view = arena.numpy().data if size else memoryview(b"")
             # The digest (one sha256 pass) runs beside the file write and its checksum (another
             # pass): hashlib and os.write release the GIL, so the two overlap.
-            digester = _DigestThread(encoded.canonical_tree_bytes(), view, encoded.slots)
-            digester.start()
+            tree = encoded.canonical_tree_bytes()
+            digester = run_in_thread(
+                lambda: codec.arena_digest(tree, view, encoded.slots), name="trainer-digest"
+            )
             try:
                 with writer.open(TENSORS_FILE, direct=True) as f:
                     # One call: the file chunks it, hashing each chunk beside its write.
                     f.write(view)
             finally:
-                digester.join()
+                futures.wait([digester])  # it reads the arena: never abort under it
             digest = digester.result()
             writer.write_bytes(TREE_FILE, encoded.tree_bytes())
             manifest = writer.commit(

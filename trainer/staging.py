@@ -16,12 +16,14 @@ CUDA tensors are never deferred (their copies are already asynchronous on the st
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterable
+from concurrent import futures
+from concurrent.futures import Future
 
 import torch
 
+from contract.threads import run_in_thread
 from trainer.codec import EncodedState, StagingArena
 from trainer.errors import SnapshotError
 
@@ -52,20 +54,24 @@ def deferrable_slots(encoded: EncodedState, optimizers: Iterable[torch.optim.Opt
     )
 
 
-class DeferredStaging(threading.Thread):
-    """Copies the deferred slots of one snapshot into the arena; :meth:`wait` re-raises errors."""
+class DeferredStaging:
+    """Copies the deferred slots of one snapshot into the arena on a thread (:meth:`start`);
+    :meth:`wait` re-raises its errors."""
 
     def __init__(self, arena: StagingArena, encoded: EncodedState, indices: frozenset[int]) -> None:
-        super().__init__(name="trainer-staging", daemon=True)
         self._arena = arena
         self._encoded = encoded
         self._indices = sorted(indices)
         # Recorded now, on the training thread: the versions the snapshot's step saw.
         self._versions = {i: encoded.sources[i]._version for i in self._indices}  # type: ignore[union-attr]
-        self._error: BaseException | None = None
         self.nbytes = sum(encoded.slots[i].nbytes for i in self._indices)
+        self._copy: Future[None] | None = None
 
-    def run(self) -> None:
+    def start(self) -> None:
+        """Begin the copy beside the training thread."""
+        self._copy = run_in_thread(self._run, name="trainer-staging")
+
+    def _run(self) -> None:
         try:
             for i in self._indices:
                 self._arena.copy_slot(self._encoded, i)
@@ -77,16 +83,15 @@ class DeferredStaging(threading.Thread):
                         "optimizer.step(); set "
                         "ORCH_SNAPSHOT_STAGING=sync (or Checkpointer(staging='sync'))"
                     )
-        except BaseException as exc:  # re-raised by wait() on the thread that needs the arena
-            self._error = exc
         finally:
             self._encoded.sources = []  # drop references to live tensors once copied
 
     def wait(self) -> float:
         """Block until the copy finished; return the seconds blocked; re-raise its error."""
+        if self._copy is None:
+            raise RuntimeError("staging was never started")
         started = time.perf_counter()
-        self.join()
+        futures.wait([self._copy])
         waited = time.perf_counter() - started
-        if self._error is not None:
-            raise self._error
+        self._copy.result()  # its error, re-raised on the thread that needs the arena
         return waited

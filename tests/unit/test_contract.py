@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,7 @@ from contract.documents import (
 )
 from contract.env import VARIABLES, WorkerEnv
 from contract.paths import RunPaths
+from contract.threads import run_in_thread
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -211,3 +213,21 @@ def test_contract_is_the_lowest_layer() -> None:
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60, cwd=ROOT)
+
+
+def test_run_in_thread_hands_back_the_result_or_the_error() -> None:
+    seen: list[str] = []
+
+    def work() -> int:
+        seen.append(threading.current_thread().name)
+        return 7
+
+    assert run_in_thread(work, name="t-ok").result(timeout=10) == 7
+    assert seen == ["t-ok"]
+
+    def boom() -> None:
+        raise KeyboardInterrupt("not swallowed")  # a BaseException travels too
+
+    future = run_in_thread(boom, name="t-err")
+    with pytest.raises(KeyboardInterrupt, match="not swallowed"):
+        future.result(timeout=10)

@@ -579,9 +579,9 @@ def test_writes_into_the_mapping_never_reach_the_checksum(
     written = threading.Event()
     hash_file = reading.MappedFile._hash
 
-    def after_the_write(self: reading.MappedFile) -> None:
+    def after_the_write(self: reading.MappedFile) -> str:
         written.wait(10)
-        hash_file(self)
+        return hash_file(self)
 
     monkeypatch.setattr(reading.MappedFile, "_hash", after_the_write)
     for name in files:
