@@ -44,9 +44,8 @@ class SnapshotBook:
         self._retention = RetentionPolicy(
             keep_last=config.keep_local,
             keep_every=config.keep_every,
+            # Ranked by the metric the script declares in every manifest (never a flag).
             keep_best=config.keep_best,
-            best_metric=config.best_metric,
-            best_mode=config.best_mode,
         )
         #: Steps checksum-verified by this supervisor (retention keeps the newest of them).
         self._verified: set[int] = set()
