@@ -20,6 +20,7 @@ from orchestrator.runstate import EventLog
 from orchestrator.settings import Settings
 from storage import LocalTier, RetentionPolicy, SnapshotInfo, plan_retention
 from storage.errors import StorageError
+from storage.retention import best_ranking
 
 
 class SnapshotBook:
@@ -53,6 +54,8 @@ class SnapshotBook:
         self.verify_next = True
         #: Whether the running attempt's resume point was checksum-verified before launch.
         self.resume_verified = False
+        #: ``retention.best_undeclared`` was reported (once per launch).
+        self._undeclared_reported = False
         #: Usable local steps at the last scan, oldest first.
         self.local_steps: tuple[int, ...] = ()
         self.newest_local: int | None = None
@@ -166,6 +169,17 @@ class SnapshotBook:
             replace(i, valid=True) if i.valid is None and i.step in self._verified else i
             for i in infos
         ]
+        if self._retention.keep_best and not self._undeclared_reported:
+            usable = [i for i in infos if i.valid is not False]
+            if usable and best_ranking(usable, self._retention) is None:
+                # --keep-best ranks by the metric the script declares in its manifests; none
+                # does, so the rule keeps nothing: say so instead of pruning in silence.
+                self._undeclared_reported = True
+                self._events.emit(
+                    "retention.best_undeclared",
+                    keep_best=self._retention.keep_best,
+                    hint="declare it in the script: Checkpointer(best=BestPolicy(metric=...))",
+                )
         protected: set[int] = set() if protect is None else {protect}
         if self._mirror is not None:
             # Never delete a local snapshot that has not reached the object store yet.

@@ -80,8 +80,9 @@ def _declared(info: SnapshotInfo) -> tuple[str, str] | None:
     return metric, str(mode)
 
 
-def _ranking(candidates: Sequence[SnapshotInfo], policy: RetentionPolicy) -> tuple[str, str, bool] | None:
-    """``(metric, mode, declared)`` keep-best ranks by; None when nothing names a metric."""
+def best_ranking(candidates: Sequence[SnapshotInfo], policy: RetentionPolicy) -> tuple[str, str, bool] | None:
+    """``(metric, mode, declared)`` keep-best ranks by; None when nothing names a metric (then
+    keep-best keeps nothing: the caller should say so)."""
     if policy.best_metric:
         return policy.best_metric, policy.best_mode or "max", False
     # The newest declaration wins: a script that changed its metric (a resume with
@@ -113,7 +114,7 @@ def plan_retention(
         keep.update(s.step for s in candidates[-policy.keep_last :])
     if policy.keep_every is not None:
         keep.update(s.step for s in candidates if s.step % policy.keep_every == 0)
-    ranking = _ranking(candidates, policy) if policy.keep_best else None
+    ranking = best_ranking(candidates, policy) if policy.keep_best else None
     if ranking is not None:
         metric, mode, declared = ranking
         scored = [

@@ -95,13 +95,14 @@ class Env:
         self.store = LocalSnapshotStore(self.dir)
         self.clock = clock
 
-    def snapshot(self, step: int, *, corrupt: bool = False, metrics: dict[str, float] | None = None) -> None:
+    def snapshot(self, step: int, *, corrupt: bool = False, metrics: dict[str, float] | None = None,
+                 best: dict[str, str] | None = None) -> None:
         w = self.store.begin(step)
         w.write_bytes("tensors.bin", bytes(range(64)))
-        w.commit(
-            run_id="r", epoch=0, world_size=2, digest=DIGEST,
-            metadata={"metrics": metrics or {}},
-        )
+        metadata: dict[str, Any] = {"metrics": metrics or {}}
+        if best is not None:
+            metadata["best"] = best
+        w.commit(run_id="r", epoch=0, world_size=2, digest=DIGEST, metadata=metadata)
         if corrupt:
             path = os.path.join(self.store.path(step), "tensors.bin")
             with open(path, "r+b") as f:
@@ -481,6 +482,29 @@ def test_no_retention_without_rules(tmp_path: Path) -> None:
     sup, _, env, _ = make(tmp_path, script)
     assert sup.run().exit_code == EXIT_OK
     assert [i.step for i in env.store.list()] == [10, 20, 30]
+
+
+@pytest.mark.parametrize("declared", [False, True])
+def test_keep_best_without_a_declared_metric_is_reported_once(tmp_path: Path, declared: bool) -> None:
+    """--keep-best ranks by the metric the script declares in its manifests; a script that
+    declares none gets a warning event instead of a rule that silently keeps nothing."""
+
+    def script(env: Env) -> list[Attempt]:
+        def work(attempt: int, _resume: int | None) -> None:
+            for step, acc in ((10, 0.9), (20, 0.5), (30, 0.7)):
+                env.snapshot(step, metrics={"acc": acc}, best={"metric": "acc", "mode": "max"}
+                             if declared else None)
+        return [Attempt(1, on_exit=work), Attempt(0)]
+
+    sup, _, env, _ = make(tmp_path, script, keep_local=1, keep_best=1)
+    assert sup.run().exit_code == EXIT_OK
+    undeclared = [e for e in env.events() if e["event"] == "retention.best_undeclared"]
+    kept = [i.step for i in env.store.list()]
+    if declared:
+        assert undeclared == [] and kept == [10, 30]  # the best (0.9) and the newest
+    else:
+        assert [e["keep_best"] for e in undeclared] == [1]  # once, not at every scan
+        assert kept == [30]
 
 
 def test_abandoned_temp_dirs_are_cleaned_before_each_attempt(tmp_path: Path) -> None:
