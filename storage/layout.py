@@ -13,7 +13,6 @@ import secrets
 import stat
 
 SNAPSHOTS_DIR = "snapshots"
-RUN_DIR = "run"
 EXPORTS_DIR = "exports"
 MANIFEST_NAME = "manifest.json"
 
@@ -58,10 +57,6 @@ def parse_temp(name: str) -> int | None:
 
 def snapshots_root(checkpoint_dir: str) -> str:
     return os.path.join(checkpoint_dir, SNAPSHOTS_DIR)
-
-
-def run_root(checkpoint_dir: str) -> str:
-    return os.path.join(checkpoint_dir, RUN_DIR)
 
 
 def exports_root(checkpoint_dir: str) -> str:

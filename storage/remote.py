@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from contract.paths import RUN_DIR
 from storage import layout
 from storage.errors import (
     CorruptSnapshot,
@@ -412,12 +413,12 @@ class RemoteSnapshotStore:
     def put_state(self, node_rank: int, doc: Mapping[str, Any]) -> None:
         """Store one node's run state under `run/node-<R>/state.json`."""
         data = (json.dumps(doc, indent=1, sort_keys=True, allow_nan=False) + "\n").encode()
-        self.store.put_bytes(f"{layout.RUN_DIR}/node-{int(node_rank)}/state.json", data)
+        self.store.put_bytes(f"{RUN_DIR}/node-{int(node_rank)}/state.json", data)
 
     def get_state(self) -> builtins.list[dict[str, Any]]:
         """Every node's mirrored run state, by node rank; unreadable documents are skipped."""
         out: builtins.list[tuple[int, dict[str, Any]]] = []
-        for key, _ in self.store.list(f"{layout.RUN_DIR}/node-"):
+        for key, _ in self.store.list(f"{RUN_DIR}/node-"):
             m = _NODE_STATE.fullmatch(key)
             if m is None:
                 continue
