@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 
 from bench import core
 from contract import polling
+from contract.env import ATTEMPT_VAR
 from orchestrator.launcher import find_processes, kill_and_wait
 from orchestrator.runstate import read_json_lines
 from storage import layout
@@ -284,7 +285,7 @@ class Job:
 
     def _attempt_env(self) -> dict[str, str]:
         attempt = self.active_attempt()
-        return {} if attempt is None else {"ORCH_ATTEMPT": attempt}
+        return {} if attempt is None else {ATTEMPT_VAR: attempt}
 
     def rank_pid(self, rank: int) -> int | None:
         found = self.pids(RANK=str(rank), **self._attempt_env())
@@ -362,7 +363,7 @@ class Job:
                 return False
 
         wait_until(started, timeout=timeout, what="the warm spare's start", job=self, interval=0.05)
-        ranks = find_processes({TOKEN_VAR: self.token, "ORCH_ATTEMPT": attempt}, present=("RANK",))
+        ranks = find_processes({TOKEN_VAR: self.token, ATTEMPT_VAR: attempt}, present=("RANK",))
         for pid in ranks:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGSTOP)
