@@ -37,6 +37,8 @@ import threading
 import time
 from typing import Any
 
+from contract import polling
+
 MODES = ("pass", "refuse", "reset", "blackhole")
 _TICK = 0.05
 _CHUNK = 65536
@@ -228,15 +230,16 @@ class FaultProxy:
         return s
 
     def _wait_listener(self, want_listening: bool, timeout: float = 5.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def applied() -> bool:
             if self._listener_error is not None:
                 err, self._listener_error = self._listener_error, None
                 raise RuntimeError(f"FaultProxy could not re-open port {self.port}: {err}")
-            if self._listening == want_listening or self._stop.is_set():
-                return
-            time.sleep(0.005)
-        raise RuntimeError("FaultProxy accept thread did not apply the mode change")
+            return self._listening == want_listening or self._stop.is_set()
+
+        try:
+            polling.wait_until(applied, timeout=timeout, what="the mode change", interval=0.005)
+        except polling.PollTimeout:
+            raise RuntimeError("FaultProxy accept thread did not apply the mode change") from None
 
     def _accept_loop(self) -> None:
         try:

@@ -35,11 +35,12 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 import weakref
 from pathlib import Path
 from typing import Any
+
+from contract import polling
 
 HOST = "127.0.0.1"
 DEFAULT_ACCESS_KEY = "orchestrator-test-access"
@@ -379,34 +380,41 @@ class S3Server:
     def _wait_ready(self) -> None:
         from botocore.exceptions import BotoCoreError, ClientError
 
-        deadline = time.monotonic() + self.startup_timeout
-        last = "no attempt yet"
-        client = None
-        while time.monotonic() < deadline:
-            assert self._proc is not None
-            rc = self._proc.poll()
-            if rc is not None:
-                raise S3ServerError(
-                    f"weed exited with code {rc} during startup; log {self.log_path}:\n"
-                    + self.log_tail()
-                )
-            if _port_open(self.port):
-                if client is None:
-                    client = self.client(
-                        retries={"max_attempts": 1}, connect_timeout=1, read_timeout=3
-                    )
-                try:
-                    client.head_bucket(Bucket=self.bucket)
-                    return
-                except (ClientError, BotoCoreError) as e:
-                    last = repr(e)
-            else:
-                last = f"port {self.port} not open"
-            time.sleep(0.1)
-        raise S3ServerError(
-            f"weed S3 not ready after {self.startup_timeout:.0f}s (last: {last}); "
-            f"log {self.log_path}:\n" + self.log_tail()
-        )
+        proc = self._proc
+        if proc is None:
+            raise S3ServerError("weed was not started")
+        client: Any = None
+
+        def ready() -> bool | str:
+            """True once the bucket answers; else (falsy) nothing, the reason is in ``last``."""
+            nonlocal client
+            if not _port_open(self.port):
+                last[0] = f"port {self.port} not open"
+                return False
+            if client is None:
+                client = self.client(retries={"max_attempts": 1}, connect_timeout=1, read_timeout=3)
+            try:
+                client.head_bucket(Bucket=self.bucket)
+            except (ClientError, BotoCoreError) as e:
+                last[0] = repr(e)
+                return False
+            return True
+
+        def exited() -> str | None:
+            rc = proc.poll()
+            return None if rc is None else f"weed exited with code {rc} during startup"
+
+        last = ["no attempt yet"]
+        try:
+            polling.wait_until(ready, timeout=self.startup_timeout, what="weed S3", interval=0.1,
+                               stop_if=exited)
+        except polling.PollAborted as e:
+            raise S3ServerError(f"{e.reason}; log {self.log_path}:\n" + self.log_tail()) from None
+        except polling.PollTimeout:
+            raise S3ServerError(
+                f"weed S3 not ready after {self.startup_timeout:.0f}s (last: {last[0]}); "
+                f"log {self.log_path}:\n" + self.log_tail()
+            ) from None
 
     def stop(self, grace: float = 5.0) -> None:
         """SIGTERM, wait up to ``grace`` s, SIGKILL; then wait until the S3 port is closed."""
@@ -427,9 +435,10 @@ class S3Server:
                         proc.kill()
                     proc.wait(timeout=10)
             if self.ports:
-                deadline = time.monotonic() + 10
-                while _port_open(self.port) and time.monotonic() < deadline:
-                    time.sleep(0.05)
+                # Best effort: a port still open after 10 s is the next start's problem.
+                with contextlib.suppress(polling.PollTimeout):
+                    polling.wait_until(lambda: not _port_open(self.port), timeout=10,
+                                       what=f"port {self.port} to close")
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
