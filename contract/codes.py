@@ -41,8 +41,9 @@ class Phase(str, Enum):
       committed, or no group was running), ``failed`` (no snapshot within ``--grace``).
     - ``done``, ``preempted``, ``failed`` are terminal: nothing leaves them.
 
-    Any non-terminal phase may go to ``failed`` when the supervisor itself hits an error, and
-    re-entering the current phase is allowed (it only rewrites ``state.json``).
+    Re-entering the current phase is allowed (it only rewrites ``state.json``). The supervisor's
+    own error handler is the one exception: an error while recording a terminal phase (its
+    ``state.json`` write) still ends in ``failed``.
     """
 
     STARTING = "starting"

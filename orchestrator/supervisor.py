@@ -196,7 +196,13 @@ class Supervisor:
                 self._group_running = False
             self._spare.discard("supervisor_error")
             self._last_failure = f"supervisor error: {type(exc).__name__}: {exc}"
-            self._enter(Phase.FAILED)
+            if self._phase.terminal:
+                # It broke while recording its end (state.json on a full disk): the only
+                # transition out of a terminal phase, and the one place it is not checked.
+                self._phase = Phase.FAILED
+                self._write_state()
+            else:
+                self._enter(Phase.FAILED)
             if self._mirror is not None:
                 try:
                     self._mirror.close()

@@ -558,6 +558,28 @@ def test_supervisor_bug_kills_the_group(tmp_path: Path) -> None:
     assert env.state()["phase"] == "failed"
 
 
+def test_an_error_while_recording_the_end_is_the_error_reported(tmp_path: Path) -> None:
+    """A failure to write the terminal state is raised as itself (not as a phase-transition
+    error from the handler), and the state still ends failed once writes work again."""
+    sup, _, env, _ = make(tmp_path, [Attempt(0)])
+    state_file = sup._state_file
+    write = state_file.write
+    failed_once: list[str] = []
+
+    def flaky(doc: Any, **kw: Any) -> None:
+        if doc["phase"] == "done" and not failed_once:
+            failed_once.append("done")
+            raise OSError(28, "No space left on device")
+        write(doc, **kw)
+
+    state_file.write = flaky  # type: ignore[method-assign]
+    with pytest.raises(OSError, match="No space left"):
+        sup.run()
+    assert failed_once == ["done"]
+    assert env.state()["phase"] == "failed"
+    assert "No space left" in env.state()["last_failure"]
+
+
 def test_attempt_numbers_continue_across_supervisor_launches(tmp_path: Path) -> None:
     sup, group, env, _ = make(tmp_path, [Attempt(1, polls=1), Attempt(0)], max_restarts=1)
     sup.run()
