@@ -1,0 +1,89 @@
+"""check-resume's comparison of three runs (pure: synthetic digests)."""
+
+from __future__ import annotations
+
+import pytest
+
+from orchestrator.check_resume import compare, plan
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def run(steps: list[int], **changed: dict[int, str]) -> dict[int, dict[str, str]]:
+    """Snapshots at ``steps``; ``changed={"component": {step: digest}}`` overrides."""
+    out: dict[int, dict[str, str]] = {}
+    for s in steps:
+        comps = {
+            "model": f"m{s}", "optimizer": f"o{s}", "rng/python/rank0": f"p{s}",
+            "rng/python/rank1": f"p{s}'", "loader/rank1": f"l{s}",
+        }
+        for name, by_step in changed.items():
+            if s in by_step:
+                comps[name.replace("__", "/")] = by_step[s]
+        comps["digest"] = "d" + "".join(sorted(comps.values()))
+        out[s] = comps
+    return out
+
+
+STEPS = [5, 10, 15, 20]
+
+
+def test_identical_runs_are_exact() -> None:
+    v = compare(run(STEPS), run(STEPS), run(STEPS), resumed_from=10)
+    assert v.exact and v.first_divergence is None and v.hints == []
+    assert v.compared_steps == STEPS
+
+
+def test_fresh_runs_differing_in_an_rng_name_it_first() -> None:
+    b = run(STEPS, model={10: "x", 15: "y", 20: "z"}, rng__python__rank1={10: "q"})
+    v = compare(run(STEPS), b, run(STEPS), resumed_from=10)
+    d = v.first_divergence
+    assert d is not None and not v.exact
+    # The cause (the RNG) is named before its consequence (the weights) at the same step.
+    assert (d.step, d.component, d.rank, d.between) == (10, "rng/python/rank1", 1, "fresh-vs-fresh")
+    assert any("seed_everything" in h for h in v.hints)
+
+
+def test_resumed_run_differing_after_the_resume_point() -> None:
+    r = run(STEPS, loader__rank1={15: "skipped"}, model={15: "w", 20: "w2"})
+    v = compare(run(STEPS), run(STEPS), r, resumed_from=10)
+    d = v.first_divergence
+    assert d is not None
+    assert (d.step, d.component, d.rank, d.between) == (15, "loader/rank1", 1, "fresh-vs-resumed")
+    assert any("across the step boundary" in h for h in v.hints)
+    assert any("ResumableLoader" in h for h in v.hints)
+
+
+def test_differences_before_the_resume_point_are_not_the_resumes() -> None:
+    # The resumed run shares its history up to the resume point with... itself: only later
+    # steps are compared against the fresh run.
+    r = run(STEPS, model={5: "other"})
+    v = compare(run(STEPS), run(STEPS), r, resumed_from=10)
+    assert v.exact and v.compared_steps == STEPS
+
+
+def test_a_missing_final_snapshot_is_a_difference() -> None:
+    v = compare(run(STEPS), run(STEPS), run([5, 10, 15]), resumed_from=10)
+    d = v.first_divergence
+    assert d is not None and (d.step, d.between) == (20, "fresh-vs-resumed")
+
+
+def test_whole_digest_only_manifests_still_compare() -> None:
+    a = {10: {"digest": "a"}, 20: {"digest": "b"}}
+    b = {10: {"digest": "a"}, 20: {"digest": "c"}}
+    v = compare(a, b, a, resumed_from=10)
+    d = v.first_divergence
+    assert d is not None and (d.step, d.component) == (20, "digest")
+
+
+@pytest.mark.parametrize(("at", "every", "stop"), [(None, 5, 26), (7, 2, 14), (1, 1, 3), (4, 1, 8)])
+def test_plan_kills_between_snapshots(at: int | None, every: int, stop: int) -> None:
+    p = plan(script="s.py", script_args=[], nproc_per_node=2, at=at, workdir="/tmp/x",
+             timeout_s=60)
+    assert (p.every, p.stop_at) == (every, stop)
+    assert p.every == 1 or p.at % p.every != 0  # the resume re-executes steps
+
+
+def test_plan_rejects_a_bad_step() -> None:
+    with pytest.raises(ValueError, match="--at"):
+        plan(script="s.py", script_args=[], nproc_per_node=2, at=0, workdir=None, timeout_s=1)
