@@ -5,6 +5,12 @@ cause is the record with the smallest ``time`` (later ranks usually fail *becaus
 died). A rank that was SIGKILLed or OOM-killed writes nothing, so the fallback is the "Root Cause
 (first observed failure)" block torchrun prints when it gives up, which names the rank, its exit
 code and, for a signal, the signal's name.
+
+A script that cannot even start (an ``ImportError``, ``ModuleNotFoundError`` or ``SyntaxError``)
+is named too: from its error file's ``type`` when it failed inside ``trainer.run``, else from
+the traceback the rank printed into the attempt log before the trainer was imported. Whether
+that is fatal depends on the attempt's progress, which only the policy knows
+(:attr:`Failure.startup_error`, :func:`orchestrator.policy.decide`).
 """
 
 from __future__ import annotations
@@ -27,6 +33,16 @@ _OTHER_FAILURES = "Failures:"
 _TEARDOWN_SIGNALS = ("SIGTERM",)
 #: torchrun's rendezvous errors, named in the traceback it prints before any worker started.
 _RENDEZVOUS_ERROR = re.compile(r"\b(Rendezvous(?:Closed|Timeout|Connection|State)Error)\b:?\s*(.*)")
+#: Errors that a relaunch cannot fix when they happen at start-up (the policy gives up at once
+#: on them if the attempt made no progress); subclasses by name, as error files carry names.
+STARTUP_ERROR_TYPES = frozenset(
+    {"ImportError", "ModuleNotFoundError", "SyntaxError", "IndentationError", "TabError"}
+)
+#: The last line of such a traceback printed by a rank (torchrun may prefix "[rankN]:").
+_STARTUP_ERROR_LINE = re.compile(
+    r"^(?:\[[^\]]*\]:\s*)?(?P<type>" + "|".join(sorted(STARTUP_ERROR_TYPES)) + r")\b(?P<rest>.*)$",
+    re.M,
+)
 _FIELD = re.compile(r"^\s*(?P<key>rank|exitcode|traceback|error_file)\s*:\s*(?P<value>.*?)\s*$")
 
 
@@ -39,6 +55,13 @@ class Failure:
     rank: int | None = None
     exit_code: int | None = None
     source: str = "exit_code"
+    #: The root cause's exception class name, where known (error file or printed traceback).
+    error_type: str | None = None
+
+    @property
+    def startup_error(self) -> bool:
+        """An import or syntax error: fatal when the attempt made no progress (policy)."""
+        return self.error_type in STARTUP_ERROR_TYPES
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -213,16 +236,28 @@ def diagnose(paths: RunPaths, attempt: int, exit_code: int) -> Failure:
         if fatal_files and not first.fatal:
             summary += f" (rank {fatal_files[0].rank} reported a fatal error)"
         return Failure(
-            summary=_clip(summary), fatal=bool(fatal_files), rank=first.rank, source="error_file"
+            summary=_clip(summary),
+            fatal=bool(fatal_files),
+            rank=first.rank,
+            source="error_file",
+            error_type=first.type,
         )
     if reported:
         root = reported[0]
+        summary = root.describe()
+        error_type: str | None = None
+        if root.exit_code == 1:  # an uncaught exception; before trainer.run, only the log has it
+            printed = printed_startup_error(_read_tail(paths.attempt_log(attempt)))
+            if printed is not None:
+                error_type, text = printed
+                summary += f": {text}"
         return Failure(
-            summary=_clip(root.describe()),
+            summary=_clip(summary),
             fatal=root.exit_code == EXIT_FATAL,
             rank=root.rank,
             exit_code=root.exit_code,
             source="torchrun",
+            error_type=error_type,
         )
     rendezvous = _rendezvous_error(_read_tail(paths.attempt_log(attempt)))
     if rendezvous is not None:
@@ -236,6 +271,31 @@ def diagnose(paths: RunPaths, attempt: int, exit_code: int) -> Failure:
         exit_code=exit_code,
         source="exit_code",
     )
+
+
+def printed_startup_error(log_text: str) -> tuple[str, str] | None:
+    """The first import/syntax error a rank printed as the last line of its traceback:
+    ``(type, "Type: message")``, or None.
+
+    Ranks write to the same pipe, so two tracebacks may interleave mid-line
+    (``ModuleNotFoundError: ModuleNotFoundErrorNo module named 'x'``); a line whose message
+    names another such type is taken for its type only.
+    """
+    found: tuple[str, str] | None = None
+    for m in _STARTUP_ERROR_LINE.finditer(log_text):
+        kind, rest = m.group("type"), m.group("rest").strip()
+        clean = rest.startswith(":") and _STARTUP_ERROR_LINE.search(rest) is None and not any(
+            t in rest for t in STARTUP_ERROR_TYPES
+        )
+        if clean:
+            return kind, f"{kind}{rest}"
+        doubled = f": {kind}"
+        if rest.startswith(doubled) and rest[len(doubled) :].strip():
+            # "T: TMessage": the other rank's "T" landed between this one's "T: " and message.
+            return kind, f"{kind}: {rest[len(doubled) :].strip()}"
+        if found is None and (not rest or rest.startswith(":") or rest[0].isupper()):
+            found = (kind, kind)
+    return found
 
 
 def _rendezvous_error(log_tail: str) -> Failure | None:

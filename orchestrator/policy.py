@@ -134,7 +134,9 @@ def decide(result: AttemptResult, counters: Counters, limits: Limits) -> Decisio
        selection checksums everything (removing it). If the supervisor had not verified that
        point itself, that is the selection's cost, not the job's: relaunch at once, no restart.
        If it had, the damage is an ordinary failure (no endless loop).
-    5. A failure: give up if fatal, if the restart budget is spent, or after
+    5. A failure: give up if fatal (an import or syntax error in an attempt that made no
+       progress counts as fatal: the script cannot start, see :func:`is_fatal`), if the restart
+       budget is spent, or after
        ``crash_loop_attempts`` failed attempts in a row without progress; otherwise relaunch,
        at once after an attempt that made progress, else after an exponential backoff.
     """
@@ -183,7 +185,7 @@ def decide(result: AttemptResult, counters: Counters, limits: Limits) -> Decisio
             resume_corrupt=corrupt,
         )
 
-    if failure.fatal:
+    if is_fatal(result):
         return failed(Action.GIVE_UP, "fatal")
     if counters.restarts >= limits.max_restarts:
         return failed(Action.GIVE_UP, "restart_budget_spent")
@@ -192,6 +194,16 @@ def decide(result: AttemptResult, counters: Counters, limits: Limits) -> Decisio
     # An attempt that made progress is no crash loop: relaunch at once (a second on the clock
     # of every preempted or crashed run otherwise). Repeated failures back off exponentially.
     return failed(Action.RECOVER, "failure", 0 if progressed else counters.failure_streak)
+
+
+def is_fatal(result: AttemptResult) -> bool:
+    """Whether relaunching cannot help: the failure says so, or the script failed to start
+    (``ImportError``/``ModuleNotFoundError``/``SyntaxError`` before any progress). A start-up
+    error after progress (a lazy import deep in training) is an ordinary failure."""
+    failure = result.failure
+    if failure is None:
+        return False
+    return failure.fatal or (failure.startup_error and not result.progressed)
 
 
 def announce(
@@ -235,7 +247,7 @@ def announce(
             "root_cause": failure.summary,
             "source": failure.source,
             "failed_rank": failure.rank,
-            "fatal": failure.fatal,
+            "fatal": is_fatal(result),
             "progressed": result.progressed,
         },
     ))

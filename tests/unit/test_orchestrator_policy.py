@@ -24,6 +24,14 @@ CRASH = Failure(summary="rank 1: RuntimeError: boom", fatal=False, source="error
 FATAL = Failure(summary="rank 0: ConfigMismatch: lr", fatal=True, source="error_file", rank=0)
 CLOSED = Failure(summary="RendezvousClosedError", fatal=False, source="rendezvous_closed")
 HANG = Failure(summary="no heartbeat progress for 9s", fatal=False, source="hang")
+NO_MODULE = Failure(summary="rank 0: ModuleNotFoundError: No module named 'sklearn'",
+                    fatal=False, source="error_file", rank=0, error_type="ModuleNotFoundError")
+SYNTAX = Failure(summary="rank 0 exited with code 1: SyntaxError: invalid syntax", fatal=False,
+                 source="torchrun", rank=0, exit_code=1, error_type="SyntaxError")
+IMPORT = Failure(summary="rank 1: ImportError: cannot import name 'x'", fatal=False,
+                 source="error_file", rank=1, error_type="ImportError")
+INDENT = Failure(summary="rank 0: IndentationError: unexpected indent", fatal=False,
+                 source="error_file", rank=0, error_type="IndentationError")
 
 
 def failed(failure: Failure = CRASH, *, progressed: bool = False, **kw: bool) -> AttemptResult:
@@ -94,6 +102,23 @@ ROWS = [
     Row("damage with the budget spent still gets its free relaunch when unverified",
         failed(reported_corrupt=True), Action.RECOVER, "resume_corrupt", Counters(restarts=3),
         Counters(restarts=3), verify_next=True),
+    Row("a missing module at start-up gives up at once, budget left",
+        failed(NO_MODULE), Action.GIVE_UP, "fatal",
+        after=Counters(no_progress_streak=1, failure_streak=1)),
+    Row("a syntax error at start-up (no error file: torchrun's log) gives up at once",
+        failed(SYNTAX), Action.GIVE_UP, "fatal",
+        after=Counters(no_progress_streak=1, failure_streak=1)),
+    Row("an ImportError at start-up of a relaunch gives up too",
+        failed(IMPORT), Action.GIVE_UP, "fatal", Counters(restarts=1, failure_streak=1),
+        Counters(restarts=1, no_progress_streak=1, failure_streak=2)),
+    Row("SyntaxError's subclasses count (IndentationError)", failed(INDENT), Action.GIVE_UP,
+        "fatal", after=Counters(no_progress_streak=1, failure_streak=1)),
+    Row("an ImportError after progress (a lazy import) is an ordinary failure",
+        failed(IMPORT, progressed=True), Action.RECOVER, "failure",
+        after=Counters(failure_streak=1), counts_restart=True),
+    Row("a ModuleNotFoundError after progress spends restarts like any failure",
+        failed(NO_MODULE, progressed=True), Action.GIVE_UP, "restart_budget_spent",
+        Counters(restarts=3), Counters(restarts=3, failure_streak=1)),
 ]
 
 
@@ -158,3 +183,15 @@ def test_backoff_event_counts_the_restart_it_will_spend() -> None:
     }
     assert events["supervisor.attempt_failed"]["root_cause"] == CRASH.summary
     assert decision.is_failure
+
+
+@pytest.mark.parametrize(("progressed", "fatal"), [(False, True), (True, False)])
+def test_a_start_up_error_is_announced_fatal_only_without_progress(
+    progressed: bool, fatal: bool
+) -> None:
+    result = failed(NO_MODULE, progressed=progressed)
+    decision = decide(result, Counters(), LIMITS)
+    events = dict(announce(decision, result, attempt=0, step=None, resume_step=None,
+                           delay_s=0.0, max_restarts=3))
+    assert events["supervisor.attempt_failed"]["fatal"] is fatal
+    assert events["supervisor.attempt_failed"]["root_cause"] == NO_MODULE.summary

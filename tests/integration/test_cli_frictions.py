@@ -1,0 +1,157 @@
+"""The real ``orchestrator launch`` under real torchrun: frictions found porting a script.
+
+Start-up errors are fatal at once, a finished run is not relaunched, torchrun's tracebacks stay
+in the attempt log. The scripts are plain Python (one imports ``trainer``, hence torch).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orchestrator.launcher import find_processes
+
+REPO = Path(__file__).resolve().parents[2]
+
+#: Writes a heartbeat (progress) for step 10 * (attempt + 1), then behaves per argv[1].
+WORKER = textwrap.dedent(
+    """
+    import json, os, sys, time
+    rank = int(os.environ["RANK"])
+    attempt = int(os.environ["ORCH_ATTEMPT"])
+    ckpt = os.environ["ORCH_CHECKPOINT_DIR"]
+    mode = sys.argv[1]
+    print(f"rank {rank} attempt {attempt} args={sys.argv[1:]}", flush=True)
+    os.makedirs(f"{ckpt}/run/progress", exist_ok=True)
+    beat = {"pid": os.getpid(), "rank": rank, "step": 10 * (attempt + 1), "epoch": 0,
+            "time": time.time(), "attempt": attempt}
+    with open(f"{ckpt}/run/progress/.rank-{rank}.tmp", "w") as f:
+        json.dump(beat, f)
+    os.replace(f"{ckpt}/run/progress/.rank-{rank}.tmp", f"{ckpt}/run/progress/rank-{rank}.json")
+    if mode == "lazy-import" and attempt == 0:
+        import nonexistent_module_lazy  # noqa: F401  (after progress: an ordinary failure)
+    if mode == "always" and rank == 0:
+        raise RuntimeError("this script always fails")
+    """
+)
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Iterator[Path]:
+    (tmp_path / "worker.py").write_text(WORKER)
+    yield tmp_path
+    leftovers = find_processes({"ORCH_CHECKPOINT_DIR": str(tmp_path / "ck")})
+    for pid in leftovers:
+        os.kill(pid, signal.SIGKILL)
+    assert leftovers == [], "processes of the run were left behind"
+
+
+def env(**extra: str) -> dict[str, str]:
+    e = dict(os.environ)
+    e.update(
+        PYTHONPATH=str(REPO),
+        ORCH_RESTART_BACKOFF_INITIAL_S="0.05",
+        ORCH_RESTART_BACKOFF_MAX_S="0.1",
+        ORCH_RESTART_BACKOFF_JITTER_S="0.05",
+        ORCH_LOG_FORMAT="json",
+        ORCH_TORCHRUN_MONITOR_INTERVAL_S="0.1",
+    )
+    e.update(extra)
+    return e
+
+
+def cli(run_dir: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "orchestrator.cli", "launch", "--nproc-per-node", "2",
+            "--checkpoint-dir", str(run_dir / "ck"), *args]
+
+
+def launch(run_dir: Path, *args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cli(run_dir, *args), env=env(), capture_output=True, text=True,
+                          timeout=timeout, cwd=run_dir, check=False)
+
+
+def state(run_dir: Path) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads((run_dir / "ck" / "run" / "state.json").read_text())
+    return doc
+
+
+def events(run_dir: Path) -> list[dict[str, Any]]:
+    lines = (run_dir / "ck" / "run" / "events.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def names(run_dir: Path) -> list[str]:
+    return [e["event"] for e in events(run_dir)]
+
+
+# -- 2. start-up errors are fatal at once --------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("source", "root_cause"),
+    [
+        ("import os\nimport nonexistent_module_xyz\n",
+         "exited with code 1: ModuleNotFoundError: No module named 'nonexistent_module_xyz'"),
+        ("def broken(:\n    pass\n", "exited with code 1: SyntaxError: invalid syntax"),
+        ("from os import no_such_name\n", "exited with code 1: ImportError: cannot import name "
+         "'no_such_name' from 'os'"),
+    ],
+    ids=["module-not-found", "syntax-error", "import-error"],
+)
+def test_a_script_that_cannot_start_fails_at_once(
+    run_dir: Path, source: str, root_cause: str
+) -> None:
+    (run_dir / "bad.py").write_text(source)
+    out = launch(run_dir, "--max-restarts", "5", "bad.py")
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert names(run_dir).count("supervisor.attempt_started") == 1
+    gave_up = next(e for e in events(run_dir) if e["event"] == "supervisor.gave_up")
+    assert gave_up["reason"] == "fatal" and root_cause in gave_up["root_cause"]
+    failed = next(e for e in events(run_dir) if e["event"] == "supervisor.attempt_failed")
+    assert failed["fatal"] is True and failed["progressed"] is False
+    final = [line for line in out.stderr.splitlines() if "orchestrator: run failed:" in line]
+    assert len(final) == 1 and root_cause in final[0], out.stderr[-3000:]
+    s = state(run_dir)
+    assert (s["phase"], s["restarts"]) == ("failed", 0) and root_cause in s["last_failure"]
+
+
+@pytest.mark.timeout(90)
+def test_an_import_error_inside_trainer_run_fails_at_once(run_dir: Path) -> None:
+    (run_dir / "script.py").write_text(textwrap.dedent(
+        """
+        import trainer
+
+        def main() -> None:
+            import nonexistent_module_in_main  # noqa: F401
+
+        trainer.run(main)
+        """
+    ))
+    out = launch(run_dir, "--max-restarts", "5", "script.py")
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert names(run_dir).count("supervisor.attempt_started") == 1
+    assert ": ModuleNotFoundError: No module named 'nonexistent_module_in_main'" in (
+        state(run_dir)["last_failure"])
+    failed = next(e for e in events(run_dir) if e["event"] == "supervisor.attempt_failed")
+    assert failed["source"] == "error_file" and failed["fatal"] is True
+
+
+@pytest.mark.timeout(90)
+def test_an_import_error_after_progress_is_retried(run_dir: Path) -> None:
+    out = launch(run_dir, "--max-restarts", "2", "worker.py", "lazy-import")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert names(run_dir).count("supervisor.attempt_started") == 2
+    failed = next(e for e in events(run_dir) if e["event"] == "supervisor.attempt_failed")
+    assert failed["progressed"] is True and failed["fatal"] is False
+    assert "ModuleNotFoundError" in failed["root_cause"]
+    assert (state(run_dir)["phase"], state(run_dir)["restarts"]) == ("done", 1)
