@@ -40,6 +40,7 @@ from orchestrator.runstate import (
     EventLog,
     LockHeld,
     RunLock,
+    launch_identity,
     next_attempt,
     read_state,
     stable_run_id,
@@ -119,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
         "worker group started (imports, process group, model built) and waiting, so a restart "
         "skips start-up; costs that group's memory (on GPU too, if the script allocates there "
         "before Checkpointer.resume())"
+    )
+    launch.add_argument(
+        "--force", action="store_true", help="launch even when the dir holds a run already done "
+        "with the same script, arguments, layout and mirror (otherwise: 'already done at step "
+        "N', exit 0, nothing started); the script then resumes from its final snapshot. A new "
+        "run needs a new --checkpoint-dir"
     )
     launch.add_argument("--config", metavar="FILE", help="TOML file with defaults for the flags")
     launch.add_argument("script", nargs="?", metavar="SCRIPT", help="the training script")
@@ -212,9 +219,70 @@ def _launch(args: argparse.Namespace) -> int:
         _error("launch", f"{paths.checkpoint_dir} is in use: {exc}")
         return EXIT_USAGE
     try:
+        if not args.force and _report_already_done(paths, config, settings):
+            return 0
         return _supervise(config=config, settings=settings, paths=paths, remote=remote)
     finally:
         lock.release()
+
+
+def _already_done(paths: RunPaths, config: LaunchConfig) -> tuple[int, str] | None:
+    """``(step, run_id)`` when the dir's run is finished and this launch would only repeat its
+    end; None to launch as usual.
+
+    The evidence (all of it, else launch): ``state.json`` says ``done``; it records the same
+    :func:`launch_identity` (script, arguments, layout, mirror); the run id, if given, matches;
+    the last step equals the newest local snapshot's, which is valid (manifest and sizes, no
+    checksum pass: nothing is loaded) and was written by that run; with a mirror, it reached
+    the object store (a relaunch uploads what is missing). Multi-node runs always launch: a node
+    that skipped would leave the others waiting in the rendezvous.
+    """
+    if config.nodes != 1:
+        return None
+    state = read_state(paths)
+    if state is None or state.get("phase") != "done":
+        return None
+    run_id = state.get("run_id")
+    if state.get("launch") != launch_identity(config) or not isinstance(run_id, str):
+        return None
+    if config.run_id is not None and config.run_id != run_id:
+        return None
+    step = state.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step != state.get("newest_local_step"):
+        return None
+    if config.mirror is not None and (
+        state.get("newest_remote_step") != step or state.get("mirror_pending_steps")
+    ):
+        return None
+    newest = LocalSnapshotStore(paths.checkpoint_dir).newest_valid(verify_checksums=False)
+    if newest is None or newest.step != step or newest.manifest is None:
+        return None
+    return (step, run_id) if newest.manifest.run_id == run_id else None
+
+
+def _report_already_done(paths: RunPaths, config: LaunchConfig, settings: Settings) -> bool:
+    """Say so and record it when :func:`_already_done`; ``state.json`` is left as it is."""
+    configure_logging(
+        fmt=settings.log_format, run_id=None, node_rank=config.node_rank, rank=None, attempt=None
+    )
+    done = _already_done(paths, config)
+    if done is None:
+        return False
+    step, run_id = done
+    configure_logging(
+        fmt=settings.log_format, run_id=run_id, node_rank=config.node_rank, rank=None, attempt=None
+    )
+    events = EventLog(paths.events, clock=RealClock(), run_id=run_id)
+    try:
+        events.emit("supervisor.already_done", step=step, pid=os.getpid(), script=config.script)
+    finally:
+        events.close()
+    print(
+        f"{PROG}: already done at step {step} ({paths.checkpoint_dir}: same script and "
+        "arguments); nothing launched (--force launches anyway)",
+        file=sys.stderr,
+    )
+    return True
 
 
 def _supervise(

@@ -28,6 +28,7 @@ from contract.atomic import atomic_write_json
 from contract.documents import Heartbeat, read_json
 from contract.paths import RunPaths
 from orchestrator.clock import Clock
+from orchestrator.config import LaunchConfig
 
 log = structlog.get_logger("orchestrator.runstate")
 
@@ -67,10 +68,25 @@ class RunState:
     updated_at: float
     pid: int
     nodes: list[NodeState] = field(default_factory=list)
+    #: What was launched (:func:`launch_identity`): a relaunch of a ``done`` run with the same
+    #: identity has nothing left to do (``launch`` says "already done" and starts nothing).
+    launch: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The JSON document; ``nodes`` as a list of objects."""
         return asdict(self)
+
+
+def launch_identity(config: LaunchConfig) -> dict[str, Any]:
+    """What makes a launch the same run: script (absolute path), its arguments, the layout and
+    the mirror (``state.json``'s ``launch``)."""
+    return {
+        "script": os.path.abspath(config.script),
+        "script_args": list(config.script_args),
+        "nodes": config.nodes,
+        "nproc_per_node": config.nproc_per_node,
+        "mirror": config.mirror,
+    }
 
 
 def write_json_atomic(path: str, doc: Mapping[str, Any]) -> None:

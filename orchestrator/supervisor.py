@@ -46,7 +46,7 @@ from orchestrator.policy import (
 from orchestrator.preempting import PreemptionRequest
 from orchestrator.progress import AttemptProgress
 from orchestrator.restore import ProgressFactory
-from orchestrator.runstate import EventLog, NodeState, RunState, StateFile
+from orchestrator.runstate import EventLog, NodeState, RunState, StateFile, launch_identity
 from orchestrator.settings import Settings
 from orchestrator.spare import WarmSpare
 from storage import LocalTier
@@ -490,6 +490,7 @@ class Supervisor:
             started_at=self._started_at,
             updated_at=self._clock.time(),
             pid=self._pid,
+            launch=launch_identity(self._config),
             nodes=[
                 NodeState(
                     node_rank=self._config.node_rank,

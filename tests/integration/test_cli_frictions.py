@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -155,3 +156,101 @@ def test_an_import_error_after_progress_is_retried(run_dir: Path) -> None:
     assert failed["progressed"] is True and failed["fatal"] is False
     assert "ModuleNotFoundError" in failed["root_cause"]
     assert (state(run_dir)["phase"], state(run_dir)["restarts"]) == ("done", 1)
+
+
+# -- 3. a finished run is not relaunched ---------------------------------------------------
+
+TRAIN = textwrap.dedent(
+    """
+    import sys
+
+    import torch
+
+    import trainer
+
+
+    def main() -> None:
+        trainer.init_distributed()
+        steps = int(sys.argv[1])
+        torch.manual_seed(0)
+        model = torch.nn.Linear(2, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        ckpt = trainer.Checkpointer(trainer.TrainingState(model=model, optimizer=opt),
+                                    hparams={"steps": steps})
+        for step in range(ckpt.resume(), steps):
+            opt.zero_grad()
+            model(torch.ones(1, 2)).sum().backward()
+            opt.step()
+            ckpt.step_done(step + 1)
+        ckpt.finish()
+
+
+    trainer.run(main)
+    """
+)
+
+
+def train(run_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "orchestrator.cli", "launch", "--checkpoint-dir",
+           str(run_dir / "ck"), "--checkpoint-every", "5", *args]
+    return subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=120,
+                          cwd=run_dir, check=False)
+
+
+def attempt_logs(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in (run_dir / "ck" / "run" / "logs").iterdir())
+
+
+@pytest.mark.timeout(240)
+def test_relaunching_a_finished_run_starts_nothing(run_dir: Path) -> None:
+    (run_dir / "train.py").write_text(TRAIN)
+    first = train(run_dir, "train.py", "12")
+    assert first.returncode == 0, first.stderr[-3000:]
+    state_file = run_dir / "ck" / "run" / "state.json"
+    before = state_file.read_bytes()
+    assert state(run_dir)["launch"] == {
+        "script": str(run_dir / "train.py"), "script_args": ["12"], "nodes": 1,
+        "nproc_per_node": 1, "mirror": None}
+
+    t0 = time.monotonic()
+    again = train(run_dir, "train.py", "12")
+    elapsed = time.monotonic() - t0
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert elapsed < 2.0, elapsed
+    assert "already done at step 12" in again.stderr
+    assert attempt_logs(run_dir) == ["attempt-0.log"]  # no torchrun started
+    assert state_file.read_bytes() == before  # status stays what the finished run wrote
+    done = [e for e in events(run_dir) if e["event"] == "supervisor.already_done"]
+    assert len(done) == 1 and done[0]["step"] == 12
+    status = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "status", "--checkpoint-dir",
+         str(run_dir / "ck"), "--json"], env=env(), capture_output=True, text=True, timeout=30,
+        check=False)
+    doc = json.loads(status.stdout)
+    assert (doc["phase"], doc["step"], doc["supervisor_alive"]) == ("done", 12, False)
+
+    # Other script arguments: launched (here it trains on to step 14).
+    longer = train(run_dir, "--allow-config-change", "train.py", "14")
+    assert longer.returncode == 0, longer.stderr[-3000:]
+    assert "already done" not in longer.stderr
+    assert attempt_logs(run_dir) == ["attempt-0.log", "attempt-1.log"]
+    assert (state(run_dir)["phase"], state(run_dir)["step"]) == ("done", 14)
+
+    # --force launches a finished run anyway (it resumes from its final snapshot).
+    forced = train(run_dir, "--force", "--allow-config-change", "train.py", "14")
+    assert forced.returncode == 0, forced.stderr[-3000:]
+    assert "already done" not in forced.stderr
+    assert attempt_logs(run_dir) == ["attempt-0.log", "attempt-1.log", "attempt-2.log"]
+    assert state(run_dir)["resumed_from_step"] == 14
+
+
+@pytest.mark.timeout(120)
+def test_a_done_state_without_its_final_snapshot_is_launched(run_dir: Path) -> None:
+    # The worker heartbeats but writes no snapshot: "done" alone is not evidence enough.
+    first = launch(run_dir, "worker.py", "ok")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert state(run_dir)["phase"] == "done"
+    again = launch(run_dir, "worker.py", "ok")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "already done" not in again.stderr
+    assert names(run_dir).count("supervisor.attempt_started") == 2
