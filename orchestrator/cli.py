@@ -377,8 +377,19 @@ def _supervise(
     if outcome.exit_code == EXIT_PREEMPTED:
         print(f"{PROG}: preempted; relaunch the same command to resume", file=sys.stderr)
     elif outcome.exit_code != 0 and outcome.failure:
-        print(f"{PROG}: run failed: {outcome.failure}", file=sys.stderr)
+        print(f"{PROG}: run failed: {outcome.failure}{_log_hint(paths)}", file=sys.stderr)
     return outcome.exit_code
+
+
+def _log_hint(paths: RunPaths) -> str:
+    """`` (torchrun's output: <log>)`` for the last attempt, whose tracebacks the terminal did
+    not show (see launcher.EchoFilter); empty when there is none."""
+    state = read_state(paths)
+    attempt = None if state is None else state.get("attempt")
+    if not isinstance(attempt, int) or isinstance(attempt, bool):
+        return ""
+    path = paths.attempt_log(attempt)
+    return f" (torchrun's output: {path})" if os.path.exists(path) else ""
 
 
 def _previous_preemptions(paths: RunPaths) -> int:

@@ -16,6 +16,7 @@ import contextlib
 import ctypes
 import os
 import queue
+import re
 import select
 import signal
 import subprocess
@@ -211,6 +212,111 @@ class LossyEcho:
                 self.dropped_bytes += len(chunk)
 
 
+#: torchrun's per-rank line prefix (``[rank0]:``, ``[default1]:``), when it adds one.
+_RANK_PREFIX = re.compile(rb"^\[[^\]\s]*\]:\s?")
+_TRACEBACK = b"Traceback (most recent call last):"
+_CHAINED = (
+    b"During handling of the above exception, another exception occurred:",
+    b"The above exception was the direct cause of the following exception:",
+)
+#: A frame line: also how a SyntaxError in the script starts (it has no "Traceback" header).
+_FRAME = re.compile(rb'^\s+File "[^"]*", line \d+')
+_RULE = re.compile(rb"^={20,}\s*$")
+
+
+class EchoFilter:
+    """A sink in front of the terminal echo that keeps multi-screen output in the attempt log.
+
+    Python tracebacks (the ranks' on a script error, torchrun's own on a Ctrl-C, a preemption
+    or a failed worker) and torchrun's ``FAILED ... Root Cause (first observed failure)``
+    summary are held back, line by line; everything else (the ranks' ordinary log lines, their
+    prints) passes through. The first time it holds something back in an attempt it writes one
+    line naming the log instead (the root cause itself is the supervisor's to say). The attempt
+    log, written by its own sink, stays complete.
+    """
+
+    _NORMAL, _TRACEBACK, _AFTER_EXCEPTION, _RULE_SEEN, _SUMMARY = range(5)
+
+    def __init__(self, sink: Any, *, log_path: str) -> None:
+        self._sink = sink
+        self._log_path = log_path
+        self._partial = b""
+        self._state = self._NORMAL
+        self._held: bytes | None = None
+        self.hidden_lines = 0
+
+    def write(self, data: bytes) -> int:
+        lines = (self._partial + bytes(data)).split(b"\n")
+        self._partial = lines.pop()
+        out = [kept for line in lines if (kept := self._line(line + b"\n")) is not None]
+        if out:
+            self._sink.write(b"".join(out))
+        return len(data)
+
+    def flush(self) -> None:
+        self._sink.flush()
+
+    def close(self) -> None:
+        """The pipe reached EOF: pass on a held rule line and an unterminated last line."""
+        tail = b""
+        if self._held is not None:
+            tail += self._held
+            self._held = None
+        if self._partial and self._state in (self._NORMAL, self._AFTER_EXCEPTION):
+            tail += self._partial + b"\n"
+        self._partial = b""
+        if tail:
+            self._sink.write(tail)
+            self._sink.flush()
+
+    def _hide(self) -> bytes | None:
+        self.hidden_lines += 1
+        if self.hidden_lines == 1:
+            return (
+                f"orchestrator: torchrun's tracebacks and failure summary are kept out of the "
+                f"terminal: see {self._log_path}\n".encode()
+            )
+        return None
+
+    def _line(self, raw: bytes) -> bytes | None:
+        text = _RANK_PREFIX.sub(b"", raw.rstrip(b"\r\n"))
+        stripped = text.strip()
+        state = self._state
+        if state == self._RULE_SEEN:
+            held, self._held = self._held or b"", None
+            if stripped.endswith(b" FAILED"):
+                self._state = self._SUMMARY
+                note = self._hide()  # the rule line held back
+                self.hidden_lines += 1
+                return note
+            self._state = self._NORMAL
+            rest = self._line(raw)
+            return held + (rest or b"")
+        if state == self._SUMMARY:
+            if _RULE.match(text):
+                self._state = self._NORMAL
+            return self._hide()
+        if state == self._TRACEBACK:
+            if not stripped or text[:1].isspace() or stripped == _TRACEBACK or stripped in _CHAINED:
+                return self._hide()
+            self._state = self._AFTER_EXCEPTION  # "Type: message", the traceback's last line
+            return self._hide()
+        if state == self._AFTER_EXCEPTION:
+            if not stripped or stripped in _CHAINED or stripped.startswith(b":"):
+                # Blank lines between chained tracebacks; ": message" when two ranks' lines
+                # interleaved mid-line.
+                return self._hide()
+            self._state = self._NORMAL
+        if stripped == _TRACEBACK or _FRAME.match(text):
+            self._state = self._TRACEBACK
+            return self._hide()
+        if _RULE.match(text):
+            self._state = self._RULE_SEEN
+            self._held = raw
+            return None
+        return raw
+
+
 # -- the torchrun worker group -------------------------------------------------------------
 
 
@@ -325,6 +431,7 @@ class TorchrunGroup:
         self._base_env = dict(base_env)
         self._log_path = log_path
         self._echo = LossyEcho(echo) if echo is not None else None
+        self._echo_filter: EchoFilter | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._tee: Tee | None = None
         self._log: IO[bytes] | None = None
@@ -365,7 +472,9 @@ class TorchrunGroup:
         )
         sinks: dict[str, Any] = {"log": self._log}
         if self._echo is not None:
-            sinks["stderr"] = self._echo
+            # torchrun's tracebacks and failure summary stay in the log (see EchoFilter).
+            self._echo_filter = EchoFilter(self._echo, log_path=path)
+            sinks["stderr"] = self._echo_filter
         if self._proc.stdout is None:
             raise RuntimeError("torchrun was started without an output pipe")
         self._tee = Tee(self._proc.stdout, sinks)
@@ -436,6 +545,10 @@ class TorchrunGroup:
                 log.warning("launcher.output_still_open", attempt=self._attempt)
             for sink, exc in self._tee.sink_errors.items():
                 log.warning("launcher.output_sink_failed", sink=sink, error=str(exc))
+        if self._echo_filter is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self._echo_filter.close()
+            self._echo_filter = None
         if self._echo is not None and self._echo.dropped_bytes:
             log.warning(
                 "launcher.echo_dropped",

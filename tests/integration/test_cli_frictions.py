@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from contract.polling import wait_until
 from orchestrator.launcher import find_processes
 
 REPO = Path(__file__).resolve().parents[2]
@@ -42,6 +43,9 @@ WORKER = textwrap.dedent(
         import nonexistent_module_lazy  # noqa: F401  (after progress: an ordinary failure)
     if mode == "always" and rank == 0:
         raise RuntimeError("this script always fails")
+    if mode == "block":
+        open(f"{ckpt}/ready-{rank}", "w").close()
+        time.sleep(120)
     """
 )
 
@@ -254,3 +258,52 @@ def test_a_done_state_without_its_final_snapshot_is_launched(run_dir: Path) -> N
     assert again.returncode == 0, again.stderr[-3000:]
     assert "already done" not in again.stderr
     assert names(run_dir).count("supervisor.attempt_started") == 2
+
+
+# -- 4. torchrun's tracebacks stay in the attempt log ---------------------------------------
+
+
+@pytest.mark.timeout(90)
+def test_tracebacks_stay_in_the_attempt_log(run_dir: Path) -> None:
+    out = launch(run_dir, "--max-restarts", "1", "worker.py", "always")
+    assert out.returncode == 1, out.stderr[-3000:]
+    logs = run_dir / "ck" / "run" / "logs"
+    for attempt in (0, 1):
+        text = (logs / f"attempt-{attempt}.log").read_text()
+        assert "Traceback (most recent call last)" in text
+        assert "RuntimeError: this script always fails" in text
+        assert "Root Cause (first observed failure)" in text
+        assert f"rank 0 attempt {attempt}" in text
+    for noise in ("Traceback", "Root Cause", "this script always fails", "ChildFailedError"):
+        assert noise not in out.stderr, (noise, out.stderr[-3000:])
+    assert "rank 0 attempt 1" in out.stderr  # the ranks' ordinary lines are still echoed
+    notes = [line for line in out.stderr.splitlines() if "kept out of the terminal" in line]
+    assert [n.rsplit(" ", 1)[-1] for n in notes] == [
+        str(logs / "attempt-0.log"), str(logs / "attempt-1.log")]
+    final = [line for line in out.stderr.splitlines() if "orchestrator: run failed:" in line]
+    assert final == [
+        "orchestrator: run failed: rank 0 exited with code 1 "
+        f"(torchrun's output: {logs / 'attempt-1.log'})"]
+
+
+@pytest.mark.timeout(90)
+def test_ctrl_c_leaves_no_traceback_on_the_terminal(run_dir: Path) -> None:
+    ck = run_dir / "ck"
+    proc = subprocess.Popen(cli(run_dir, "--grace", "5", "worker.py", "block"), env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            cwd=run_dir)
+    try:
+        wait_until(lambda: (ck / "ready-0").exists() and (ck / "ready-1").exists(),
+                   timeout=60, what="both ranks running")
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=40)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == 128 + signal.SIGINT, err[-3000:]
+    log = (ck / "run" / "logs" / "attempt-0.log").read_text()
+    assert "Traceback (most recent call last)" in log  # torchrun's SignalException
+    assert "Traceback" not in err and "SignalException" not in err, err[-3000:]
+    final = [line for line in err.splitlines() if "orchestrator: run failed:" in line]
+    assert len(final) == 1 and "SIGINT" in final[0] and "attempt-0.log" in final[0], err[-3000:]

@@ -3,6 +3,7 @@ a finished run, terminal output, ``launch --help``."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -13,6 +14,7 @@ import tomllib
 
 from contract.paths import RunPaths
 from orchestrator.failures import diagnose, printed_startup_error
+from orchestrator.launcher import EchoFilter
 from orchestrator.policy import AttemptResult, is_fatal
 
 pytestmark = pytest.mark.timeout(60)
@@ -116,3 +118,64 @@ def test_other_errors_are_no_start_up_errors(tmp_path: Path) -> None:
 )
 def test_printed_startup_error(text: str, expected: tuple[str, str] | None) -> None:
     assert printed_startup_error(text) == expected
+
+
+# -- 4. torchrun's tracebacks stay in the attempt log ---------------------------------------
+
+
+def _filtered(data: bytes, chunk: int = 37) -> tuple[str, EchoFilter]:
+    out = io.BytesIO()
+    echo = EchoFilter(out, log_path="/ck/run/logs/attempt-3.log")
+    for i in range(0, len(data), chunk):  # lines split across writes, as the pipe delivers
+        echo.write(data[i : i + chunk])
+    echo.close()
+    return out.getvalue().decode(), echo
+
+
+NOTE = ("orchestrator: torchrun's tracebacks and failure summary are kept out of the terminal: "
+        "see /ck/run/logs/attempt-3.log\n")
+
+
+@pytest.mark.parametrize(
+    "fixture",
+    ["orchestrator_torchrun_exception.txt", "orchestrator_torchrun_sigkill.txt",
+     "orchestrator_torchrun_import_error.txt", "orchestrator_torchrun_syntax_error.txt"],
+)
+def test_real_torchrun_failures_reach_the_terminal_as_one_line(fixture: str) -> None:
+    data = (FIXTURES / fixture).read_bytes()
+    text, echo = _filtered(data)
+    for noise in ("Traceback", "Root Cause", "FAILED", "====", "File \"", "exitcode  :",
+                  "Error:", "^^^"):
+        assert noise not in text, (noise, text)
+    assert text.count(NOTE) == 1
+    # What is left: the note and torchrun's one-line warnings ("Sending process ... SIGTERM").
+    assert len(text.splitlines()) <= 4 and echo.hidden_lines >= 30
+
+
+def test_ordinary_lines_pass_and_every_traceback_shape_is_held_back() -> None:
+    data = b"".join([
+        b"rank 0 step 10 loss 0.5\n",
+        b"[rank1]: Traceback (most recent call last):\n",
+        b'[rank1]:   File "x.py", line 3, in <module>\n',
+        b"[rank1]:     main()\n",
+        b"[rank1]: KeyError: 'a'\n",
+        b"\n",
+        b"During handling of the above exception, another exception occurred:\n",
+        b"\n",
+        b"Traceback (most recent call last):\n",
+        b'  File "y.py", line 1, in f\n',
+        b"torch.distributed.elastic.multiprocessing.api.SignalException: Process 7 got signal: 2\n",
+        b"rank 0 step 11 loss 0.4\n",
+        b"=" * 60 + b"\n",
+        b"not a summary\n",
+        b"an unterminated last line",
+    ])
+    text, _ = _filtered(data, chunk=5)
+    assert text == ("rank 0 step 10 loss 0.5\n" + NOTE + "rank 0 step 11 loss 0.4\n"
+                    + "=" * 60 + "\nnot a summary\nan unterminated last line\n")
+
+
+def test_without_anything_to_hide_the_echo_is_unchanged() -> None:
+    data = b"".join(f"rank {r} step {s}\n".encode() for s in range(50) for r in range(2))
+    text, echo = _filtered(data)
+    assert text.encode() == data and echo.hidden_lines == 0
