@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -57,11 +57,15 @@ class ResumePolicy:
     resumes despite hyperparameters that differ from the snapshot's (logged), instead of
     refusing with :class:`~trainer.errors.ConfigMismatch`. ``verify_digest`` recomputes the
     content digest on load: the files are always checksum-verified; this adds a pass over the
-    state to check the codec too.
+    state to check the codec too. ``ignore_hparams`` names hyperparameters that do not change the
+    trajectory (``("log_interval", "eval_interval")``): they are still recorded in every
+    manifest but a difference in them (or their presence on one side only) never refuses a
+    resume.
     """
 
     allow_config_change: bool | None = None
     verify_digest: bool = False
+    ignore_hparams: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.allow_config_change is not None and not isinstance(self.allow_config_change, bool):
@@ -70,6 +74,15 @@ class ResumePolicy:
             )
         if not isinstance(self.verify_digest, bool):
             raise UsageError(f"ResumePolicy.verify_digest must be a bool, got {self.verify_digest!r}")
+        ignore = self.ignore_hparams
+        # A bare string would silently ignore its characters instead of the key it names.
+        named = not isinstance(ignore, str | bytes) and isinstance(ignore, Iterable)
+        keys = tuple(ignore) if named else ()
+        if not named or not all(isinstance(k, str) for k in keys):
+            raise UsageError(
+                f"ResumePolicy.ignore_hparams must be a sequence of key names, got {ignore!r}"
+            )
+        object.__setattr__(self, "ignore_hparams", keys)
 
 
 class ResumeHost(Protocol):
@@ -83,10 +96,15 @@ class ResumeHost(Protocol):
     hparams: dict[str, Any]
 
 
-def diff_hparams(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """Keys whose values differ, mapped to ``(saved, current)`` (``"<absent>"`` when missing)."""
+def diff_hparams(
+    saved: Mapping[str, Any], current: Mapping[str, Any], *, ignore: Collection[str] = ()
+) -> dict[str, tuple[Any, Any]]:
+    """Keys whose values differ, mapped to ``(saved, current)`` (``"<absent>"`` when missing).
+
+    Keys in ``ignore`` are never compared (settings that do not change the trajectory).
+    """
     out: dict[str, tuple[Any, Any]] = {}
-    for key in sorted(set(saved) | set(current)):
+    for key in sorted((set(saved) | set(current)) - set(ignore)):
         a, b = saved.get(key, _ABSENT), current.get(key, _ABSENT)
         if a != b or type(a) is not type(b):
             out[key] = (a, b)
@@ -249,7 +267,10 @@ class Resumer:
         if manifest.world_size != self.host.world_size:
             raise WorldSizeMismatch(step, manifest.world_size, self.host.world_size)
         saved = manifest.metadata.get("hparams")
-        differences = diff_hparams(saved if isinstance(saved, dict) else {}, self.host.hparams)
+        differences = diff_hparams(
+            saved if isinstance(saved, dict) else {}, self.host.hparams,
+            ignore=self.policy.ignore_hparams,
+        )
         if not differences:
             return
         if not self.allow_config_change:

@@ -7,6 +7,9 @@ errors a relaunch cannot fix (configuration mismatch, bad arguments, world-size 
 :data:`EXIT_FAILURE` (1) otherwise. The process group is destroyed on every path; a failing rank
 then ends with ``os._exit`` (no interpreter finalisation, no ``atexit`` handlers), which spares
 the recovery a second or so of freeing tensors.
+
+:func:`run_script` runs a module-level script (one without a ``main()``, such as nanoGPT's
+``train.py``) under the same handler, as ``python -m trainer.script SCRIPT ARGS`` does.
 """
 
 from __future__ import annotations
@@ -14,8 +17,9 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import runpy
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, TypeVar
 
 import structlog
@@ -35,6 +39,10 @@ from trainer.settings import WorkerSettings
 log = structlog.get_logger("trainer.runtime")
 
 T = TypeVar("T")
+
+#: True while :func:`run` is calling its ``main``: a nested ``run`` (a script that calls
+#: ``trainer.run(main)`` itself, run by :func:`run_script`) leaves the handling to the outer one.
+_running = False
 
 
 def configure_worker_logging(settings: WorkerSettings) -> None:
@@ -59,7 +67,14 @@ def run(
     ``SystemExit`` as an ordinary failure. :class:`~trainer.errors.Preempted` (the emergency
     snapshot is committed) exits :data:`EXIT_PREEMPTED` (75) without an error file; the first
     SIGTERM is turned into such a request (see :mod:`trainer.preemption`).
+
+    Called inside another ``run`` (a script run by :func:`run_script` that calls ``run`` itself),
+    it just calls ``main`` and leaves errors, exit codes and teardown to the outer handler.
     """
+    global _running
+    if _running:
+        main()
+        raise SystemExit(0)
     try:
         settings = WorkerSettings.from_env()
     except ValueError as exc:
@@ -74,6 +89,7 @@ def run(
         under_torchelastic=settings.under_torchelastic,
     )
     code = 0
+    _running = True
     try:
         main()
     except Preempted as exc:
@@ -88,6 +104,7 @@ def run(
     except BaseException as exc:  # the process ends here: report every failure, then exit
         code = _report(exc, settings, checkpoint_dir)
     finally:
+        _running = False
         shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -118,6 +135,35 @@ def _report(exc: BaseException, settings: WorkerSettings, checkpoint_dir: str | 
         exc_info=exc,
     )
     return EXIT_FATAL if fatal else EXIT_FAILURE
+
+
+def run_script(
+    path: str, argv: Sequence[str] = (), *, checkpoint_dir: str | None = None,
+    configure_logs: bool = True,
+) -> NoReturn:
+    """Run the module-level script ``path`` with arguments ``argv`` under :func:`run`'s handler.
+
+    The script runs as ``python path argv...`` would run it: as ``__main__`` (its ``if __name__
+    == "__main__"`` block runs), with ``sys.argv == [path, *argv]`` and its directory first on
+    ``sys.path`` (its sibling modules import). Exceptions, ``sys.exit`` codes and preemption are
+    handled exactly as for ``run(main)``; a missing script is a fatal :class:`UsageError`. A
+    script that calls ``trainer.run(main)`` itself works too (the inner ``run`` defers to this one).
+    """
+
+    def main() -> None:
+        if not os.path.isfile(path):
+            raise UsageError(f"training script {path!r} does not exist or is not a file")
+        script_dir = os.path.dirname(os.path.abspath(path))
+        package_dir = os.path.dirname(os.path.abspath(__file__))
+        if sys.path and os.path.abspath(sys.path[0] or os.curdir) == package_dir:
+            # `python trainer/script.py ...` put the trainer package's own directory first: its
+            # modules (settings, data, state, ...) must not shadow the script's.
+            del sys.path[0]
+        sys.path.insert(0, script_dir)
+        sys.argv = [path, *argv]
+        runpy.run_path(path, run_name="__main__")
+
+    run(main, checkpoint_dir=checkpoint_dir, configure_logs=configure_logs)
 
 
 def entrypoint(fn: Callable[[], Any]) -> Callable[[], NoReturn]:

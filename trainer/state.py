@@ -4,9 +4,9 @@
 LR scheduler, AMP GradScaler, EMA, the resumable loader and any extra :class:`Stateful`
 (early-stopping counters, ...), plus ``step``, ``epoch``, ``best_metric`` and JSON metadata.
 Its state splits in two: the *shared* state, identical on every rank under DDP and stored once
-(rank 0's copy), and the *per-rank* state (python/numpy/torch/CUDA RNGs and the loader
-position), gathered from every rank and stored under ``ranks/<r>``. On load each rank restores
-the shared state and its own per-rank state.
+(rank 0's copy), and the *per-rank* state (python/numpy/torch/CUDA RNGs, the loader position
+and the objects registered with ``per_rank=``), gathered from every rank and stored under
+``ranks/<r>``. On load each rank restores the shared state and its own per-rank state.
 """
 
 from __future__ import annotations
@@ -79,12 +79,36 @@ def restore_rng(state: dict[str, Any]) -> None:
             torch.cuda.set_rng_state(s.clone(), i)
 
 
+def _to_cpu(value: Any) -> Any:
+    """``value`` with every tensor in its dicts, lists and tuples moved to (a copy on) the CPU.
+
+    Per-rank state travels to rank 0 pickled (``gather_object``); a CUDA tensor would be
+    unpickled onto rank 0's device of the same index, or fail where that device does not exist.
+    """
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu() if value.device.type != "cpu" else value
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_to_cpu(v) for v in value]
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return tuple(_to_cpu(v) for v in value)
+    return value
+
+
 class TrainingState:
     """Everything needed to continue training bit-identically.
 
-    ``metadata`` is a JSON-able dict of user facts recorded in every manifest (for instance
-    ``dataset_version``); it is not part of the training state's digest. ``epoch`` follows the
-    loader when one is registered.
+    ``extras`` are :class:`Stateful` objects identical on every rank (early-stopping counters):
+    rank 0's state is saved and every rank restores it. ``per_rank`` are :class:`Stateful`
+    objects whose state differs between ranks (a prefetched batch, a per-rank data cursor, a
+    private generator): every rank's state is saved, under ``ranks/<r>/per_rank/<name>``, and
+    each rank restores its own; their tensors are saved as CPU tensors (load_state_dict gets CPU
+    tensors back: move them to the device there). Both are part of the content digest, and a
+    snapshot whose ``extras`` or ``per_rank`` names differ from the registered ones is refused
+    with :class:`~trainer.errors.StateMismatch`. ``metadata`` is a JSON-able dict of user facts
+    recorded in every manifest (for instance ``dataset_version``); it is not part of the training
+    state's digest. ``epoch`` follows the loader when one is registered.
     """
 
     def __init__(
@@ -97,6 +121,7 @@ class TrainingState:
         ema: Stateful | None = None,
         loader: Stateful | None = None,
         extras: dict[str, Stateful] | None = None,
+        per_rank: dict[str, Stateful] | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> None:
         self.model = model
@@ -109,6 +134,12 @@ class TrainingState:
         for name, obj in self.extras.items():
             if not isinstance(obj, Stateful):
                 raise TypeError(f"extra {name!r} has no state_dict/load_state_dict")
+        self.per_rank: dict[str, Stateful] = dict(per_rank or {})
+        for name, obj in self.per_rank.items():
+            if not isinstance(name, str):
+                raise TypeError(f"per_rank names must be strings, got {name!r}")
+            if not isinstance(obj, Stateful):
+                raise TypeError(f"per_rank {name!r} has no state_dict/load_state_dict")
         self.metadata: dict[str, Any] = dict(metadata or {})
         self.step = 0
         self._epoch = 0
@@ -146,12 +177,19 @@ class TrainingState:
         }
 
     def rank_state_dict(self) -> dict[str, Any]:
-        """State of this rank only: RNGs and loader position."""
-        return {
+        """State of this rank only: RNGs, loader position and the ``per_rank`` objects."""
+        state: dict[str, Any] = {
             "step": self.step,
             "rng": capture_rng(),
             "loader": None if self.loader is None else self.loader.state_dict(),
         }
+        if self.per_rank:
+            # Absent when none are registered: snapshots (and digests) of states without
+            # per-rank objects are exactly what they were before per_rank existed.
+            state["per_rank"] = {
+                name: _to_cpu(obj.state_dict()) for name, obj in self.per_rank.items()
+            }
+        return state
 
     def load_shared_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the shared part; refuse a snapshot whose components differ from this state's."""
@@ -185,11 +223,19 @@ class TrainingState:
         self.best_metric = None if best is None else float(best)
 
     def load_rank_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore this rank's RNGs and loader position."""
+        """Restore this rank's RNGs, loader position and ``per_rank`` objects."""
         if (state.get("loader") is None) != (self.loader is None):
             raise StateMismatch("snapshot and TrainingState disagree on whether a loader is registered")
+        saved_per_rank = state.get("per_rank") or {}
+        if set(saved_per_rank) != set(self.per_rank):
+            raise StateMismatch(
+                f"snapshot per_rank {sorted(saved_per_rank)} differ from registered "
+                f"{sorted(self.per_rank)}"
+            )
         if self.loader is not None:
             self.loader.load_state_dict(state["loader"])
+        for name, obj in self.per_rank.items():
+            obj.load_state_dict(saved_per_rank[name])
         restore_rng(state["rng"])
 
     def snapshot_object(self, rank_states: list[dict[str, Any]]) -> dict[str, Any]:

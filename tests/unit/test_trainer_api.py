@@ -35,7 +35,7 @@ from trainer.state import TrainingState
 SCRIPT_NAMES = {
     "BestPolicy", "Checkpointer", "DistContext", "Preempted", "ResumableDistributedSampler",
     "ResumableLoader", "SampleKey", "Stateful", "TrainerError", "TrainingState", "UsageError",
-    "entrypoint", "init_distributed", "run", "sample_generator",
+    "entrypoint", "init_distributed", "run", "run_script", "sample_generator", "seed_everything",
 }
 
 
