@@ -17,7 +17,6 @@ import contextlib
 import gzip
 import importlib.util
 import os
-import random
 import time
 from typing import Any
 
@@ -218,9 +217,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     model = DigitsCNN(args.dropout, torch.bfloat16 if use_amp and not cuda else None).to(ctx.device)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema_decay), use_buffers=True)  # type: ignore[no-untyped-call]
-    torch.manual_seed(args.seed * 1000 + ctx.rank + 1)
-    random.seed(args.seed * 1000 + ctx.rank + 1)
-    np.random.seed(args.seed * 1000 + ctx.rank + 1)
+    # Per-rank streams (dropout, ...): python, numpy, torch and CUDA seeded with seed * 1000 + 1 + rank.
+    trainer.seed_everything(args.seed * 1000 + 1)
 
     train_x, train_y, val_x, val_y = load_split(args.seed)
     val_x, val_y = val_x.to(ctx.device), val_y.to(ctx.device)

@@ -16,12 +16,10 @@ import argparse
 import contextlib
 import math
 import os
-import random
 import time
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-import numpy as np
 import structlog
 import torch
 import torch.nn.functional as F
@@ -201,9 +199,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     model = GPT(cfg).to(ctx.device)
     n_params = sum(p.numel() for p in model.parameters())
-    torch.manual_seed(args.seed * 1000 + ctx.rank + 1)
-    random.seed(args.seed * 1000 + ctx.rank + 1)
-    np.random.seed(args.seed * 1000 + ctx.rank + 1)
+    # Per-rank streams (dropout, ...): python, numpy, torch and CUDA seeded with seed * 1000 + 1 + rank.
+    trainer.seed_everything(args.seed * 1000 + 1)
 
     dataset = SyntheticTokens(seed=args.seed, vocab=cfg.vocab, seq_len=cfg.seq_len)
     sampler = trainer.ResumableDistributedSampler(
