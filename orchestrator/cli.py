@@ -23,7 +23,13 @@ from contract.logs import configure_logging
 from contract.paths import RunPaths
 from orchestrator.clock import RealClock
 from orchestrator.config import LaunchConfig, build_config, check_launchable, load_config_file
-from orchestrator.launcher import TorchrunGroup, kill_orphans
+from orchestrator.launcher import (
+    ProgressLine,
+    TerminalStatus,
+    TorchrunGroup,
+    kill_orphans,
+    total_steps_hint,
+)
 from orchestrator.mirror import (
     Mirror,
     MirrorCrashed,
@@ -289,6 +295,31 @@ def _supervise(
     *, config: LaunchConfig, settings: Settings, paths: RunPaths, remote: RemoteTier | None = None
 ) -> int:
     run_id = config.run_id or stable_run_id(paths)
+    # A progress line at the bottom of a terminal (never with JSON logs or off a terminal).
+    terminal = (
+        TerminalStatus.install()
+        if sys.stderr.isatty() and settings.log_format in (None, "console")
+        else None
+    )
+    try:
+        return _supervise_run(
+            config=config, settings=settings, paths=paths, remote=remote, run_id=run_id,
+            terminal=terminal,
+        )
+    finally:
+        if terminal is not None:
+            terminal.uninstall()
+
+
+def _supervise_run(
+    *,
+    config: LaunchConfig,
+    settings: Settings,
+    paths: RunPaths,
+    remote: RemoteTier | None,
+    run_id: str,
+    terminal: TerminalStatus | None,
+) -> int:
     configure_logging(
         fmt=settings.log_format, run_id=run_id, node_rank=config.node_rank, rank=None, attempt=None
     )
@@ -353,6 +384,9 @@ def _supervise(
             preemptions=_previous_preemptions(paths),
             notices=poller_from_settings(settings),
             spare_factory=make_group if config.warm_spare else None,
+            observer=None if terminal is None else ProgressLine(
+                terminal, total=total_steps_hint(config.script_args)
+            ).update,
         )
 
         def on_signal(signum: int, _frame: FrameType | None) -> None:

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import io
 import os
 import queue
 import re
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,7 +27,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from typing import IO, Any, Protocol
+from typing import IO, Any, Protocol, TextIO
 
 import structlog
 
@@ -315,6 +317,194 @@ class EchoFilter:
             self._held = raw
             return None
         return raw
+
+
+# -- the progress line on a terminal -------------------------------------------------------
+
+
+class TerminalStatus:
+    """One status line kept at the bottom of a terminal while other output scrolls above it.
+
+    Installed in place of ``sys.stderr``: every write through :attr:`stream` (structlog's lines,
+    ``print``) or its ``buffer`` (the ranks' echo, from another thread) first erases the status
+    line, and a write that ends a line draws it again, so the two never share a row.
+    """
+
+    _ERASE = "\r\x1b[K"
+
+    def __init__(self, real: TextIO) -> None:
+        self._real = real
+        self._lock = threading.RLock()
+        self._text = ""
+        self._shown = False
+        self.stream = _StatusText(self)
+
+    @classmethod
+    def install(cls) -> TerminalStatus:
+        """Put a status line in front of ``sys.stderr`` (undo with :meth:`uninstall`)."""
+        status = cls(sys.stderr)
+        sys.stderr = status.stream
+        return status
+
+    def uninstall(self) -> None:
+        """End the status line (left on screen) and give ``sys.stderr`` back."""
+        with self._lock:
+            if self._shown:
+                self._real.write("\n")
+                self._real.flush()
+            self._text, self._shown = "", False
+        if sys.stderr is self.stream:
+            sys.stderr = self._real
+
+    def show(self, text: str) -> None:
+        """Replace the status line with ``text`` (one row, clipped to the terminal's width)."""
+        width = shutil.get_terminal_size((100, 24)).columns
+        text = text if len(text) < width else text[: max(0, width - 2)] + "~"
+        with self._lock:
+            self._text = text
+            self._real.write(self._ERASE + text)
+            self._real.flush()
+            self._shown = True
+
+    def write(self, data: str | bytes) -> None:
+        with self._lock:
+            if self._shown:
+                self._real.write(self._ERASE)
+                self._shown = False
+            if isinstance(data, bytes):
+                self._real.flush()
+                self._real.buffer.write(data)
+                self._real.buffer.flush()
+                ends = data.endswith(b"\n")
+            else:
+                self._real.write(data)
+                ends = data.endswith("\n")
+            if ends and self._text:
+                self._real.write(self._text)
+                self._shown = True
+            self._real.flush()
+
+
+class _StatusText(io.TextIOBase):
+    """``sys.stderr`` while a :class:`TerminalStatus` is installed."""
+
+    def __init__(self, status: TerminalStatus) -> None:
+        super().__init__()
+        self._status = status
+        self.buffer = _StatusBytes(status)
+
+    def write(self, s: str) -> int:
+        self._status.write(s)
+        return len(s)
+
+    def isatty(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._status._real.fileno()
+
+
+class _StatusBytes(io.RawIOBase):
+    def __init__(self, status: TerminalStatus) -> None:
+        super().__init__()
+        self._status = status
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        data = bytes(b)
+        self._status.write(data)
+        return len(data)
+
+
+_STEPS_FLAG = re.compile(r"^--(?:max-|total-|num-)?(?:train-)?steps(?:=(\d+))?$")
+
+
+def total_steps_hint(script_args: Sequence[str]) -> int | None:
+    """The run's total steps when the script takes them as ``--steps N`` (or ``--max-steps``,
+    ``--total-steps``, ``--num-steps``, ``--train-steps``, ``=N``); None otherwise: the
+    supervisor cannot know what a script's arguments mean, so this is only a display hint."""
+    for i, arg in enumerate(script_args):
+        m = _STEPS_FLAG.match(arg)
+        if m is None:
+            continue
+        value = m.group(1) or (script_args[i + 1] if i + 1 < len(script_args) else "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return None
+
+
+class ProgressLine:
+    """Renders the supervisor's state as the terminal's status line, at most once a second.
+
+    ``step[/total] | steps/s | last snapshot | restarts | phase``: the step from the heartbeats,
+    the rate over the last ``window_s`` of this supervisor's own observations (reset when an
+    attempt starts or the step goes back), the newest local snapshot.
+    """
+
+    def __init__(
+        self,
+        status: TerminalStatus,
+        *,
+        total: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        min_interval_s: float = 1.0,
+        window_s: float = 10.0,
+    ) -> None:
+        self._status = status
+        self._total = total
+        self._clock = clock
+        self._min_interval_s = min_interval_s
+        self._window_s = window_s
+        self._samples: list[tuple[float, int]] = []
+        self._attempt: int | None = None
+        self._phase: str | None = None
+        self._last_draw: float | None = None
+
+    def render(self, state: Any, now: float) -> str:
+        """The line for ``state`` (a :class:`~orchestrator.runstate.RunState`) at ``now``."""
+        step = state.step
+        if state.attempt != self._attempt or (
+            self._samples and step is not None and step < self._samples[-1][1]
+        ):
+            self._samples = []
+            self._attempt = state.attempt
+        if step is not None and state.phase == "running":
+            if not self._samples or self._samples[-1][1] != step:
+                self._samples.append((now, step))
+            while len(self._samples) > 2 and now - self._samples[1][0] > self._window_s:
+                self._samples.pop(0)
+        total = self._total if self._total is not None and (step or 0) <= self._total else None
+        where = "-" if step is None else str(step)
+        parts = [f"step {where}" + (f"/{total}" if total is not None else "")]
+        rate = None
+        if len(self._samples) >= 2:
+            (t0, s0), (_, s1) = self._samples[0], self._samples[-1]
+            # Up to now, not to the last change: a stalled run's rate decays.
+            rate = (s1 - s0) / max(now - t0, 1e-6) if now > t0 else None
+        parts.append("- steps/s" if rate is None else f"{rate:.3g} steps/s")
+        snap = state.newest_local_step
+        parts.append(f"last snapshot {'-' if snap is None else snap}")
+        parts.append(f"restarts {state.restarts}")
+        parts.append(state.phase)
+        return "orchestrator: " + " | ".join(parts)
+
+    def update(self, state: Any) -> None:
+        """Observe ``state``; redraw if a second passed or the phase changed."""
+        now = self._clock()
+        phase_changed = state.phase != self._phase
+        self._phase = state.phase
+        text = self.render(state, now)
+        if (
+            not phase_changed
+            and self._last_draw is not None
+            and now - self._last_draw < self._min_interval_s
+        ):
+            return
+        self._last_draw = now
+        with contextlib.suppress(OSError, ValueError):
+            self._status.show(text)
 
 
 # -- the torchrun worker group -------------------------------------------------------------

@@ -53,6 +53,9 @@ from storage import LocalTier
 
 log = structlog.get_logger("orchestrator.supervisor")
 
+#: How often a running supervisor hands its state to an observer (at most).
+OBSERVE_INTERVAL_S = 1.0
+
 
 class StopRequest:
     """Set from a signal handler; the loop notices it on its next turn."""
@@ -101,8 +104,13 @@ class Supervisor:
         preemptions: int = 0,
         notices: NoticePoller | None = None,
         spare_factory: Callable[[], WorkerGroup] | None = None,
+        observer: Callable[[RunState], None] | None = None,
     ) -> None:
         self._config = config
+        #: Sees the run state at most every OBSERVE_INTERVAL_S while running and on every
+        #: write of state.json (the terminal's progress line, launcher.ProgressLine).
+        self._observer = observer
+        self._next_observe = 0.0
         self._settings = settings
         self._run_id = run_id
         self._paths = paths
@@ -264,6 +272,7 @@ class Supervisor:
             self._attempt_ended(code)
             return
         self._progress.read()
+        self._observe()
         if self._progress.progressed and self._spare.wanted():
             self._spare.start(self._attempt + 1)
         now = self._clock.monotonic()
@@ -501,7 +510,18 @@ class Supervisor:
         )
 
     def _write_state(self) -> None:
-        self._state_file.write(self.state().to_json(), phase=self._phase.value)
+        state = self.state()
+        self._state_file.write(state.to_json(), phase=self._phase.value)
+        if self._observer is not None:
+            self._observer(state)
+
+    def _observe(self) -> None:
+        if self._observer is None:
+            return
+        now = self._clock.monotonic()
+        if now >= self._next_observe:
+            self._next_observe = now + OBSERVE_INTERVAL_S
+            self._observer(self.state())
 
     # -- mirror at the end -----------------------------------------------------------------
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -43,6 +44,14 @@ WORKER = textwrap.dedent(
         import nonexistent_module_lazy  # noqa: F401  (after progress: an ordinary failure)
     if mode == "always" and rank == 0:
         raise RuntimeError("this script always fails")
+    if mode == "steps":
+        for step in range(1, 16):
+            time.sleep(0.2)
+            beat["step"], beat["time"] = step, time.time()
+            tmp = f"{ckpt}/run/progress/.rank-{rank}.tmp"
+            with open(tmp, "w") as f:
+                json.dump(beat, f)
+            os.replace(tmp, f"{ckpt}/run/progress/rank-{rank}.json")
     if mode == "block":
         open(f"{ckpt}/ready-{rank}", "w").close()
         time.sleep(120)
@@ -277,6 +286,7 @@ def test_tracebacks_stay_in_the_attempt_log(run_dir: Path) -> None:
     for noise in ("Traceback", "Root Cause", "this script always fails", "ChildFailedError"):
         assert noise not in out.stderr, (noise, out.stderr[-3000:])
     assert "rank 0 attempt 1" in out.stderr  # the ranks' ordinary lines are still echoed
+    assert "steps/s" not in out.stderr  # no progress line off a terminal
     notes = [line for line in out.stderr.splitlines() if "kept out of the terminal" in line]
     assert [n.rsplit(" ", 1)[-1] for n in notes] == [
         str(logs / "attempt-0.log"), str(logs / "attempt-1.log")]
@@ -307,3 +317,40 @@ def test_ctrl_c_leaves_no_traceback_on_the_terminal(run_dir: Path) -> None:
     assert "Traceback" not in err and "SignalException" not in err, err[-3000:]
     final = [line for line in err.splitlines() if "orchestrator: run failed:" in line]
     assert len(final) == 1 and "SIGINT" in final[0] and "attempt-0.log" in final[0], err[-3000:]
+
+
+# -- 5. the progress line on a terminal ----------------------------------------------------
+
+
+@pytest.mark.timeout(90)
+def test_a_progress_line_on_a_terminal(run_dir: Path) -> None:
+    import pty
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(cli(run_dir, "worker.py", "steps", "--steps", "15"),
+                            env=env(ORCH_LOG_FORMAT="console"), stdin=subprocess.DEVNULL,
+                            stdout=slave, stderr=slave, cwd=run_dir)
+    os.close(slave)
+    chunks = []
+    try:
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: every writer closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+        proc.wait(60)
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    text = b"".join(chunks).decode(errors="replace")
+    assert proc.returncode == 0, text[-3000:]
+    lines = [part for part in text.split("\r\x1b[K") if part.startswith("orchestrator: step")]
+    assert len(lines) >= 2, text[-3000:]
+    assert any(re.match(r"orchestrator: step \d+/15 \| [0-9.]+ steps/s \| last snapshot - \| "
+                        r"restarts 0 \| running", line) for line in lines), lines
+    assert lines[-1].startswith("orchestrator: step 15/15") and "| done" in lines[-1], lines

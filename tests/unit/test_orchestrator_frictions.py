@@ -14,8 +14,9 @@ import tomllib
 
 from contract.paths import RunPaths
 from orchestrator.failures import diagnose, printed_startup_error
-from orchestrator.launcher import EchoFilter
+from orchestrator.launcher import EchoFilter, ProgressLine, TerminalStatus, total_steps_hint
 from orchestrator.policy import AttemptResult, is_fatal
+from orchestrator.runstate import RunState
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -179,3 +180,70 @@ def test_without_anything_to_hide_the_echo_is_unchanged() -> None:
     data = b"".join(f"rank {r} step {s}\n".encode() for s in range(50) for r in range(2))
     text, echo = _filtered(data)
     assert text.encode() == data and echo.hidden_lines == 0
+
+
+# -- 5. the progress line ------------------------------------------------------------------
+
+
+def _run_state(**kw: object) -> RunState:
+    base: dict[str, object] = {"run_id": "r", "phase": "running", "attempt": 0, "started_at": 0.0,
+                               "updated_at": 0.0, "pid": 1}
+    base.update(kw)
+    return RunState(**base)  # type: ignore[arg-type]
+
+
+class _Terminal:
+    def __init__(self) -> None:
+        self.raw = io.BytesIO()
+        self.real = io.TextIOWrapper(self.raw, encoding="utf-8", write_through=True)
+        self.status = TerminalStatus(self.real)
+
+    def text(self) -> str:
+        self.real.flush()
+        return self.raw.getvalue().decode()
+
+
+def test_the_progress_line_shows_step_total_rate_snapshot_restarts_and_phase() -> None:
+    term = _Terminal()
+    now = [100.0]
+    line = ProgressLine(term.status, total=400, clock=lambda: now[0])
+    assert line.render(_run_state(), now[0]) == (
+        "orchestrator: step -/400 | - steps/s | last snapshot - | restarts 0 | running")
+    line.update(_run_state(step=10))
+    now[0] += 2.0
+    line.update(_run_state(step=20, newest_local_step=20, restarts=1))
+    assert term.text().endswith(
+        "\r\x1b[Korchestrator: step 20/400 | 5 steps/s | last snapshot 20 | restarts 1 | running")
+    # At most once a second (a phase change redraws at once).
+    now[0] += 0.5
+    line.update(_run_state(step=25, newest_local_step=20, restarts=1))
+    assert "step 25" not in term.text()
+    line.update(_run_state(step=25, newest_local_step=20, restarts=1, phase="recovering"))
+    assert term.text().endswith("step 25/400 | 6 steps/s | last snapshot 20 | restarts 1 | "
+                                "recovering")
+    # A new attempt starts its own rate; an unknown total is left out.
+    fresh = ProgressLine(term.status, clock=lambda: now[0])
+    assert fresh.render(_run_state(step=5, attempt=1), now[0]).startswith(
+        "orchestrator: step 5 | - steps/s")
+
+
+def test_other_output_scrolls_above_the_progress_line() -> None:
+    term = _Terminal()
+    term.status.show("STATUS")
+    term.status.stream.write("a structlog line\n")
+    term.status.stream.buffer.write(b"rank 0 step 3\n")
+    term.status.stream.write("partial")  # print() writes the text, then the newline
+    term.status.stream.write("\n")
+    assert term.text() == ("\r\x1b[KSTATUS" "\r\x1b[Ka structlog line\nSTATUS"
+                           "\r\x1b[Krank 0 step 3\nSTATUS" "\r\x1b[Kpartial\nSTATUS")
+    term.status.uninstall()
+    assert term.text().endswith("STATUS\n")
+
+
+@pytest.mark.parametrize(
+    ("args", "total"),
+    [(["--steps", "400", "--seed", "7"], 400), (["--max-steps=90"], 90), (["--steps"], None),
+     (["--seed", "7"], None), (["--steps", "x"], None), (["--num-steps", "0"], None)],
+)
+def test_total_steps_hint(args: list[str], total: int | None) -> None:
+    assert total_steps_hint(args) == total
