@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from orchestrator.settings import FAULTS_VAR, STOP_AT_STEP_VAR, inherited_environment
 from storage import LocalSnapshotStore
 
 #: What one run left: snapshot step -> component name -> digest (``"digest"`` for the whole).
@@ -222,11 +223,11 @@ def plan(*, script: str, script_args: Sequence[str], nproc_per_node: int, at: in
 
 def _launch(plan: Plan, name: str, *, faults: str | None) -> tuple[int, str]:
     ckpt = os.path.join(plan.workdir, name)
-    env = dict(os.environ)
-    env["ORCH_STOP_AT_STEP"] = str(plan.stop_at)
-    env.pop("ORCH_FAULTS", None)
+    env = inherited_environment()
+    env[STOP_AT_STEP_VAR] = str(plan.stop_at)
+    env.pop(FAULTS_VAR, None)
     if faults:
-        env["ORCH_FAULTS"] = faults
+        env[FAULTS_VAR] = faults
     cmd = [
         sys.executable, "-m", "orchestrator.cli", "launch",
         "--nproc-per-node", str(plan.nproc_per_node),

@@ -195,6 +195,11 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     return load(Settings, env)
 
 
+#: The variables ``check-resume`` sets for the runs it launches (inherited by their ranks).
+STOP_AT_STEP_VAR = "ORCH_STOP_AT_STEP"
+FAULTS_VAR = "ORCH_FAULTS"
+
+
 def inherited_environment() -> dict[str, str]:
     """A copy of the supervisor's environment: the base of every torchrun child's environment.
 
