@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Literal, TypeVar
 
+from contract.interval import Interval, parse_interval
 from contract.settings import BY_NAME, env_var, load, setting
 
 ResumeMode = Literal["auto", "fresh", "step"]
@@ -39,8 +40,10 @@ class WorkerEnv:
     resume_mode: ResumeMode = "auto"
     resume_step: int | None = None
     allow_config_change: bool = setting("ORCH_ALLOW_CONFIG_CHANGE")
-    #: ``--checkpoint-every`` in steps; None: the script's own interval.
-    checkpoint_every: int | None = setting("ORCH_CHECKPOINT_EVERY")
+    #: ``--checkpoint-every`` (steps, a duration or auto; see :mod:`contract.interval`); None:
+    #: the flag was not given, so the script's ``Checkpointer(every=...)`` if any, else auto.
+    #: Text or an int given here is parsed by :func:`~contract.interval.parse_interval`.
+    checkpoint_every: Interval | None = setting("ORCH_CHECKPOINT_EVERY")
     pg_timeout_s: float = setting("ORCH_PG_TIMEOUT_S")
     log_format: str | None = setting("ORCH_LOG_FORMAT")
     #: A warm spare group waits in ``resume()`` until this file appears (its promotion).
@@ -53,10 +56,12 @@ class WorkerEnv:
             raise ValueError(f"ORCH_ATTEMPT must be >= 0, got {self.attempt}")
         if self.node_rank < 0:
             raise ValueError(f"ORCH_NODE_RANK must be >= 0, got {self.node_rank}")
-        if self.checkpoint_every is not None and self.checkpoint_every < 0:
-            raise ValueError(
-                f"ORCH_CHECKPOINT_EVERY must be >= 0 (0 = final snapshot only), "
-                f"got {self.checkpoint_every}"
+        every: object = self.checkpoint_every
+        if every is not None and not isinstance(every, Interval):
+            if not isinstance(every, (str, int)):
+                raise ValueError(f"ORCH_CHECKPOINT_EVERY must be an Interval, got {every!r}")
+            object.__setattr__(
+                self, "checkpoint_every", parse_interval(every, name="ORCH_CHECKPOINT_EVERY")
             )
         if self.resume_mode not in ("auto", "fresh", "step"):
             raise ValueError(f"resume_mode must be auto, fresh or step, got {self.resume_mode!r}")

@@ -179,6 +179,9 @@ REGISTRY: Final[tuple[Var, ...]] = (
        "deferred: optimizer.step() waits for the off-thread copy; sync: copy inside snapshot()."),
     _v("ORCH_HEARTBEAT_INTERVAL_S", "float", 1.0, "trainer",
        "At most one heartbeat write per this many seconds (0: every step)."),
+    _v("ORCH_MAX_SNAPSHOT_INTERVAL_S", "float", 1800.0, "trainer",
+       "--checkpoint-every auto: the longest interval it may choose (it aims at 100 x the "
+       "latest snapshot's stall, at least 60 s)."),
     _v("ORCH_FAULTS", "str", "", "trainer",
        "Fault-injection rules POINT@STEP[:rank=R][:attempt=A] (tests only); read by the "
        "workers and by the supervisor's mirror.", set_by="tests"),
@@ -195,8 +198,9 @@ REGISTRY: Final[tuple[Var, ...]] = (
        "selects the newest valid one itself.", set_by="supervisor"),
     _v("ORCH_ALLOW_CONFIG_CHANGE", "bool", False, "contract",
        "--allow-config-change.", set_by="supervisor"),
-    _v("ORCH_CHECKPOINT_EVERY", "int", None, "contract",
-       "--checkpoint-every in steps (unset: the script's own interval).", set_by="supervisor"),
+    _v("ORCH_CHECKPOINT_EVERY", "str", None, "contract",
+       "--checkpoint-every: steps (25; 0 = final only), a duration (90s, 10m, 1h) or auto; "
+       "unset: the script's Checkpointer(every=), else auto.", set_by="supervisor"),
     _v("ORCH_SPARE_GATE", "str", None, "contract",
        "Warm spare: the file whose appearance promotes this group.", set_by="supervisor"),
     _v("ORCH_LAUNCH_TOKEN", "str", None, "contract",

@@ -30,7 +30,6 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import Dataset
 
 import trainer
-from trainer.settings import WorkerSettings
 
 log = structlog.get_logger("examples.digits_cnn")
 
@@ -132,7 +131,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--checkpoint-dir", default=None, help="default: ORCH_CHECKPOINT_DIR")
     p.add_argument("--checkpoint-every", type=int, default=None,
-                   help="default: ORCH_CHECKPOINT_EVERY or 25")
+                   help="default 25; orchestrator launch --checkpoint-every wins")
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--step-delay", type=float, default=0.0,
                    help="seconds to idle after each step (tests that kill from outside need time)")
@@ -202,10 +201,8 @@ def main(argv: list[str] | None = None) -> None:
     # non-overlapping windows each input receives at most one gradient, so it is exact anyway.
     torch.use_deterministic_algorithms(True, warn_only=torch.cuda.is_available())
     ctx = trainer.init_distributed()
-    settings = WorkerSettings.from_env()
-    every = args.checkpoint_every
-    if every is None:
-        every = settings.checkpoint_every if settings.checkpoint_every is not None else 25
+    # The script's own default; `orchestrator launch --checkpoint-every` wins over it.
+    every = args.checkpoint_every if args.checkpoint_every is not None else 25
 
     # Same seed on every rank for identical initial weights; per-rank seeds for the rest.
     cuda = ctx.device.type == "cuda"

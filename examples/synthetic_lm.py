@@ -28,7 +28,6 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
 import trainer
-from trainer.settings import WorkerSettings
 
 log = structlog.get_logger("examples.synthetic_lm")
 
@@ -161,7 +160,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, LMCon
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--checkpoint-dir", default=None, help="default: ORCH_CHECKPOINT_DIR")
     p.add_argument("--checkpoint-every", type=int, default=None,
-                   help="default: ORCH_CHECKPOINT_EVERY or 50")
+                   help="default 50; orchestrator launch --checkpoint-every wins")
     args = p.parse_args(argv)
     if args.steps < 1 or args.batch_size < 1 or args.warmup < 1 or args.warmup >= args.steps + 1:
         p.error("--steps, --batch-size and --warmup must be >= 1, warmup <= steps")
@@ -183,10 +182,8 @@ def main(argv: list[str] | None = None) -> None:
         # cuBLAS is deterministic only with a fixed workspace; must be set before its first use.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     ctx = trainer.init_distributed()
-    settings = WorkerSettings.from_env()
-    every = args.checkpoint_every
-    if every is None:
-        every = settings.checkpoint_every if settings.checkpoint_every is not None else 50
+    # The script's own default; `orchestrator launch --checkpoint-every` wins over it.
+    every = args.checkpoint_every if args.checkpoint_every is not None else 50
     cuda = ctx.device.type == "cuda"
     torch.use_deterministic_algorithms(True, warn_only=cuda)
     if cuda and not args.fast_attention:

@@ -104,7 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(s3://bucket/prefix or any fsspec URL; credentials from the AWS variables)"
     )
     launch.add_argument("--run-id", metavar="ID", help="run id (default: stable per dir)")
-    launch.add_argument("--checkpoint-every", type=_int_arg, metavar="STEPS")
+    # Validated by LaunchConfig with contract.interval.parse_interval (a bad value exits 2).
+    launch.add_argument(
+        "--checkpoint-every", metavar="STEPS|DURATION|auto", help="snapshot interval: steps "
+        "(25; 0 = final snapshot only), a duration (90s, 10m, 1h) or auto (100 x the measured "
+        "snapshot stall, 60 s to ORCH_MAX_SNAPSHOT_INTERVAL_S); default: the script's "
+        "Checkpointer(every=...) if it sets one, else auto"
+    )
     launch.add_argument("--keep-local", type=_int_arg, metavar="K", help="keep the last K")
     launch.add_argument("--keep-remote", type=_int_arg, metavar="K", help="keep the last K remote "
                         "snapshots (needs --mirror)")

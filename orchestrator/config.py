@@ -17,6 +17,9 @@ from typing import Any
 
 import tomllib
 
+from contract.interval import FORMS as INTERVAL_FORMS
+from contract.interval import Interval, parse_interval
+
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _ENDPOINT = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):(?P<port>\d{1,5})$")
 #: Why --best-metric/--best-mode are refused: the best metric is named once, by the script.
@@ -32,9 +35,10 @@ class LaunchConfig:
     """Everything ``orchestrator launch`` was asked to do.
 
     ``None`` for an optional knob means "not set": ``checkpoint_every=None`` leaves the interval
-    to the training script, ``keep_local=None`` keeps every local snapshot, ``hang_timeout=None``
-    disables the heartbeat watchdog, ``run_id=None`` is resolved at launch (see
-    ``runstate.stable_run_id``).
+    to the training script's ``Checkpointer(every=...)``, else ``auto`` (given as an int or text,
+    it is parsed by :func:`contract.interval.parse_interval`), ``keep_local=None`` keeps every
+    local snapshot, ``hang_timeout=None`` disables the heartbeat watchdog, ``run_id=None`` is
+    resolved at launch (see ``runstate.stable_run_id``).
     """
 
     checkpoint_dir: str
@@ -46,7 +50,7 @@ class LaunchConfig:
     rdzv_endpoint: str | None = None
     mirror: str | None = None
     run_id: str | None = None
-    checkpoint_every: int | None = None
+    checkpoint_every: Interval | None = None
     keep_local: int | None = None
     keep_remote: int | None = None
     keep_every: int | None = None
@@ -85,7 +89,11 @@ class LaunchConfig:
             )
         if self.mirror is not None and not self.mirror:
             raise ValueError("--mirror must not be empty")
-        _non_negative("--checkpoint-every", self.checkpoint_every)
+        every: object = self.checkpoint_every
+        if every is not None and not isinstance(every, Interval):
+            if isinstance(every, bool) or not isinstance(every, (int, str)):
+                raise ValueError(f"--checkpoint-every must be {INTERVAL_FORMS}, got {every!r}")
+            object.__setattr__(self, "checkpoint_every", parse_interval(every))
         _at_least_one("--keep-local", self.keep_local)
         _at_least_one("--keep-remote", self.keep_remote)
         if self.keep_remote is not None and self.mirror is None:
@@ -131,7 +139,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "rdzv_endpoint": (str,),
     "mirror": (str,),
     "run_id": (str,),
-    "checkpoint_every": (int,),
+    "checkpoint_every": (int, str),
     "keep_local": (int,),
     "keep_remote": (int,),
     "keep_every": (int,),

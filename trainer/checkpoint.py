@@ -3,7 +3,8 @@
 :class:`Checkpointer` ties a :class:`~trainer.state.TrainingState` to a checkpoint directory.
 ``resume()`` restores the chosen snapshot (:mod:`trainer.resume`). ``step_done()`` writes the
 heartbeat, fires fault points, tracks the best metric (:mod:`trainer.exports`), checks for a
-preemption (:mod:`trainer.preemption`) and, every ``every`` steps, takes a snapshot: every rank
+preemption (:mod:`trainer.preemption`) and, at the snapshot interval (steps, a duration or auto:
+:mod:`contract.interval`; time-based ones agreed by all ranks), takes a snapshot: every rank
 sends its per-rank state to rank 0, which copies all tensors into a reused staging arena
 (parameters and optimizer state deferred to a background copy, :mod:`trainer.staging`) and hands
 it to a background writer thread; the training thread never pickles tensors nor touches the disk
@@ -26,6 +27,7 @@ import torch.distributed as dist
 
 from contract.documents import Heartbeat, write_document
 from contract.faults import FaultInjector
+from contract.interval import AUTO, Interval, auto_interval_s, parse_interval
 from contract.paths import RunPaths
 from contract.threads import run_in_thread
 from storage import LocalSnapshotStore
@@ -45,13 +47,35 @@ from trainer.writer import BackgroundWriter, Job
 log = structlog.get_logger("trainer.checkpoint")
 
 
+def resolve_interval(flag: Interval | None, script: int | str | Interval | None) -> Interval:
+    """The snapshot interval in force: ``--checkpoint-every`` (``ORCH_CHECKPOINT_EVERY``) when
+    the launch gave it, else the script's ``Checkpointer(every=...)`` when given, else auto.
+
+    The user's flag is the intent of this launch; a script's ``every=`` is its author's default;
+    with neither, ``auto`` (never "final snapshot only", which a SIGKILL would turn into losing
+    the whole run).
+    """
+    if flag is not None:
+        return flag
+    if script is None:
+        return AUTO
+    if isinstance(script, Interval):
+        return script
+    try:
+        return parse_interval(script, name="Checkpointer(every=...)")
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
 class Checkpointer:
     """Snapshots and resumes a :class:`TrainingState` (see the module docstring).
 
     Every rank constructs one and calls ``resume()``, ``step_done()`` and ``finish()`` at the
     same points (they are collective). ``hparams`` are recorded in each manifest and compared on
-    resume. ``checkpoint_dir``, ``every`` (0: final snapshot only) and ``run_id`` default to the
-    supervisor's ``ORCH_*`` settings. ``best`` (a :class:`~trainer.exports.BestPolicy`) names the
+    resume. ``checkpoint_dir`` and ``run_id`` default to the supervisor's ``ORCH_*`` settings.
+    ``every`` is the script's snapshot interval (steps, ``0`` = final only, a duration such as
+    ``"10m"``, or ``"auto"``); ``--checkpoint-every`` wins over it when given, and without
+    either the interval is ``auto`` (see :func:`resolve_interval`). ``best`` (a :class:`~trainer.exports.BestPolicy`) names the
     metric passed to ``step_done`` that drives ``exports/best.pt`` and the supervisor's
     ``--keep-best``; it is recorded in every manifest. ``resume_policy``
     (:class:`~trainer.resume.ResumePolicy`) relaxes or tightens the checks on resume.
@@ -66,7 +90,7 @@ class Checkpointer:
         *,
         hparams: Mapping[str, Any],
         checkpoint_dir: str | None = None,
-        every: int | None = None,
+        every: int | str | Interval | None = None,
         run_id: str | None = None,
         metadata: Mapping[str, Any] | None = None,
         best: BestPolicy | None = None,
@@ -78,10 +102,7 @@ class Checkpointer:
         directory = checkpoint_dir or self.settings.checkpoint_dir
         if not directory:
             raise UsageError("no checkpoint directory: pass checkpoint_dir or set ORCH_CHECKPOINT_DIR")
-        if every is None:
-            every = self.settings.checkpoint_every if self.settings.checkpoint_every is not None else 0
-        if every < 0:
-            raise UsageError(f"checkpoint interval must be >= 0 (0 = final only), got {every}")
+        interval = resolve_interval(self.settings.checkpoint_every, every)
         if best is not None and not isinstance(best, BestPolicy):
             raise UsageError(f"best must be a trainer.BestPolicy, got {type(best).__name__}")
         staging = staging or self.settings.snapshot_staging
@@ -89,7 +110,16 @@ class Checkpointer:
             raise UsageError(f"staging must be 'deferred' or 'sync', got {staging!r}")
         self.state = state
         self.checkpoint_dir = os.path.abspath(directory)
-        self.every = every
+        #: The snapshot interval in force (see :func:`resolve_interval`); ``every`` is its step
+        #: count (0 for time-based intervals and for final-only).
+        self.interval = interval
+        self.every = interval.steps
+        self._timed = interval.time_based
+        #: Time-based intervals: when the current interval started (the attempt's first
+        #: completed step, then each periodic snapshot) and whether a snapshot's cost was
+        #: measured in this attempt (auto).
+        self._interval_origin = -math.inf
+        self._stall_measured = False
         self.run_id = run_id or self.settings.run_id or "local"
         self.provenance = Provenance(hparams, metadata=metadata, best=best)
         self.hparams = self.provenance.hparams
@@ -174,6 +204,8 @@ class Checkpointer:
             self.exporter.track(step, metrics, self._last_metrics)
         snapshot_due = self.every > 0 and step % self.every == 0
         first, self._stepped = not self._stepped, True
+        if first and self._timed:
+            self._interval_origin = time.monotonic()
         # A heartbeat is a file write and rename (~0.3 ms): rate-limited, so that short steps
         # do not pay it every time. The supervisor's watchdog counts in seconds.
         if (
@@ -183,12 +215,40 @@ class Checkpointer:
         ):
             self._heartbeat()
         self.faults.point("step_end", step)
+        agreement: preemption.Agreement | None = None
+        if step % self.settings.preempt_check_every == 0:
+            # One all-reduce per step: the preemption check, and the time-based interval's vote
+            # (each rank's clock) so that every rank snapshots at the same step.
+            agreement = preemption.agreed(self, snapshot_due=self._timed and self._interval_elapsed())
+            if agreement.snapshot and not snapshot_due:
+                snapshot_due = True
+                self._heartbeat()
         if snapshot_due:
+            started = time.monotonic()
             self.snapshot()
+            self._interval_origin, self._stall_measured = started, True
         elif self.rank == 0 and self._snapshot_job is None:
             self._reserve_arena()
-        if step % self.settings.preempt_check_every == 0 and preemption.agreed(self):
+        if agreement is not None and agreement.preempt:
             preemption.stop(self, step, heartbeat=self._heartbeat)
+
+    def _interval_elapsed(self) -> bool:
+        """This rank's vote for a time-based snapshot at this step (its own clock).
+
+        ``auto``: rank 0 alone votes, from the stall it measured (the other ranks do not see
+        the staging and would under-measure); before a snapshot was measured in this attempt,
+        the first interval (:data:`~contract.interval.AUTO_MIN_INTERVAL_S`, capped).
+        """
+        if self.interval.kind == "seconds":
+            limit = self.interval.value
+        elif self.rank != 0:
+            return False
+        else:
+            limit = auto_interval_s(
+                self.last_stall_s if self._stall_measured else None,
+                self.settings.max_snapshot_interval_s,
+            )
+        return time.monotonic() - self._interval_origin >= limit
 
     def _heartbeat(self) -> None:
         self._last_beat = time.monotonic()

@@ -4,7 +4,8 @@ The supervisor asks for an emergency snapshot by writing ``run/control/preempt.j
 (a :class:`contract.documents.PreemptRequest`); a signal delivered to the rank itself
 (SLURM signalling every process, torchrun forwarding one) sets an in-process flag instead of
 killing it. :meth:`trainer.Checkpointer.step_done` asks :func:`agreed` at step boundaries,
-where all ranks agree (an all-reduce of one integer) to stop at the same step; :func:`stop` then
+where all ranks agree (one all-reduce of two integers, which also carries the vote of a
+time-based snapshot interval) to stop at the same step; :func:`stop` then
 takes the emergency snapshot, rank 0 writes the acknowledgement ``run/control/preempted.json``
 (a :class:`contract.documents.PreemptAck`) once it is committed, and every rank raises
 :class:`~trainer.errors.Preempted` (exit :data:`~contract.codes.EXIT_PREEMPTED`).
@@ -17,6 +18,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from types import FrameType
 from typing import NoReturn, Protocol
 
@@ -134,27 +136,49 @@ class StopHost(Protocol):
         ...
 
 
-def agreed(host: StopHost) -> bool:
-    """Whether any rank saw a preemption request; every rank gets the same answer.
+@dataclass(frozen=True)
+class Agreement:
+    """What every rank agreed on at a step boundary (the same on all ranks)."""
+
+    #: Some rank saw a preemption request: stop at this step.
+    preempt: bool
+    #: Some rank's snapshot timer said due (time-based ``--checkpoint-every``): snapshot this step.
+    snapshot: bool
+
+    def __bool__(self) -> bool:
+        raise TypeError("an Agreement has two answers: use .preempt or .snapshot")
+
+
+#: The four possible answers, built once: agreed() runs every step and allocates nothing.
+_ANSWERS: dict[tuple[bool, bool], Agreement] = {
+    (p, s): Agreement(preempt=p, snapshot=s) for p in (False, True) for s in (False, True)
+}
+
+
+def agreed(host: StopHost, *, snapshot_due: bool = False) -> Agreement:
+    """Whether any rank saw a preemption request or has a snapshot due; every rank gets the
+    same answers.
 
     Each rank looks for the supervisor's control file (one ``stat``) and its own signal
-    flag; ranks may notice at different steps, so one all-reduce(MAX) of a single integer
-    per step makes them agree on this very step boundary.
+    flag, and brings its own snapshot vote (a time-based interval: each rank's clock, so ranks
+    may disagree by a step); one all-reduce(MAX) of ``[preempt, snapshot_due]`` per step makes
+    them agree on this very step boundary for both. A single process needs no collective.
     """
     mine = signalled() or (
         os.path.exists(host.paths.preempt_request)
         and read_request(host.paths, host.settings.attempt) is not None
     )
     if not (is_initialized() and host.world_size > 1):
-        return mine
+        return _ANSWERS[bool(mine), bool(snapshot_due)]
     device = (
         torch.device("cuda", torch.cuda.current_device())
         if dist.get_backend() == "nccl"
         else torch.device("cpu")
     )
-    flag = torch.tensor([1 if mine else 0], dtype=torch.int32, device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
+    flags = torch.tensor([int(bool(mine)), int(bool(snapshot_due))], dtype=torch.int32, device=device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    preempt, snapshot = flags.tolist()
+    return _ANSWERS[bool(preempt), bool(snapshot)]
 
 
 def stop(host: StopHost, step: int, *, heartbeat: Callable[[], None]) -> NoReturn:

@@ -50,6 +50,9 @@ class WorkerSettings(WorkerEnv):
     #: At most one heartbeat file write per this many seconds (0: every step). The first
     #: completed step of an attempt, snapshot steps and the end always write one.
     heartbeat_interval_s: float = setting("ORCH_HEARTBEAT_INTERVAL_S")
+    #: ``--checkpoint-every auto``: the longest interval it may choose (see
+    #: :func:`contract.interval.auto_interval_s`).
+    max_snapshot_interval_s: float = setting("ORCH_MAX_SNAPSHOT_INTERVAL_S")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -71,6 +74,10 @@ class WorkerSettings(WorkerEnv):
             )
         if not self.heartbeat_interval_s >= 0:
             raise ValueError(f"ORCH_HEARTBEAT_INTERVAL_S must be >= 0, got {self.heartbeat_interval_s}")
+        if not 0 < self.max_snapshot_interval_s < float("inf"):
+            raise ValueError(
+                f"ORCH_MAX_SNAPSHOT_INTERVAL_S must be > 0 seconds, got {self.max_snapshot_interval_s}"
+            )
         if self.snapshot_staging not in STAGING_MODES:
             raise ValueError(
                 f"ORCH_SNAPSHOT_STAGING must be one of {STAGING_MODES}, got {self.snapshot_staging!r}"

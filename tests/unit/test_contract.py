@@ -26,6 +26,7 @@ from contract.documents import (
     write_document,
 )
 from contract.env import VARIABLES, WorkerEnv
+from contract.interval import Interval
 from contract.paths import RunPaths
 from contract.threads import run_in_thread
 
@@ -43,7 +44,11 @@ _envs = st.builds(
     attempt=st.integers(0, 10**6),
     node_rank=st.integers(0, 1000),
     allow_config_change=st.booleans(),
-    checkpoint_every=st.none() | st.integers(0, 10**6),
+    checkpoint_every=st.none()
+    | st.just(Interval("auto"))
+    | st.builds(Interval, st.just("steps"), st.integers(0, 10**6))
+    | st.builds(Interval, st.just("seconds"),
+                st.floats(min_value=1e-3, max_value=1e7, allow_nan=False, allow_infinity=False)),
     pg_timeout_s=st.floats(min_value=1e-3, max_value=1e6, allow_nan=False),
     log_format=st.sampled_from([None, "json", "console"]),
     spare_gate=st.none() | st.just("/ck/run/spare/attempt-3.json"),

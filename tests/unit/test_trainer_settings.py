@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from contract.interval import Interval
 from trainer.settings import WorkerSettings
 
 
@@ -27,7 +28,8 @@ def test_all_variables() -> None:
     })
     assert s.rank == 1 and s.world_size == 2 and s.launched_by_torchrun
     assert s.resume_mode == "step" and s.resume_step == 25
-    assert s.allow_config_change and s.checkpoint_every == 0 and s.pg_timeout_s == 12.5
+    assert s.allow_config_change and s.checkpoint_every == Interval("steps", 0)
+    assert s.pg_timeout_s == 12.5
     assert WorkerSettings.from_env({"ORCH_RESUME_STEP": "none"}).resume_mode == "fresh"
 
 
