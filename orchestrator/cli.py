@@ -9,8 +9,10 @@ user-facing contract (0 done, 1 failed with the root cause on stderr, 2 usage, 7
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import re
 import signal
 import sys
 from collections.abc import Sequence
@@ -94,16 +96,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Every launch flag defaults to None so that only flags actually given override --config.
     launch = sub.add_parser("launch", help="run a training script under supervision")
-    launch.add_argument("--nodes", type=_int_arg, help="number of nodes (default 1)")
-    launch.add_argument("--nproc-per-node", type=_int_arg, help="ranks on this node (default 1)")
-    launch.add_argument("--node-rank", type=_int_arg, help="this node's rank (default 0)")
+    launch.add_argument("--nodes", type=_int_arg, help="number of nodes")
+    launch.add_argument("--nproc-per-node", type=_int_arg, help="ranks on this node")
+    launch.add_argument("--node-rank", type=_int_arg, help="this node's rank")
     launch.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="c10d rendezvous endpoint")
     launch.add_argument("--checkpoint-dir", metavar="DIR", help="node-local checkpoint dir")
     launch.add_argument(
         "--mirror", metavar="URL", help="object store prefix every snapshot is mirrored to "
         "(s3://bucket/prefix or any fsspec URL; credentials from the AWS variables)"
     )
-    launch.add_argument("--run-id", metavar="ID", help="run id (default: stable per dir)")
+    launch.add_argument("--run-id", metavar="ID", help="run id")
     # Validated by LaunchConfig with contract.interval.parse_interval (a bad value exits 2).
     launch.add_argument(
         "--checkpoint-every", metavar="STEPS|DURATION|auto", help="snapshot interval: steps "
@@ -120,9 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     # Refused with a message that says where the metric is named now (see config.BEST_MOVED).
     launch.add_argument("--best-metric", help=argparse.SUPPRESS)
     launch.add_argument("--best-mode", help=argparse.SUPPRESS)
-    launch.add_argument("--max-restarts", type=_int_arg, metavar="K", help="default 3")
-    launch.add_argument("--grace", type=_float_arg, metavar="SECONDS", help="default 30")
-    launch.add_argument("--hang-timeout", type=_float_arg, metavar="SECONDS")
+    launch.add_argument("--max-restarts", type=_int_arg, metavar="K", help="relaunches that "
+                        "spend a restart before giving up")
+    launch.add_argument("--grace", type=_float_arg, metavar="SECONDS", help="budget of a "
+                        "preemption (emergency snapshot + mirror flush); terminate grace period")
+    launch.add_argument("--hang-timeout", type=_float_arg, metavar="SECONDS", help="restart a "
+                        "group whose heartbeats stop advancing for this long")
     launch.add_argument(
         "--allow-config-change", action="store_true", default=None, help="resume despite changed "
         "hyperparameters"
@@ -143,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("script", nargs="?", metavar="SCRIPT", help="the training script")
     launch.add_argument("script_args", nargs=argparse.REMAINDER, metavar="SCRIPT_ARGS")
 
+    _state_defaults(launch)
+
     status = sub.add_parser("status", help="show the state of a run")
     _add_location(status)
     status.add_argument("--json", action="store_true", help="one JSON object")
@@ -154,6 +161,52 @@ def build_parser() -> argparse.ArgumentParser:
     snaps.add_argument("--verify", action="store_true", help="check every file's checksum")
     snaps.add_argument("--json", action="store_true", help="a JSON list, oldest first")
     return parser
+
+
+#: What a launch option left unset means (its LaunchConfig default is None or absent).
+_UNSET_MEANS = {
+    "rdzv_endpoint": "none: single node, a fresh local rendezvous per attempt",
+    "checkpoint_dir": "none; required, here or as checkpoint-dir in --config",
+    "mirror": "none: local snapshots only",
+    "run_id": "the one in the dir's run/state.json, else a new random one",
+    "checkpoint_every": "the script's own interval",
+    "keep_local": "none: every local snapshot is kept",
+    "keep_remote": "none: every remote snapshot is kept",
+    "keep_every": "none",
+    "hang_timeout": "none: no heartbeat watchdog",
+    "config": "none",
+    "script": "none; required, here or as script in --config",
+    "script_args": "none",
+}
+
+
+def _state_defaults(parser: argparse.ArgumentParser) -> None:
+    """End every option's help with its default, unless the help already states it.
+
+    The launch flags default to None so that only flags actually given override --config, so
+    argparse's own ``%(default)s`` would say None: the real defaults are LaunchConfig's.
+    """
+    config_defaults = {
+        f.name: f.default for f in dataclasses.fields(LaunchConfig)
+        if f.default is not dataclasses.MISSING
+    }
+    for action in parser._actions:
+        if action.help == argparse.SUPPRESS or isinstance(action, argparse._HelpAction):
+            continue
+        if action.help and re.search(r"default", action.help):
+            continue
+        value = config_defaults.get(action.dest)
+        if action.dest in _UNSET_MEANS:
+            text = _UNSET_MEANS[action.dest]
+        elif isinstance(value, bool) or (value is None and action.nargs == 0):
+            text = "on" if value else "off"
+        elif isinstance(value, float):
+            text = f"{value:g}"
+        elif value is not None:
+            text = str(value) + (": off" if value == 0 and action.dest == "keep_best" else "")
+        else:
+            text = "none"
+        action.help = f"{action.help} (default: {text})" if action.help else f"default: {text}"
 
 
 def _add_location(p: argparse.ArgumentParser) -> None:

@@ -3,16 +3,22 @@ a finished run, terminal output, ``launch --help``."""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import io
 import json
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import tomllib
 
 from contract.paths import RunPaths
+from orchestrator.cli import build_parser
+from orchestrator.config import LaunchConfig
 from orchestrator.failures import diagnose, printed_startup_error
 from orchestrator.launcher import EchoFilter, ProgressLine, TerminalStatus, total_steps_hint
 from orchestrator.policy import AttemptResult, is_fatal
@@ -247,3 +253,45 @@ def test_other_output_scrolls_above_the_progress_line() -> None:
 )
 def test_total_steps_hint(args: list[str], total: int | None) -> None:
     assert total_steps_hint(args) == total
+
+
+# -- 6. launch --help states every default ---------------------------------------------------
+
+
+def _launch_parser() -> argparse.ArgumentParser:
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    parser: argparse.ArgumentParser = sub.choices["launch"]
+    return parser
+
+
+def test_every_launch_option_states_its_default() -> None:
+    actions = [a for a in _launch_parser()._actions
+               if a.help != argparse.SUPPRESS and not isinstance(a, argparse._HelpAction)]
+    assert len(actions) >= 20
+    for action in actions:
+        assert action.help and re.search(r"\bdefault\b", action.help), action.dest
+
+
+def test_the_stated_defaults_are_launch_configs() -> None:
+    helps = {a.dest: a.help or "" for a in _launch_parser()._actions}
+    for f in dataclasses.fields(LaunchConfig):
+        if f.name not in helps or f.default in (None, (), dataclasses.MISSING):
+            continue
+        if f.name in ("best_metric", "best_mode"):
+            continue
+        shown = ("on" if f.default else "off") if isinstance(f.default, bool) else (
+            f"{f.default:g}" if isinstance(f.default, float) else str(f.default))
+        # "(default: 3)", or a choice marked in place: "warn (default; ...) or fail".
+        stated = f"(default: {shown}" in helps[f.name] or f"{shown} (default" in helps[f.name]
+        assert stated, (f.name, helps[f.name])
+
+
+def test_launch_help_output() -> None:
+    out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "launch", "--help"],
+                         capture_output=True, text=True, timeout=30, check=True, cwd=REPO,
+                         env={**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200"})
+    text = " ".join(out.stdout.split())
+    for expected in ("(default: 3)", "(default: 30)", "(default: none: no heartbeat watchdog)",
+                     "(default: off)", "(default: the one in the dir's run/state.json"):
+        assert expected in text, expected
+    assert "default: None" not in text
