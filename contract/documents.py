@@ -19,7 +19,9 @@ from contract.atomic import atomic_write_json
 
 log = structlog.get_logger("contract.documents")
 
-D = TypeVar("D", "PreemptRequest", "PreemptAck", "Heartbeat", "ErrorRecord", "SpareGate")
+D = TypeVar(
+    "D", "PreemptRequest", "PreemptAck", "Heartbeat", "ErrorRecord", "SpareGate", "DeterminismReport"
+)
 
 
 def read_json(path: str) -> dict[str, Any] | None:
@@ -202,6 +204,173 @@ class SpareGate:
         if attempt is None or (step is not None and _int(step) is None):
             return None
         return cls(attempt=attempt, resume_step=_int(step))
+
+
+def _str_map(value: Any) -> dict[str, str] | None:
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        return None
+    return dict(value)
+
+
+@dataclass(frozen=True, kw_only=True)
+class JournalStart:
+    """First line a rank writes to its journal when an attempt starts (``run/journal/rank-<R>.jsonl``).
+
+    The entries that follow belong to this session until the next start line. Entries of
+    another ``run_id`` or ``config_hash`` are never compared with (a reused dir, a resume with
+    ``--allow-config-change``).
+    """
+
+    run_id: str
+    attempt: int
+    rank: int
+    #: The snapshot step this session resumed from; 0 for a fresh start.
+    resumed_from: int
+    config_hash: str | None = None
+    time: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"start": True, **asdict(self)}
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> JournalStart | None:
+        attempt, rank, resumed = _int(doc.get("attempt")), _int(doc.get("rank")), _int(doc.get("resumed_from"))
+        run_id = _str(doc.get("run_id"))
+        if doc.get("start") is not True or attempt is None or rank is None or resumed is None:
+            return None
+        if run_id is None:
+            return None
+        return cls(
+            run_id=run_id,
+            attempt=attempt,
+            rank=rank,
+            resumed_from=resumed,
+            config_hash=_str(doc.get("config_hash")),
+            time=_num(doc.get("time")) or 0.0,
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class JournalEntry:
+    """One completed step's fingerprint in a rank's journal.
+
+    ``fp`` maps a metric name to the exact bits of its value as ``float.hex()`` (the ``loss``
+    metric when the script reports one, else every finite float metric); ``components`` (at
+    snapshot steps, when the checkpointer has them) maps a state component to its digest.
+    """
+
+    step: int
+    attempt: int
+    fp: dict[str, str]
+    components: dict[str, str] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"step": self.step, "attempt": self.attempt, "fp": self.fp}
+        if self.components is not None:
+            doc["components"] = self.components
+        return doc
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> JournalEntry | None:
+        step, attempt, fp = _int(doc.get("step")), _int(doc.get("attempt")), _str_map(doc.get("fp"))
+        if step is None or attempt is None or fp is None:
+            return None
+        return cls(step=step, attempt=attempt, fp=fp, components=_str_map(doc.get("components")))
+
+
+def parse_journal_line(line: bytes | str) -> JournalStart | JournalEntry | None:
+    """One journal line; None for a torn, foreign or unparseable one."""
+    try:
+        doc = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(doc, dict):
+        return None
+    if "start" in doc:
+        return JournalStart.from_json(doc)
+    return JournalEntry.from_json(doc)
+
+
+DETERMINISM_STATES = ("unchecked", "verified", "diverged")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeterminismReport:
+    """Rank -> supervisor and ``status``: did the steps re-executed after a resume reproduce the
+    journal bit for bit (``run/determinism/rank-<R>.json``).
+
+    ``unchecked``: no recovery has re-executed a journaled step yet. ``verified``: every
+    re-executed journaled step matched, through ``checked_through_step``. ``diverged`` (sticky for
+    the run): ``first_divergence_step`` differed in ``fingerprint`` (a metric name, or
+    ``component:<name>``), ``expected`` (journal) vs ``got`` (this attempt).
+    """
+
+    rank: int
+    state: str
+    run_id: str | None = None
+    attempt: int | None = None
+    resumed_from: int | None = None
+    checked_through_step: int | None = None
+    first_divergence_step: int | None = None
+    fingerprint: str | None = None
+    expected: str | None = None
+    got: str | None = None
+    time: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any], *, rank: int | None = None) -> DeterminismReport | None:
+        who = rank if rank is not None else _int(doc.get("rank"))
+        state = doc.get("state")
+        if who is None or state not in DETERMINISM_STATES:
+            return None
+        return cls(
+            rank=who,
+            state=str(state),
+            run_id=_str(doc.get("run_id")),
+            attempt=_int(doc.get("attempt")),
+            resumed_from=_int(doc.get("resumed_from")),
+            checked_through_step=_int(doc.get("checked_through_step")),
+            first_divergence_step=_int(doc.get("first_divergence_step")),
+            fingerprint=_str(doc.get("fingerprint")),
+            expected=_str(doc.get("expected")),
+            got=_str(doc.get("got")),
+            time=_num(doc.get("time")),
+        )
+
+
+def summarize_determinism(reports: list[DeterminismReport]) -> dict[str, Any]:
+    """The run's audit from every rank's report (``status --json`` ``determinism``).
+
+    ``diverged`` if any rank diverged (the earliest step wins, with its rank and fingerprint),
+    else ``verified`` if any rank verified (``checked_through_step``: the least over verified
+    ranks), else ``unchecked``.
+    """
+    diverged = [r for r in reports if r.state == "diverged" and r.first_divergence_step is not None]
+    if diverged:
+        first = min(diverged, key=lambda r: (r.first_divergence_step or 0, r.rank))
+        return {
+            "state": "diverged",
+            "checked_through_step": first.checked_through_step,
+            "first_divergence_step": first.first_divergence_step,
+            "rank": first.rank,
+            "fingerprint": first.fingerprint,
+            "expected": first.expected,
+            "got": first.got,
+        }
+    verified = [r.checked_through_step for r in reports if r.state == "verified"]
+    steps = [s for s in verified if s is not None]
+    if verified:
+        return {
+            "state": "verified",
+            "checked_through_step": min(steps) if steps else None,
+            "first_divergence_step": None,
+        }
+    return {"state": "unchecked", "checked_through_step": None, "first_divergence_step": None}
 
 
 def read_document(path: str, kind: type[D]) -> D | None:

@@ -20,6 +20,9 @@ from contract.settings import BY_NAME, env_var, load, setting
 
 ResumeMode = Literal["auto", "fresh", "step"]
 LOG_FORMATS = ("json", "console")
+DivergenceAction = Literal["warn", "fail"]
+#: What a resumed rank does when a re-executed step differs from the journal (--on-divergence).
+DIVERGENCE_ACTIONS: tuple[DivergenceAction, ...] = ("warn", "fail")
 E = TypeVar("E", bound="WorkerEnv")
 
 
@@ -50,6 +53,9 @@ class WorkerEnv:
     spare_gate: str | None = setting("ORCH_SPARE_GATE")
     #: Unique per attempt; lets the supervisor find every process of an attempt.
     launch_token: str | None = setting("ORCH_LAUNCH_TOKEN")
+    #: ``--on-divergence``: ``warn`` logs ``resume.diverged`` and trains on; ``fail`` raises a
+    #: fatal error (exit 78) at the first re-executed step that differs from the journal.
+    on_divergence: DivergenceAction = setting("ORCH_ON_DIVERGENCE")
 
     def __post_init__(self) -> None:
         if self.attempt < 0:
@@ -73,6 +79,10 @@ class WorkerEnv:
             raise ValueError(f"ORCH_PG_TIMEOUT_S must be > 0, got {self.pg_timeout_s}")
         if self.log_format is not None and self.log_format not in LOG_FORMATS:
             raise ValueError(f"ORCH_LOG_FORMAT must be one of {LOG_FORMATS}, got {self.log_format!r}")
+        if self.on_divergence not in DIVERGENCE_ACTIONS:
+            raise ValueError(
+                f"ORCH_ON_DIVERGENCE must be one of {DIVERGENCE_ACTIONS}, got {self.on_divergence!r}"
+            )
         if self.checkpoint_dir is not None and not self.checkpoint_dir:
             raise ValueError("ORCH_CHECKPOINT_DIR must not be empty when set")
 

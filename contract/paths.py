@@ -86,3 +86,24 @@ class RunPaths:
     def spare_gate(self, attempt: int) -> str:
         """Supervisor -> a warm spare group: you are promoted, resume from (a SpareGate)."""
         return os.path.join(self.spare_dir, f"attempt-{attempt}.json")
+
+    @property
+    def journal_dir(self) -> str:
+        return os.path.join(self.run_dir, "journal")
+
+    def journal(self, rank: int) -> str:
+        """Rank -> itself on a later attempt: the step fingerprints it completed (JSON lines of
+        :class:`~contract.documents.JournalEntry`); bounded by rotation into :meth:`journal_old`."""
+        return os.path.join(self.journal_dir, f"rank-{rank}.jsonl")
+
+    def journal_old(self, rank: int) -> str:
+        """The previous generation of :meth:`journal` (read before it; replaced on rotation)."""
+        return os.path.join(self.journal_dir, f"rank-{rank}.jsonl.1")
+
+    @property
+    def determinism_dir(self) -> str:
+        return os.path.join(self.run_dir, "determinism")
+
+    def determinism(self, rank: int) -> str:
+        """Rank -> supervisor and ``status``: the rank's resume audit (a DeterminismReport)."""
+        return os.path.join(self.determinism_dir, f"rank-{rank}.json")

@@ -206,6 +206,9 @@ REGISTRY: Final[tuple[Var, ...]] = (
     _v("ORCH_LAUNCH_TOKEN", "str", None, "contract",
        "Unique per attempt: finds every process of the attempt (kill_orphans).",
        set_by="supervisor"),
+    _v("ORCH_ON_DIVERGENCE", "str", "warn", "contract",
+       "--on-divergence: warn or fail when a resumed rank re-executes a journaled step with "
+       "different loss bits (fail: fatal error, exit 78).", set_by="supervisor"),
 )
 
 BY_NAME: Final[dict[str, Var]] = {v.name: v for v in REGISTRY}

@@ -144,6 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
         "N', exit 0, nothing started); the script then resumes from its final snapshot. A new "
         "run needs a new --checkpoint-dir"
     )
+    launch.add_argument(
+        "--on-divergence", choices=("warn", "fail"), default=None, help="when a resumed rank "
+        "re-executes a step and its loss bits differ from the failed attempt's journal: warn "
+        "(default; resume.diverged, status shows it) or fail (fatal, the launch gives up)"
+    )
     launch.add_argument("--config", metavar="FILE", help="TOML file with defaults for the flags")
     launch.add_argument("script", nargs="?", metavar="SCRIPT", help="the training script")
     launch.add_argument("script_args", nargs=argparse.REMAINDER, metavar="SCRIPT_ARGS")
@@ -252,6 +257,7 @@ _LAUNCH_KEYS = (
     "hang_timeout",
     "allow_config_change",
     "warm_spare",
+    "on_divergence",
     "script",
 )
 

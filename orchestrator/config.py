@@ -64,6 +64,9 @@ class LaunchConfig:
     hang_timeout: float | None = None
     allow_config_change: bool = False
     warm_spare: bool = False
+    #: What a resumed rank does when a re-executed step differs from the journal: ``warn``
+    #: (log ``resume.diverged``, report it in ``status``, train on) or ``fail`` (fatal, exit 78).
+    on_divergence: str = "warn"
 
     def __post_init__(self) -> None:
         if not self.checkpoint_dir:
@@ -108,6 +111,8 @@ class LaunchConfig:
             raise ValueError(f"--grace must be >= 0 seconds, got {self.grace}")
         if self.hang_timeout is not None and not self.hang_timeout > 0:
             raise ValueError(f"--hang-timeout must be > 0 seconds, got {self.hang_timeout}")
+        if self.on_divergence not in ("warn", "fail"):
+            raise ValueError(f"--on-divergence must be warn or fail, got {self.on_divergence!r}")
         if self.warm_spare and self.nodes > 1:
             raise ValueError("--warm-spare is single-node only (a spare group cannot join the "
                              "other nodes' rendezvous ahead of time)")
@@ -151,6 +156,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "hang_timeout": (int, float),
     "allow_config_change": (bool,),
     "warm_spare": (bool,),
+    "on_divergence": (str,),
 }
 CONFIG_KEYS = frozenset(_FIELD_TYPES)
 

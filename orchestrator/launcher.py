@@ -594,6 +594,7 @@ def build_worker_env(
         log_format=settings.worker_log_format(),
         spare_gate=spare_gate,
         launch_token=token,
+        on_divergence="fail" if config.on_divergence == "fail" else "warn",
     )
     env = contract.apply(base)
     env.setdefault("OMP_NUM_THREADS", "1")

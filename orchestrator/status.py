@@ -11,9 +11,11 @@ every listed file has the recorded size, with ``--verify`` its checksums are che
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 from contract.codes import TERMINAL_PHASE_NAMES
+from contract.documents import DeterminismReport, read_document, summarize_determinism
 from contract.paths import RunPaths
 from orchestrator.clock import Clock
 from orchestrator.mirror import call_bounded, mirror_lag
@@ -129,7 +131,31 @@ def remote_status_document(
     doc["mirror_lag_steps"] = mirror_lag(doc["newest_local_step"], doc["newest_remote_step"])
     for key in ("resumed_from_step", "last_failure", "mirror_error"):
         doc.setdefault(key, None)
+    # The ranks' audit lives in the local run dir; a mirrored state.json may not carry it.
+    if not isinstance(doc.get("determinism"), dict):
+        doc["determinism"] = summarize_determinism([])
     return doc
+
+
+_REPORT_NAME = re.compile(r"^rank-(\d+)\.json$")
+
+
+def determinism_document(paths: RunPaths, run_id: Any = None) -> dict[str, Any]:
+    """``status --json`` ``determinism``: the ranks' resume audits (``run/determinism/``) merged
+    (see :func:`contract.documents.summarize_determinism`); ``unchecked`` when there are none.
+    Reports of another run id than ``run_id`` (a reused dir) are ignored."""
+    try:
+        names = sorted(os.listdir(paths.determinism_dir))
+    except OSError:
+        names = []
+    reports: list[DeterminismReport] = []
+    for name in names:
+        if _REPORT_NAME.match(name) is None:
+            continue
+        report = read_document(os.path.join(paths.determinism_dir, name), DeterminismReport)
+        if report is not None and (not isinstance(run_id, str) or report.run_id in (None, run_id)):
+            reports.append(report)
+    return summarize_determinism(reports)
 
 
 def status_document(checkpoint_dir: str, *, clock: Clock) -> dict[str, Any]:
@@ -166,11 +192,25 @@ def status_document(checkpoint_dir: str, *, clock: Clock) -> dict[str, Any]:
         doc["newest_local_step"] = max(usable) if usable else None
     for key in ("newest_remote_step", "mirror_lag_steps", "resumed_from_step", "last_failure"):
         doc.setdefault(key, None)
+    doc["determinism"] = determinism_document(paths, doc.get("run_id"))
     return doc
 
 
 def _cell(value: Any) -> str:
     return "-" if value is None else str(value)
+
+
+def render_determinism(audit: Any) -> str:
+    """The ``determinism`` line of the status table."""
+    if not isinstance(audit, dict) or audit.get("state") not in ("verified", "diverged"):
+        return "unchecked (no recovery re-executed a journaled step yet)"
+    if audit["state"] == "verified":
+        return f"verified through step {_cell(audit.get('checked_through_step'))}"
+    return (
+        f"DIVERGED at step {_cell(audit.get('first_divergence_step'))} "
+        f"(rank {_cell(audit.get('rank'))}, {_cell(audit.get('fingerprint'))}: expected "
+        f"{_cell(audit.get('expected'))}, got {_cell(audit.get('got'))})"
+    )
 
 
 def render_status(doc: dict[str, Any]) -> str:
@@ -192,6 +232,7 @@ def render_status(doc: dict[str, Any]) -> str:
     )
     width = max(len(k) for k in keys)
     lines = [f"{k:<{width}}  {_cell(doc.get(k))}" for k in keys]
+    lines.append(f"{'determinism':<{width}}  {render_determinism(doc.get('determinism'))}")
     lines.append("nodes:")
     lines.append(f"  {'node_rank':>9}  {'phase':<12}  heartbeat_age_s")
     for node in doc.get("nodes") or []:

@@ -37,6 +37,7 @@ from trainer.codec import TENSORS_FILE, TREE_FILE
 from trainer.distributed import is_initialized
 from trainer.errors import SnapshotError, UsageError
 from trainer.exports import BestPolicy, Exporter, json_metric
+from trainer.journal import Journal
 from trainer.provenance import Provenance
 from trainer.resume import ResumePolicy, Resumer
 from trainer.settings import STAGING_MODES, StagingMode, WorkerSettings
@@ -139,6 +140,11 @@ class Checkpointer:
         os.makedirs(self.paths.progress_dir, exist_ok=True)
         os.makedirs(self.paths.control_dir, exist_ok=True)
         self.resumer = Resumer(self, resume_policy or ResumePolicy())
+        #: The determinism audit (trainer.journal): step fingerprints, compared after a resume.
+        self.journal = Journal(
+            self.paths, rank=self.rank, run_id=self.run_id, attempt=self.settings.attempt,
+            config_hash=self.provenance.config_hash, on_divergence=self.settings.on_divergence,
+        )
         self.exporter = Exporter(
             best, state=state, writer=self.writer, directory=self.exports_dir,
             run_id=self.run_id, rank=self.rank,
@@ -180,6 +186,7 @@ class Checkpointer:
         self.resumer.await_promotion()
         self._heartbeat()
         loaded = self.resumer.load()
+        self.journal.begin(0 if loaded is None else loaded[0])
         if loaded is None:
             self.last_snapshot_step = None
             return 0
@@ -214,6 +221,7 @@ class Checkpointer:
             or time.monotonic() - self._last_beat >= self.settings.heartbeat_interval_s
         ):
             self._heartbeat()
+            self.journal.flush()
         self.faults.point("step_end", step)
         agreement: preemption.Agreement | None = None
         if step % self.settings.preempt_check_every == 0:
@@ -229,6 +237,12 @@ class Checkpointer:
             self._interval_origin, self._stall_measured = started, True
         elif self.rank == 0 and self._snapshot_job is None:
             self._reserve_arena()
+        # After the snapshot: its component digests (when the checkpointer has them) go with
+        # this step's fingerprint; a divergence with --on-divergence fail raises here.
+        self.journal.record(
+            step, metrics, getattr(self, "last_components", None) if snapshot_due else None,
+            flush=snapshot_due,
+        )
         if agreement is not None and agreement.preempt:
             preemption.stop(self, step, heartbeat=self._heartbeat)
 
@@ -435,6 +449,7 @@ class Checkpointer:
             self.writer.close()
         if is_initialized() and self.world_size > 1:
             dist.barrier()
+        self.journal.close()
         log.info("run.finished", step=step, digest=self.last_digest)
 
     def close(self) -> None:

@@ -53,6 +53,7 @@ _envs = st.builds(
     log_format=st.sampled_from([None, "json", "console"]),
     spare_gate=st.none() | st.just("/ck/run/spare/attempt-3.json"),
     launch_token=st.none() | st.from_regex(r"[0-9a-f]{8}", fullmatch=True),
+    on_divergence=st.sampled_from(["warn", "fail"]),
 ).flatmap(
     lambda e: st.sampled_from(
         [
