@@ -61,6 +61,7 @@ def _records(tier: SnapshotTier, *, verify: bool) -> list[dict[str, Any]]:
         if record.get("reason") is None:
             record.pop("reason", None)
         record["verified"] = verify
+        record["components"] = dict(checked.manifest.components) if checked.manifest else {}
         out.append(record)
     return out
 

@@ -2,9 +2,11 @@
 
 A manifest is written last into a snapshot; a snapshot is valid only when its manifest parses and
 every file it lists exists with the recorded size and checksum. It also carries the content
-`digest` of the training state (independent of file layout, paths and timestamps) and the
-metadata an operator needs to trust a resume: git commit, hyperparameters, dataset and torch
-versions, learning rate, metrics.
+`digest` of the training state (independent of file layout, paths and timestamps), the
+per-component digests (`components`: name -> digest, e.g. `"model"`, `"rng/python/rank0"`; named
+and computed by `trainer.codec`, opaque here) and the metadata an operator needs to trust a
+resume: git commit, hyperparameters, dataset and torch versions, learning rate, metrics.
+Manifests written before `components` existed load with an empty mapping.
 """
 
 from __future__ import annotations
@@ -20,6 +22,24 @@ from storage.layout import is_safe_filename
 
 FORMAT_VERSION = 1
 CHECKSUM_ALGORITHM = "sha256"
+#: Longest component name accepted in a manifest.
+MAX_COMPONENT_NAME = 1024
+_HEX = frozenset("0123456789abcdef")
+
+
+def is_content_digest(value: object) -> bool:
+    """True for ``"sha256:"`` followed by 64 lowercase hex digits (a component digest)."""
+    return (
+        isinstance(value, str)
+        and value.startswith("sha256:")
+        and len(value) == 7 + 64
+        and _HEX.issuperset(value[7:])
+    )
+
+
+def is_component_name(name: object) -> bool:
+    """True for a non-empty name of at most MAX_COMPONENT_NAME printable characters."""
+    return isinstance(name, str) and 0 < len(name) <= MAX_COMPONENT_NAME and name.isprintable()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,6 +68,8 @@ class Manifest:
     digest: str
     created_at: float
     metadata: Mapping[str, Any] = field(default_factory=dict)
+    #: Per-component content digests, name -> ``"sha256:<hex>"`` (empty in older manifests).
+    components: Mapping[str, str] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     checksum_algorithm: str = CHECKSUM_ALGORITHM
 
@@ -69,6 +91,11 @@ class Manifest:
             raise ValueError("digest must look like 'sha256:<hex>'")
         if not math.isfinite(self.created_at):
             raise ValueError("created_at must be a finite unix time")
+        for name, value in self.components.items():
+            if not is_component_name(name):
+                raise ValueError(f"bad component name in manifest: {name!r}"[:200])
+            if not is_content_digest(value):
+                raise ValueError(f"component {name!r} digest must be 'sha256:' + 64 hex digits"[:200])
 
     @property
     def total_bytes(self) -> int:
@@ -89,6 +116,10 @@ class Manifest:
             },
             "metadata": dict(self.metadata),
         }
+        if self.components:
+            # Only when there are any: a manifest without components (written by a caller that
+            # has none) keeps the bytes it had before the field existed.
+            doc["components"] = dict(self.components)
         return (json.dumps(doc, indent=1, sort_keys=True, allow_nan=False) + "\n").encode()
 
     @classmethod
@@ -117,6 +148,9 @@ class Manifest:
             created_at = doc["created_at"]
             if isinstance(created_at, bool) or not isinstance(created_at, (int, float)):
                 raise ValueError("'created_at' is not a number")
+            components = doc.get("components", {})
+            if not isinstance(components, dict):
+                raise ValueError("'components' is not an object")
             checksum_algorithm = doc.get("checksum_algorithm", CHECKSUM_ALGORITHM)
             if not isinstance(checksum_algorithm, str):
                 raise ValueError("'checksum_algorithm' is not a string")
@@ -131,6 +165,7 @@ class Manifest:
                 created_at=float(created_at),
                 checksum_algorithm=checksum_algorithm,
                 metadata=metadata,
+                components=components,
             )
         except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
             # UnicodeDecodeError and json.JSONDecodeError are ValueErrors; RecursionError comes

@@ -132,8 +132,13 @@ class SnapshotWriter:
         world_size: int,
         digest: str,
         metadata: Mapping[str, Any] | None = None,
+        components: Mapping[str, str] | None = None,
     ) -> Manifest:
-        """Write the manifest last, rename into place, fsync the parent. Returns the manifest."""
+        """Write the manifest last, rename into place, fsync the parent. Returns the manifest.
+
+        ``components`` (name -> ``"sha256:<hex>"``) are the per-component content digests the
+        manifest records beside the whole-state ``digest``.
+        """
         if self._done:
             raise StorageError("snapshot writer already committed or aborted")
         try:
@@ -148,6 +153,7 @@ class SnapshotWriter:
                 digest=digest,
                 created_at=time.time(),
                 metadata=dict(metadata or {}),
+                components=dict(components or {}),
             )
             self._write_manifest_and_install(manifest.to_json())
         except OSError as exc:

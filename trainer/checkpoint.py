@@ -152,6 +152,12 @@ class Checkpointer:
         self.last_snapshot_step: int | None = None
         self.resumed_from: int | None = None
         self.last_digest: str | None = None
+        #: Per-component digests (``codec.component_plan`` names) of the latest snapshot this
+        #: Checkpointer committed (rank 0; empty before the first): what its manifest records.
+        #: Set by the writer thread when that snapshot commits, not when ``snapshot()`` returns:
+        #: ``last_components_step`` names its step (set after it; ``wait()`` for the newest).
+        self.last_components: dict[str, str] = {}
+        self.last_components_step: int | None = None
         self._last_metrics: dict[str, Any] = {}
         self._snapshot_job: Job | None = None
         self.staging: StagingMode = staging
@@ -396,11 +402,16 @@ class Checkpointer:
         try:
             size = encoded.arena_nbytes
             view = arena.numpy().data if size else memoryview(b"")
-            # The digest (one sha256 pass) runs beside the file write and its checksum (another
-            # pass): hashlib and os.write release the GIL, so the two overlap.
+            # The digest runs beside the file write and its checksum (another pass): hashlib and
+            # os.write release the GIL, so they overlap. The per-component digests are hashed on
+            # one more thread beside the whole digest (codec.arena_digests; same CPU as feeding
+            # both hashers in one walk, less wall time where a core is free).
             tree = encoded.canonical_tree_bytes()
             digester = run_in_thread(
-                lambda: codec.arena_digest(tree, view, encoded.slots), name="trainer-digest"
+                lambda: codec.arena_digests(
+                    tree, view, encoded.slots, codec.component_plan(encoded.root)
+                ),
+                name="trainer-digest",
             )
             try:
                 with writer.open(TENSORS_FILE, direct=True) as f:
@@ -408,7 +419,7 @@ class Checkpointer:
                     f.write(view)
             finally:
                 futures.wait([digester])  # it reads the arena: never abort under it
-            digest = digester.result()
+            digest, components = digester.result()
             writer.write_bytes(TREE_FILE, encoded.tree_bytes())
             manifest = writer.commit(
                 run_id=self.run_id,
@@ -416,11 +427,14 @@ class Checkpointer:
                 world_size=self.world_size,
                 digest=digest,
                 metadata=metadata,
+                components=components,
             )
         except BaseException:
             writer.abort()
             raise
         self.last_digest = digest
+        self.last_components = components
+        self.last_components_step = step
         log.info(
             "snapshot.committed",
             step=step,

@@ -16,6 +16,13 @@ arena offsets and without insertion orders, serialised as compact JSON with sort
 followed by the bytes of every tensor in canonical order, without the alignment padding. It
 therefore depends only on the state's content, never on file layout, paths, time or attempt;
 :func:`state_digest` computes it from a live state object.
+
+**Component digests** name the parts of a snapshot object (``TrainingState.snapshot_object``)
+and give each the digest it would have as a state of its own: ``components["model"] ==
+state_digest(shared["model"])``. :func:`component_plan` names them (see there), and the writer
+hashes each component's tensor bytes into its own hasher in the same walk over the arena that
+feeds the whole-state digest (:func:`arena_digests`); :func:`component_digests` computes the same
+map from a live state, :func:`snapshot_digests` from a snapshot's files.
 """
 
 from __future__ import annotations
@@ -24,14 +31,17 @@ import base64
 import hashlib
 import json
 import math
+import os
 from collections import OrderedDict
 from collections.abc import Iterator
+from concurrent import futures
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from contract.threads import run_in_thread
 from trainer.errors import CodecError
 
 FORMAT = "trainer-tree-v1"
@@ -371,6 +381,262 @@ def arena_digest(canonical_tree: bytes, arena: memoryview, slots: list[TensorSlo
         if is_tensor:
             h.update(arena[start:end])
     return "sha256:" + h.hexdigest()
+
+
+# -- component digests ----------------------------------------------------------------------
+
+#: The section of a snapshot object holding state identical on every rank (stored once).
+SHARED = "shared"
+#: The section holding each rank's own state, keyed by rank.
+RANKS = "ranks"
+#: A shared part split one level further: one component per registered extra.
+_SPLIT_SHARED = "extras"
+#: Per-rank parts split one level further: one component per RNG, per ``per_rank`` object.
+_SPLIT_RANK = frozenset({"rng", "per_rank"})
+
+
+@dataclass(frozen=True)
+class Component:
+    """One named part of a state: its canonical tree bytes and its slots ``[first, stop)``."""
+
+    name: str
+    canonical: bytes
+    first: int
+    stop: int
+
+
+def _tensor_records(node: JsonTree) -> Iterator[dict[str, Any]]:
+    """The tensor and ndarray records under ``node``, in arena (encoding and decoding) order."""
+    if isinstance(node, list):
+        for item in node:
+            yield from _tensor_records(item)
+    elif isinstance(node, dict):
+        tag = node.get("t")
+        if tag in ("tensor", "ndarray"):
+            yield node
+        elif tag == "dict":
+            # Keys are plain values (never tensors); the values, then an OrderedDict's _metadata.
+            yield from _tensor_records(node.get("v", []))
+            if "meta" in node:
+                yield from _tensor_records(node["meta"])
+        elif tag == "tuple":
+            yield from _tensor_records(node.get("v", []))
+
+
+def _items(node: JsonTree) -> list[tuple[JsonTree, JsonTree, int, int]] | None:
+    """A dict node's ``(encoded key, value, first slot, tensor count)``; None if not a dict node."""
+    if not (isinstance(node, dict) and node.get("t") == "dict"):
+        return None
+    out: list[tuple[JsonTree, JsonTree, int, int]] = []
+    first = 0
+    for key, value in zip(node.get("k", []), node.get("v", []), strict=True):
+        count = sum(1 for _ in _tensor_records(value))
+        out.append((key, value, first, count))
+        first += count
+    return out
+
+
+def _segment(encoded_key: JsonTree) -> str:
+    """A key as one readable piece of a component name (never a control character)."""
+    label = _key_label(encoded_key)
+    if label.isprintable():
+        return label
+    return json.dumps(label)[1:-1]
+
+
+def component_plan(root: JsonTree) -> list[Component]:
+    """Name the components of an encoded snapshot object and find their slots.
+
+    ``root`` is an encoded tree (:attr:`EncodedState.root`, or ``tree.json``'s ``"root"``). The
+    names, for a ``TrainingState.snapshot_object``:
+
+    * ``shared`` part ``K`` -> ``K`` (``model``, ``optimizer``, ``scheduler``, ``scaler``,
+      ``ema``, ``progress``, and any part added later), except ``extras``: one component
+      ``extras/<name>`` per extra;
+    * rank ``R``'s part ``K`` -> ``K/rank<R>`` (``loader/rank1``, ``step/rank0``, and any part
+      added later), except ``rng``: one component ``rng/<generator>/rank<R>`` per generator
+      (``python``, ``numpy``, ``torch``, ``cuda``), and ``per_rank``: one component
+      ``per_rank/<name>/rank<R>`` per object registered with ``TrainingState(per_rank=...)``;
+    * any other top-level key ``K`` -> ``K`` (``world_size``).
+
+    A part whose value is None (no scheduler registered, no loader) has no component. Every
+    tensor of a snapshot object belongs to exactly one component. A root that is not a dict has
+    no components.
+    """
+    plan: list[Component] = []
+    names: set[str] = set()
+
+    def add(name: str, node: JsonTree, first: int, count: int) -> None:
+        if node is None:
+            return
+        if name in names:
+            raise CodecError(f"two parts of the state have the component name {name!r}")
+        names.add(name)
+        plan.append(Component(name, canonical_tree_bytes(node), first, first + count))
+
+    def split(node: JsonTree, first: int, count: int, prefix: str, suffix: str, name: str) -> None:
+        parts = _items(node)
+        if parts is None:
+            add(name, node, first, count)
+            return
+        for key, value, at, n in parts:
+            add(f"{prefix}{_segment(key)}{suffix}", value, first + at, n)
+
+    for key, node, first, count in _items(root) or []:
+        if key == SHARED and (shared := _items(node)) is not None:
+            for part, value, at, n in shared:
+                label = _segment(part)
+                if part == _SPLIT_SHARED:
+                    split(value, first + at, n, f"{label}/", "", label)
+                else:
+                    add(label, value, first + at, n)
+        elif key == RANKS and (ranks := _items(node)) is not None:
+            for rank, rank_node, rank_at, rank_n in ranks:
+                suffix = f"/rank{_segment(rank)}"
+                rank_parts = _items(rank_node)
+                if rank_parts is None:
+                    add(f"{RANKS}{suffix}", rank_node, first + rank_at, rank_n)
+                    continue
+                for part, value, at, n in rank_parts:
+                    label = _segment(part)
+                    base = first + rank_at + at
+                    if part in _SPLIT_RANK:
+                        split(value, base, n, f"{label}/", suffix, label + suffix)
+                    else:
+                        add(label + suffix, value, base, n)
+        else:
+            add(_segment(key), node, first, count)
+    return plan
+
+
+def _hex(h: Any) -> str:
+    return "sha256:" + str(h.hexdigest())
+
+
+#: :func:`arena_digests` hashes the components on a second thread from this many tensor bytes.
+PARALLEL_MIN_BYTES = 4 << 20
+
+
+def _hash_slots(
+    arena: memoryview, slots: list[TensorSlot], targets: list[tuple[Any, ...]], chunk: int
+) -> None:
+    """Feed each slot's bytes, ``chunk`` at a time, to each of its target hashers in turn."""
+    for slot, hashers in zip(slots, targets, strict=True):
+        if not hashers:
+            continue
+        start, end = slot.offset, slot.offset + slot.nbytes
+        while start < end:
+            stop = min(end, start + chunk)
+            piece = arena[start:stop]
+            for h in hashers:
+                h.update(piece)
+            start = stop
+
+
+def arena_digests(
+    canonical_tree: bytes,
+    arena: memoryview,
+    slots: list[TensorSlot],
+    components: list[Component],
+    *,
+    parallel: bool | None = None,
+    chunk: int = 1 << 20,
+) -> tuple[str, dict[str, str]]:
+    """The whole-state digest (exactly :func:`arena_digest`'s) and every component's digest.
+
+    Every tensor byte is hashed twice, once into the whole-state hasher and once into its
+    component's (sha256 cannot be split, so that second update is the whole extra cost). With
+    ``parallel`` False that is one walk over the arena on this thread: each piece (``chunk``
+    bytes, small enough to stay in cache between the two updates) goes to both hashers in turn.
+    With ``parallel`` True the component hashers walk the arena on a second thread beside the
+    whole-state one (hashlib releases the GIL): the same CPU work, done in about the time of one
+    pass where a core is free (measured on 2 busy cores, 100 MB: 85-92 ms against 102-114 ms for
+    one thread, against 65-70 ms without components). ``None`` (the default): parallel from
+    :data:`PARALLEL_MIN_BYTES` of tensor bytes on a machine with more than one CPU.
+    """
+    whole = hashlib.sha256(canonical_tree)
+    owner: list[Any] = [None] * len(slots)
+    hashers: dict[str, Any] = {}
+    for comp in components:
+        if not 0 <= comp.first <= comp.stop <= len(slots):
+            raise CodecError(f"component {comp.name!r} lies outside the {len(slots)} slots")
+        h = hashlib.sha256(comp.canonical)
+        hashers[comp.name] = h
+        owner[comp.first : comp.stop] = [h] * (comp.stop - comp.first)
+    for slot in slots:
+        if slot.offset + slot.nbytes > len(arena):
+            raise CodecError(f"slot {slot} lies outside the arena ({len(arena)} bytes)")
+    if parallel is None:
+        parallel = (os.cpu_count() or 1) > 1 and sum(s.nbytes for s in slots) >= PARALLEL_MIN_BYTES
+    if parallel and hashers:
+        side = run_in_thread(
+            lambda: _hash_slots(arena, slots, [() if h is None else (h,) for h in owner], chunk),
+            name="trainer-component-digest",
+        )
+        try:
+            _hash_slots(arena, slots, [(whole,)] * len(slots), chunk)
+        finally:
+            futures.wait([side])  # it reads the arena: never return under it
+        side.result()
+    else:
+        _hash_slots(arena, slots, [(whole,) if h is None else (whole, h) for h in owner], chunk)
+    return _hex(whole), {name: _hex(h) for name, h in hashers.items()}
+
+
+def state_digests(obj: Any) -> tuple[str, dict[str, str]]:
+    """A live state's digest and component digests: what a snapshot of it records."""
+    encoded = encode(obj)
+    whole = hashlib.sha256(encoded.canonical_tree_bytes())
+    owner: list[Any] = [None] * len(encoded.sources)
+    hashers: dict[str, Any] = {}
+    for comp in component_plan(encoded.root):
+        h = hashlib.sha256(comp.canonical)
+        hashers[comp.name] = h
+        owner[comp.first : comp.stop] = [h] * (comp.stop - comp.first)
+    for src, h in zip(encoded.sources, owner, strict=True):
+        data = _byte_view(src).data
+        whole.update(data)
+        if h is not None:
+            h.update(data)
+    return _hex(whole), {name: _hex(h) for name, h in hashers.items()}
+
+
+def component_digests(obj: Any) -> dict[str, str]:
+    """The component digests of a live state object (name -> ``"sha256:<hex>"``).
+
+    Equal to the ``components`` a snapshot of ``obj`` records in its manifest, e.g.
+    ``component_digests(state.snapshot_object(gathered))`` on rank 0.
+    """
+    encoded = encode(obj)
+    out: dict[str, str] = {}
+    for comp in component_plan(encoded.root):
+        h = hashlib.sha256(comp.canonical)
+        for src in encoded.sources[comp.first : comp.stop]:
+            h.update(_byte_view(src).data)
+        out[comp.name] = _hex(h)
+    return out
+
+
+def snapshot_digests(
+    tree_json: bytes, arena: bytes | bytearray | memoryview | np.ndarray[Any, Any]
+) -> tuple[str, dict[str, str]]:
+    """The digest and component digests of a snapshot's files (``tree.json``, ``tensors.bin``).
+
+    Reads offsets from the tree, so it agrees with :func:`state_digests` whatever the layout.
+    """
+    tree = parse_tree(tree_json)
+    if tree.get("format") != FORMAT:
+        raise CodecError(f"unknown tree format {tree.get('format')!r}; expected {FORMAT!r}")
+    root = tree.get("root")
+    flat = (np.frombuffer(arena, dtype=np.uint8) if not isinstance(arena, np.ndarray)
+            else arena.view(np.uint8).reshape(-1))
+    slots: list[TensorSlot] = []
+    for record in _tensor_records(root):
+        offset, nbytes = record.get("offset"), record.get("nbytes")
+        if not (isinstance(offset, int) and isinstance(nbytes, int)) or offset < 0 or nbytes < 0:
+            raise CodecError(f"bad tensor record {record!r}")
+        slots.append(TensorSlot(offset=offset, nbytes=nbytes))
+    return arena_digests(canonical_tree_bytes(root), flat.data, slots, component_plan(root))
 
 
 def _torch_dtype(name: str) -> torch.dtype:
