@@ -198,7 +198,7 @@ def _state_defaults(parser: argparse.ArgumentParser) -> None:
     for action in parser._actions:
         if action.help == argparse.SUPPRESS or isinstance(action, argparse._HelpAction):
             continue
-        if action.help and re.search(r"default", action.help):
+        if action.help and re.search(r"\bdefault\b", action.help):
             continue
         value = config_defaults.get(action.dest)
         if action.dest in _UNSET_MEANS:
