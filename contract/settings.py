@@ -182,6 +182,9 @@ REGISTRY: Final[tuple[Var, ...]] = (
     _v("ORCH_MAX_SNAPSHOT_INTERVAL_S", "float", 1800.0, "trainer",
        "--checkpoint-every auto: the longest interval it may choose (it aims at 100 x the "
        "latest snapshot's stall, at least 60 s)."),
+    _v("ORCH_STOP_AT_STEP", "int", None, "trainer",
+       "check-resume: the Checkpointer commits a snapshot at this step and the script stops "
+       "there with exit 0.", set_by="tests"),
     _v("ORCH_FAULTS", "str", "", "trainer",
        "Fault-injection rules POINT@STEP[:rank=R][:attempt=A] (tests only); read by the "
        "workers and by the supervisor's mirror.", set_by="tests"),

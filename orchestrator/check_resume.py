@@ -23,6 +23,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from contract.paths import RunPaths
+from orchestrator.runstate import read_state
 from orchestrator.settings import FAULTS_VAR, STOP_AT_STEP_VAR, inherited_environment
 from storage import LocalSnapshotStore
 
@@ -141,6 +143,10 @@ def hints_for(divergence: Divergence) -> list[str]:
         "prefetched batch, running averages, a counter): register it (TrainingState(per_rank="
         "..., extras=...)) or recompute it after resume()",
     ]
+    if name.startswith(("model", "optimizer", "ema", "scheduler", "scaler")):
+        hints.append("state that differs per rank (a per-rank counter or position) registered "
+                     "in extras is saved from rank 0 only: register it in "
+                     "TrainingState(per_rank=...)")
     if name.startswith("rng/"):
         hints.append("an RNG is drawn from outside the step (e.g. a batch prefetched before the "
                      "snapshot): draw the next batch at the start of the step instead")
@@ -258,7 +264,10 @@ def run_check(plan: Plan) -> tuple[Verdict, dict[str, Any]]:
                 f"the {name} run exited {code}; see {os.path.join(plan.workdir, name + '.log')}"
             )
         runs[name] = read_digests(ckpt)
-    resumed_from = max((s for s in runs["resumed"] if s <= plan.at), default=0)
+    state = read_state(RunPaths.of(os.path.join(plan.workdir, "resumed"))) or {}
+    recorded = state.get("resumed_from_step")
+    # What the last attempt resumed from (state.json); 0 when it had to start fresh.
+    resumed_from = recorded if isinstance(recorded, int) else 0
     verdict = compare(runs["fresh-a"], runs["fresh-b"], runs["resumed"], resumed_from=resumed_from)
     details = {"workdir": plan.workdir, "at": plan.at, "stop_at": plan.stop_at,
                "every": plan.every, "resumed_from": resumed_from}

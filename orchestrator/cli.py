@@ -14,6 +14,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
 from collections.abc import Sequence
 from types import FrameType
@@ -23,6 +24,7 @@ from contract.codes import EXIT_FAILED, EXIT_PREEMPTED, EXIT_USAGE, TERMINAL_PHA
 from contract.faults import FaultInjector
 from contract.logs import configure_logging
 from contract.paths import RunPaths
+from orchestrator import check_resume
 from orchestrator.clock import RealClock
 from orchestrator.config import LaunchConfig, build_config, check_launchable, load_config_file
 from orchestrator.launcher import (
@@ -165,6 +167,22 @@ def build_parser() -> argparse.ArgumentParser:
     snaps.add_argument("--mirror", metavar="URL")
     snaps.add_argument("--verify", action="store_true", help="check every file's checksum")
     snaps.add_argument("--json", action="store_true", help="a JSON list, oldest first")
+
+    check = sub.add_parser(
+        "check-resume",
+        help="run a script twice fresh and once killed and resumed; are they bit-identical?",
+    )
+    check.add_argument("--nproc-per-node", type=_int_arg, default=2, metavar="M",
+                       help="ranks per run (default: 2)")
+    check.add_argument("--at", type=_int_arg, metavar="STEP", help="the step whose end the "
+                       "last rank is SIGKILLed at (default: 13; each run stops at 2 x STEP)")
+    check.add_argument("--workdir", metavar="DIR", help="where the three runs are kept "
+                       "(default: a new temporary dir, printed)")
+    check.add_argument("--timeout", type=_float_arg, default=1800.0, metavar="SECONDS",
+                       help="bound on each run (default: 1800)")
+    check.add_argument("--json", action="store_true", help="one JSON object")
+    check.add_argument("script", metavar="SCRIPT", help="the training script")
+    check.add_argument("script_args", nargs=argparse.REMAINDER, metavar="SCRIPT_ARGS")
     return parser
 
 
@@ -231,7 +249,46 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _launch(args)
     if args.command == "status":
         return _status(args)
+    if args.command == "check-resume":
+        return _check_resume(args)
     return _snapshots(args)
+
+
+def _check_resume(args: argparse.Namespace) -> int:
+    """Exit 0 when the three runs are bit-identical, 1 otherwise (2: bad usage or a run failed)."""
+    try:
+        the_plan = check_resume.plan(
+            script=args.script, script_args=args.script_args, nproc_per_node=args.nproc_per_node,
+            at=args.at, workdir=args.workdir, timeout_s=args.timeout,
+        )
+    except ValueError as exc:
+        print(f"{PROG} check-resume: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.nproc_per_node < 1 or not os.path.isfile(args.script):
+        print(f"{PROG} check-resume: no script {args.script!r} (or --nproc-per-node < 1)",
+              file=sys.stderr)
+        return EXIT_USAGE
+    print(f"check-resume: 3 runs of {args.script} in {the_plan.workdir} (kill at step "
+          f"{the_plan.at}, stop at {the_plan.stop_at}, snapshots every {the_plan.every})",
+          file=sys.stderr)
+    try:
+        verdict, details = check_resume.run_check(the_plan)
+    except (RuntimeError, subprocess.TimeoutExpired) as exc:
+        print(f"{PROG} check-resume: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.json:
+        print(json.dumps({**verdict.to_json(), **details}, indent=2))
+    elif verdict.exact:
+        print(f"bit-exact: fresh, fresh and resumed runs agree at steps {verdict.compared_steps}")
+    else:
+        d = verdict.first_divergence
+        if d is not None:
+            rank = "" if d.rank is None else f" (rank {d.rank})"
+            print(f"NOT bit-exact: {d.between} differ first at step {d.step} in {d.component}"
+                  f"{rank}")
+        for hint in verdict.hints:
+            print(f"  hint: {hint}")
+    return 0 if verdict.exact else EXIT_FAILED
 
 
 # -- launch --------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from storage import LocalSnapshotStore
 from storage.layout import exports_root
 from trainer import codec, preemption
 from trainer.codec import TENSORS_FILE, TREE_FILE
-from trainer.distributed import is_initialized
+from trainer.distributed import is_initialized, shutdown
 from trainer.errors import SnapshotError, UsageError
 from trainer.exports import BestPolicy, Exporter, json_metric
 from trainer.journal import Journal
@@ -215,7 +215,9 @@ class Checkpointer:
         if metrics:
             self._last_metrics = {str(k): json_metric(v) for k, v in metrics.items()}
             self.exporter.track(step, metrics, self._last_metrics)
-        snapshot_due = self.every > 0 and step % self.every == 0
+        # check-resume (ORCH_STOP_AT_STEP): every rank stops at the same step, snapshot committed.
+        stop_here = step == self.settings.stop_at_step
+        snapshot_due = stop_here or (self.every > 0 and step % self.every == 0)
         first, self._stepped = not self._stepped, True
         if first and self._timed:
             self._interval_origin = time.monotonic()
@@ -251,6 +253,23 @@ class Checkpointer:
         )
         if agreement is not None and agreement.preempt:
             preemption.stop(self, step, heartbeat=self._heartbeat)
+        if stop_here:
+            self._stop_at(step)
+
+    def _stop_at(self, step: int) -> None:
+        """``ORCH_STOP_AT_STEP``: the snapshot of ``step`` is committed; end the script, exit 0.
+
+        A ``SystemExit(0)``: any script ends there as if it had finished (``trainer.run`` counts
+        it a success), and a loop's ``except Exception`` does not swallow it.
+        """
+        self.close()  # rank 0: the snapshot is committed (or its error raised)
+        if is_initialized() and self.world_size > 1:
+            dist.barrier()  # no rank leaves before rank 0 committed
+        log.info("checkpoint.stopped_at_step", step=step, digest=self.last_digest)
+        # The script's own teardown never runs: leaving with a live gloo group aborts the
+        # process at exit ("terminate called without an active exception").
+        shutdown()
+        raise SystemExit(0)
 
     def _interval_elapsed(self) -> bool:
         """This rank's vote for a time-based snapshot at this step (its own clock).

@@ -50,6 +50,8 @@ class WorkerSettings(WorkerEnv):
     #: At most one heartbeat file write per this many seconds (0: every step). The first
     #: completed step of an attempt, snapshot steps and the end always write one.
     heartbeat_interval_s: float = setting("ORCH_HEARTBEAT_INTERVAL_S")
+    #: ``check-resume``: commit a snapshot at this step and stop there (exit 0).
+    stop_at_step: int | None = setting("ORCH_STOP_AT_STEP")
     #: ``--checkpoint-every auto``: the longest interval it may choose (see
     #: :func:`contract.interval.auto_interval_s`).
     max_snapshot_interval_s: float = setting("ORCH_MAX_SNAPSHOT_INTERVAL_S")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from orchestrator.check_resume import compare, plan
@@ -87,3 +89,22 @@ def test_plan_kills_between_snapshots(at: int | None, every: int, stop: int) -> 
 def test_plan_rejects_a_bad_step() -> None:
     with pytest.raises(ValueError, match="--at"):
         plan(script="s.py", script_args=[], nproc_per_node=2, at=0, workdir=None, timeout_s=1)
+
+
+def test_stop_at_step_commits_that_snapshot_and_exits_zero(tmp_path: Path) -> None:
+    """ORCH_STOP_AT_STEP: the snapshot of that step is committed (off the interval), the script
+    ends there with SystemExit(0), and a fresh run to the same step has the same digest."""
+    from dataclasses import replace
+
+    from tests.unit.test_trainer_checkpoint import Job
+
+    stopped = Job(tmp_path / "stopped", every=4)
+    stopped.ckpt.settings = replace(stopped.ckpt.settings, stop_at_step=6)
+    with pytest.raises(SystemExit) as info:
+        stopped.train(20)
+    assert info.value.code == 0
+    steps = sorted(p.name for p in (tmp_path / "stopped" / "snapshots").iterdir())
+    assert steps == ["step-000000000004", "step-000000000006"]
+    full = Job(tmp_path / "full", every=2)
+    full.train(6)
+    assert stopped.ckpt.last_digest == full.ckpt.last_digest
