@@ -248,7 +248,11 @@ class Checkpointer:
         # After the snapshot: its component digests (when the checkpointer has them) go with
         # this step's fingerprint; a divergence with --on-divergence fail raises here.
         self.journal.record(
-            step, metrics, getattr(self, "last_components", None) if snapshot_due else None,
+            step,
+            metrics,
+            # Only this step's own: the writer sets them when the snapshot commits, usually
+            # after this call, and an older snapshot's would be compared against this step.
+            self.last_components if snapshot_due and self.last_components_step == step else None,
             flush=snapshot_due,
         )
         if agreement is not None and agreement.preempt:
