@@ -91,10 +91,19 @@ def test_plan_rejects_a_bad_step() -> None:
         plan(script="s.py", script_args=[], nproc_per_node=2, at=0, workdir=None, timeout_s=1)
 
 
-def test_stop_at_step_commits_that_snapshot_and_exits_zero(tmp_path: Path) -> None:
-    """ORCH_STOP_AT_STEP: the snapshot of that step is committed (off the interval), the script
-    ends there with SystemExit(0), and a fresh run to the same step has the same digest."""
+def test_stop_at_step_commits_that_snapshot_and_exits_zero(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ORCH_STOP_AT_STEP: the snapshot of that step is committed (off the interval), the process
+    ends there with exit 0, and a fresh run to the same step has the same digest."""
     from dataclasses import replace
+
+    import trainer.checkpoint
+
+    def exit_here(code: int) -> None:  # os._exit would end pytest itself
+        raise SystemExit(code)
+
+    monkeypatch.setattr(trainer.checkpoint.os, "_exit", exit_here)
 
     from tests.unit.test_trainer_checkpoint import Job
 
