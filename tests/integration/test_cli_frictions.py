@@ -16,14 +16,12 @@ import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from contract.polling import wait_until
-from orchestrator.launcher import find_processes
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.support import cli as support_cli
+from tests.support.cli import cli, env, events, launch, names, state
 
 #: Writes a heartbeat (progress) for step 10 * (attempt + 1), then behaves per argv[1].
 WORKER = textwrap.dedent(
@@ -61,50 +59,7 @@ WORKER = textwrap.dedent(
 
 @pytest.fixture
 def run_dir(tmp_path: Path) -> Iterator[Path]:
-    (tmp_path / "worker.py").write_text(WORKER)
-    yield tmp_path
-    leftovers = find_processes({"ORCH_CHECKPOINT_DIR": str(tmp_path / "ck")})
-    for pid in leftovers:
-        os.kill(pid, signal.SIGKILL)
-    assert leftovers == [], "processes of the run were left behind"
-
-
-def env(**extra: str) -> dict[str, str]:
-    e = dict(os.environ)
-    e.update(
-        PYTHONPATH=str(REPO),
-        ORCH_RESTART_BACKOFF_INITIAL_S="0.05",
-        ORCH_RESTART_BACKOFF_MAX_S="0.1",
-        ORCH_RESTART_BACKOFF_JITTER_S="0.05",
-        ORCH_LOG_FORMAT="json",
-        ORCH_TORCHRUN_MONITOR_INTERVAL_S="0.1",
-    )
-    e.update(extra)
-    return e
-
-
-def cli(run_dir: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "orchestrator.cli", "launch", "--nproc-per-node", "2",
-            "--checkpoint-dir", str(run_dir / "ck"), *args]
-
-
-def launch(run_dir: Path, *args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cli(run_dir, *args), env=env(), capture_output=True, text=True,
-                          timeout=timeout, cwd=run_dir, check=False)
-
-
-def state(run_dir: Path) -> dict[str, Any]:
-    doc: dict[str, Any] = json.loads((run_dir / "ck" / "run" / "state.json").read_text())
-    return doc
-
-
-def events(run_dir: Path) -> list[dict[str, Any]]:
-    lines = (run_dir / "ck" / "run" / "events.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines]
-
-
-def names(run_dir: Path) -> list[str]:
-    return [e["event"] for e in events(run_dir)]
+    yield from support_cli.run_dir(tmp_path, WORKER)
 
 
 # -- 2. start-up errors are fatal at once --------------------------------------------------
