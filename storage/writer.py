@@ -7,10 +7,11 @@ step. Files are written with :class:`~storage.hashfile.HashingFile`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import structlog
@@ -141,7 +142,7 @@ class SnapshotWriter:
         """
         if self._done:
             raise StorageError("snapshot writer already committed or aborted")
-        try:
+        with self._aborting_on_error():
             entries = {name: f.close() for name, f in self._files.items()}
             self._phase("after_files")
             manifest = Manifest(
@@ -156,12 +157,6 @@ class SnapshotWriter:
                 components=dict(components or {}),
             )
             self._write_manifest_and_install(manifest.to_json())
-        except OSError as exc:
-            self.abort()
-            raise os_error(exc, f"committing step {self.step}") from exc
-        except BaseException:
-            self.abort()
-            raise
         self._committed(manifest)
         return manifest
 
@@ -176,7 +171,7 @@ class SnapshotWriter:
         """
         if self._done:
             raise StorageError("snapshot writer already committed or aborted")
-        try:
+        with self._aborting_on_error():
             if manifest.step != self.step:
                 raise CorruptSnapshot(f"manifest is for step {manifest.step}, not {self.step}")
             if raw is not None and Manifest.from_json(raw) != manifest:
@@ -194,14 +189,20 @@ class SnapshotWriter:
                     raise CorruptSnapshot(f"{name}: checksum mismatch")
             self._phase("after_files")
             self._write_manifest_and_install(raw if raw is not None else manifest.to_json())
+        self._committed(manifest)
+        return manifest
+
+    @contextlib.contextmanager
+    def _aborting_on_error(self) -> Iterator[None]:
+        """Any error inside aborts the snapshot (its temp dir goes); OS errors are translated."""
+        try:
+            yield
         except OSError as exc:
             self.abort()
             raise os_error(exc, f"committing step {self.step}") from exc
         except BaseException:
             self.abort()
             raise
-        self._committed(manifest)
-        return manifest
 
     def _write_manifest_and_install(self, data: bytes) -> None:
         with HashingFile(
