@@ -26,8 +26,7 @@ import pytest
 
 from contract.polling import wait_until
 from orchestrator.launcher import find_processes
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.support import cli as support_cli
 
 WORKER = textwrap.dedent(
     """
@@ -89,28 +88,23 @@ def run_dir(tmp_path: Path) -> Iterator[Path]:
     assert leftovers == [], "processes of the run were left behind"
 
 
+#: Mirror tunables shrunk so retries, scans and flushes happen within a test.
+MIRROR_FAST = {
+    "ORCH_SCAN_INTERVAL_S": "0.2",
+    "ORCH_MIRROR_RETRY_INITIAL_S": "0.1",
+    "ORCH_MIRROR_RETRY_MAX_S": "0.5",
+    "ORCH_MIRROR_RETRY_JITTER_S": "0.1",
+    "ORCH_MIRROR_PREFLIGHT_ATTEMPTS": "2",
+    "ORCH_STATE_MIRROR_INTERVAL_S": "0.5",
+    "ORCH_MIRROR_FLUSH_TIMEOUT_S": "60",
+    "ORCH_REMOTE_CONNECT_TIMEOUT_S": "1",
+    "ORCH_REMOTE_READ_TIMEOUT_S": "2",
+}
+
+
 def env(s3: dict[str, str], **extra: str) -> dict[str, str]:
-    e = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    e.update(s3)
-    e.update(
-        PYTHONPATH=str(REPO),
-        ORCH_RESTART_BACKOFF_INITIAL_S="0.05",
-        ORCH_RESTART_BACKOFF_MAX_S="0.1",
-        ORCH_RESTART_BACKOFF_JITTER_S="0.05",
-        ORCH_LOG_FORMAT="json",
-        ORCH_TORCHRUN_MONITOR_INTERVAL_S="0.1",
-        ORCH_SCAN_INTERVAL_S="0.2",
-        ORCH_MIRROR_RETRY_INITIAL_S="0.1",
-        ORCH_MIRROR_RETRY_MAX_S="0.5",
-        ORCH_MIRROR_RETRY_JITTER_S="0.1",
-        ORCH_MIRROR_PREFLIGHT_ATTEMPTS="2",
-        ORCH_STATE_MIRROR_INTERVAL_S="0.5",
-        ORCH_MIRROR_FLUSH_TIMEOUT_S="60",
-        ORCH_REMOTE_CONNECT_TIMEOUT_S="1",
-        ORCH_REMOTE_READ_TIMEOUT_S="2",
-    )
-    e.update(extra)
-    return e
+    base = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    return support_cli.env(base=base, **{**s3, **MIRROR_FAST, **extra})
 
 
 def orch(run_dir: Path, s3: dict[str, str], *args: str, timeout: float = 120,

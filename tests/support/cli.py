@@ -12,7 +12,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +31,9 @@ def run_dir(tmp_path: Path, worker: str) -> Iterator[Path]:
     assert leftovers == [], "processes of the run were left behind"
 
 
-def env(**extra: str) -> dict[str, str]:
-    e = dict(os.environ)
+def env(*, base: Mapping[str, str] | None = None, **extra: str) -> dict[str, str]:
+    """``base`` (default: this process's environment) with short backoffs, JSON logs, ``extra``."""
+    e = dict(os.environ if base is None else base)
     e.update(
         PYTHONPATH=str(REPO),
         ORCH_RESTART_BACKOFF_INITIAL_S="0.05",
