@@ -5,15 +5,18 @@ step, whether the attempt has made progress past its resume point (an attempt th
 part of a crash loop) and which snapshot the ranks actually resumed from (multi-node: another
 node's may win). Activity is timed on the supervisor's own monotonic clock when *it* sees a
 heartbeat change, immune to wall-clock jumps and to skew between the workers' clocks and its
-own; ``--hang-timeout`` compares against that.
+own; ``--hang-timeout`` compares against that. :class:`AuditWatch` follows the ranks' resume
+audit the same way.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from contract.documents import Heartbeat
 from contract.paths import RunPaths
 from orchestrator.clock import Clock
-from orchestrator.runstate import EventLog, read_heartbeats
+from orchestrator.runstate import EventLog, read_determinism, read_heartbeats
 
 
 class AttemptProgress:
@@ -87,3 +90,31 @@ class AttemptProgress:
         if self.last_beat is None:
             return None
         return max(0.0, round(self._clock.time() - self.last_beat.time, 3))
+
+
+class AuditWatch:
+    """The ranks' resume audit (``run/determinism/``) as the supervisor last saw it.
+
+    ``refresh()`` re-reads the reports (a listdir and a few small files, at scan time) and, when
+    the merged verdict changes, records it in ``events.jsonl``: ``resume.verified`` or
+    ``resume.diverged``, the names the ranks log, so that a run's event history says whether
+    its recoveries reproduced the failed attempts. ``document`` goes into ``state.json``.
+    """
+
+    def __init__(self, *, paths: RunPaths, events: EventLog, run_id: str) -> None:
+        self._paths = paths
+        self._events = events
+        self._run_id = run_id
+        self.document: dict[str, Any] = read_determinism(paths, run_id)
+
+    def refresh(self, attempt: int) -> None:
+        before, self.document = self.document, read_determinism(self._paths, self._run_id)
+        doc = self.document
+        if doc == before or doc["state"] == "unchecked":
+            return
+        if doc["state"] == "diverged":
+            fields = {k: v for k, v in doc.items() if k != "state"}
+            self._events.emit("resume.diverged", attempt=attempt, **fields)
+        else:
+            self._events.emit("resume.verified", attempt=attempt,
+                              checked_through_step=doc["checked_through_step"])

@@ -25,7 +25,13 @@ from typing import Any
 import structlog
 
 from contract.atomic import atomic_write_json
-from contract.documents import Heartbeat, read_json
+from contract.documents import (
+    DeterminismReport,
+    Heartbeat,
+    read_document,
+    read_json,
+    summarize_determinism,
+)
 from contract.paths import RunPaths
 from orchestrator.clock import Clock
 from orchestrator.config import LaunchConfig
@@ -71,6 +77,11 @@ class RunState:
     #: What was launched (:func:`launch_identity`): a relaunch of a ``done`` run with the same
     #: identity has nothing left to do (``launch`` says "already done" and starts nothing).
     launch: dict[str, Any] | None = None
+    #: The ranks' resume audit (:func:`read_determinism`), copied here so that ``status
+    #: --mirror`` shows it too.
+    determinism: dict[str, Any] = field(
+        default_factory=lambda: summarize_determinism([])
+    )
 
     def to_json(self) -> dict[str, Any]:
         """The JSON document; ``nodes`` as a list of objects."""
@@ -186,7 +197,7 @@ class EventLog:
                 return
             self._file.write(line)
             self._file.flush()
-        level = "warning" if event.endswith(("failed", "gave_up", "invalid")) else "info"
+        level = "warning" if event.endswith(("failed", "gave_up", "invalid", "diverged")) else "info"
         getattr(log, level)(event, **fields)
 
     def close(self) -> None:
@@ -309,3 +320,21 @@ def read_heartbeats(paths: RunPaths) -> list[Heartbeat]:
         if beat is not None:
             out.append(beat)
     return out
+
+
+def read_determinism(paths: RunPaths, run_id: Any = None) -> dict[str, Any]:
+    """``status --json`` ``determinism``: the ranks' resume audits (``run/determinism/``) merged
+    (see :func:`contract.documents.summarize_determinism`); ``unchecked`` when there are none.
+    Reports of another run id than ``run_id`` (a reused dir) are ignored."""
+    try:
+        names = sorted(os.listdir(paths.determinism_dir))
+    except OSError:
+        names = []
+    reports: list[DeterminismReport] = []
+    for name in names:
+        if _RANK_FILE.match(name) is None:
+            continue
+        report = read_document(os.path.join(paths.determinism_dir, name), DeterminismReport)
+        if report is not None and (not isinstance(run_id, str) or report.run_id in (None, run_id)):
+            reports.append(report)
+    return summarize_determinism(reports)

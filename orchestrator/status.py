@@ -11,15 +11,14 @@ every listed file has the recorded size, with ``--verify`` its checksums are che
 from __future__ import annotations
 
 import os
-import re
 from typing import Any
 
 from contract.codes import TERMINAL_PHASE_NAMES
-from contract.documents import DeterminismReport, read_document, summarize_determinism
+from contract.documents import summarize_determinism
 from contract.paths import RunPaths
 from orchestrator.clock import Clock
 from orchestrator.mirror import call_bounded, mirror_lag
-from orchestrator.runstate import lock_is_held, read_heartbeats, read_state
+from orchestrator.runstate import lock_is_held, read_determinism, read_heartbeats, read_state
 from orchestrator.settings import Settings
 from storage import LocalSnapshotStore, RemoteTier, SnapshotTier
 
@@ -132,31 +131,26 @@ def remote_status_document(
     doc["mirror_lag_steps"] = mirror_lag(doc["newest_local_step"], doc["newest_remote_step"])
     for key in ("resumed_from_step", "last_failure", "mirror_error"):
         doc.setdefault(key, None)
-    # The ranks' audit lives in the local run dir; a mirrored state.json may not carry it.
-    if not isinstance(doc.get("determinism"), dict):
-        doc["determinism"] = summarize_determinism([])
+    doc["determinism"] = merge_determinism([d.get("determinism") for d in docs])
     return doc
 
 
-_REPORT_NAME = re.compile(r"^rank-(\d+)\.json$")
-
-
-def determinism_document(paths: RunPaths, run_id: Any = None) -> dict[str, Any]:
-    """``status --json`` ``determinism``: the ranks' resume audits (``run/determinism/``) merged
-    (see :func:`contract.documents.summarize_determinism`); ``unchecked`` when there are none.
-    Reports of another run id than ``run_id`` (a reused dir) are ignored."""
-    try:
-        names = sorted(os.listdir(paths.determinism_dir))
-    except OSError:
-        names = []
-    reports: list[DeterminismReport] = []
-    for name in names:
-        if _REPORT_NAME.match(name) is None:
-            continue
-        report = read_document(os.path.join(paths.determinism_dir, name), DeterminismReport)
-        if report is not None and (not isinstance(run_id, str) or report.run_id in (None, run_id)):
-            reports.append(report)
-    return summarize_determinism(reports)
+def merge_determinism(audits: list[Any]) -> dict[str, Any]:
+    """Every node's ``determinism`` (each merged over its own ranks by its supervisor) as one:
+    the earliest divergence of any node, else verified through the least step any verified node
+    checked, else ``unchecked`` (also for documents of supervisors that did not copy it)."""
+    docs = [a for a in audits if isinstance(a, dict)]
+    diverged = [a for a in docs if a.get("state") == "diverged"
+                and isinstance(a.get("first_divergence_step"), int)]
+    if diverged:
+        return dict(min(diverged, key=lambda a: a["first_divergence_step"]))
+    verified = [a for a in docs if a.get("state") == "verified"]
+    if verified:
+        steps = [a["checked_through_step"] for a in verified
+                 if isinstance(a.get("checked_through_step"), int)]
+        return {"state": "verified", "checked_through_step": min(steps) if steps else None,
+                "first_divergence_step": None}
+    return summarize_determinism([])
 
 
 def status_document(checkpoint_dir: str, *, clock: Clock) -> dict[str, Any]:
@@ -193,7 +187,7 @@ def status_document(checkpoint_dir: str, *, clock: Clock) -> dict[str, Any]:
         doc["newest_local_step"] = max(usable) if usable else None
     for key in ("newest_remote_step", "mirror_lag_steps", "resumed_from_step", "last_failure"):
         doc.setdefault(key, None)
-    doc["determinism"] = determinism_document(paths, doc.get("run_id"))
+    doc["determinism"] = read_determinism(paths, doc.get("run_id"))
     return doc
 
 

@@ -44,7 +44,7 @@ from orchestrator.policy import (
     decide,
 )
 from orchestrator.preempting import PreemptionRequest
-from orchestrator.progress import AttemptProgress
+from orchestrator.progress import AttemptProgress, AuditWatch
 from orchestrator.restore import ProgressFactory
 from orchestrator.runstate import EventLog, NodeState, RunState, StateFile, launch_identity
 from orchestrator.settings import Settings
@@ -131,6 +131,7 @@ class Supervisor:
             progress=progress,
         )
         self._progress = AttemptProgress(paths=paths, clock=clock, events=events)
+        self._audit = AuditWatch(paths=paths, events=events, run_id=run_id)
         self._spare = WarmSpare(factory=spare_factory, paths=paths, events=events)
         self._preemption = PreemptionRequest(
             paths=paths, clock=clock, events=events, grace=config.grace
@@ -307,6 +308,7 @@ class Supervisor:
         protect = self._progress.resume_step if self._group_running else None
         self._snapshots.scan(protect=protect)
         self._progress.note_snapshot(self._snapshots.newest_local)
+        self._audit.refresh(self._attempt)
 
     def _settle(self) -> None:
         """The ranks are gone: take in their last heartbeats and snapshots."""
@@ -500,6 +502,7 @@ class Supervisor:
             updated_at=self._clock.time(),
             pid=self._pid,
             launch=launch_identity(self._config),
+            determinism=self._audit.document,
             nodes=[
                 NodeState(
                     node_rank=self._config.node_rank,

@@ -231,7 +231,6 @@ class Checkpointer:
             or time.monotonic() - self._last_beat >= self.settings.heartbeat_interval_s
         ):
             self._heartbeat()
-            self.journal.flush()
         self.faults.point("step_end", step)
         agreement: preemption.Agreement | None = None
         if step % self.settings.preempt_check_every == 0:
@@ -255,7 +254,6 @@ class Checkpointer:
             # Only this step's own: the writer sets them when the snapshot commits, usually
             # after this call, and an older snapshot's would be compared against this step.
             self.last_components if snapshot_due and self.last_components_step == step else None,
-            flush=snapshot_due,
         )
         if agreement is not None and agreement.preempt:
             preemption.stop(self, step, heartbeat=self._heartbeat)

@@ -5,12 +5,12 @@ bits (``float.hex()``) of the ``loss`` metric passed to ``step_done`` when there
 every finite float metric, and at snapshot steps the per-component digests the checkpointer
 holds (``Checkpointer.last_components``) if any. A step without metrics leaves nothing.
 
-**Cost.** ``record()`` builds a one-entry dict and appends a tuple to a list (about a
-microsecond); the lines are formatted and written with one ``write()`` on an ``O_APPEND`` file
-at heartbeat time (``ORCH_HEARTBEAT_INTERVAL_S``), at snapshot steps, every
-:data:`FLUSH_EVERY` records and at the end. A SIGKILL loses the unflushed tail (at most a
-heartbeat interval of steps): the comparison then covers fewer steps, never wrong ones (a torn
-last line is skipped when read).
+**Cost.** ``record()`` formats one short line and writes it with one ``write()`` on an
+``O_APPEND`` file at once (about 2 µs a step; ``python -m bench`` reports it against a run
+without the journal). Written at every step because a SIGKILLed rank's written lines survive in
+the page cache while anything buffered in the process does not: fast steps would otherwise
+leave the failed attempt's last steps unjournalled and the audit with nothing to compare. A torn
+last line (a machine lost mid-write) is skipped when read.
 
 **Bound.** When the file reaches :data:`JOURNAL_LIMIT` lines it is renamed to
 ``rank-<R>.jsonl.1`` (replacing the previous generation) and a new file is started with a copy
@@ -57,8 +57,6 @@ log = structlog.get_logger("trainer.journal")
 
 #: Lines in the current journal file before it is rotated to ``rank-<R>.jsonl.1``.
 JOURNAL_LIMIT = 4096
-#: Pending records that force a write even before the next heartbeat.
-FLUSH_EVERY = 256
 
 _DUMPS = json.JSONEncoder(separators=(",", ":")).encode
 #: Metric names as JSON strings (the fingerprint values, ``float.hex()`` text, need no escaping).
@@ -153,7 +151,6 @@ class Journal:
         self.disabled = False
         self._lines = 0
         self._start_line = ""
-        self._pending: list[tuple[int, dict[str, str] | None, dict[str, str] | None]] = []
         self._expected: dict[int, JournalEntry] = {}
         self.resumed_from: int | None = None
         #: The highest step the failed attempt(s) journaled after the resume point (None: none).
@@ -166,7 +163,6 @@ class Journal:
 
     def begin(self, resumed_from: int) -> None:
         """Start this attempt's session; load what earlier sessions journaled after the resume."""
-        self.flush()
         self._close_fd()
         self.resumed_from = resumed_from
         self._expected, self._lines = self._load(resumed_from)
@@ -237,45 +233,34 @@ class Journal:
             self._fd = None
 
     def close(self) -> None:
-        """Write what is pending and close the file (a later record reopens it)."""
-        self.flush()
+        """Close the file (a later record reopens it)."""
         self._close_fd()
 
     # -- per step -------------------------------------------------------------------------
 
     def record(self, step: int, metrics: Mapping[str, Any] | None,
-               components: Any = None, *, flush: bool = False) -> None:
+               components: Any = None) -> None:
         """Journal ``step``'s fingerprint (and ``components``, a name -> digest dict) and, while
         the resume audit runs, compare it with the failed attempt's."""
         fp = fingerprint(metrics)
         comps = components if isinstance(components, dict) and components else None
         if fp is not None or comps is not None:
-            self._pending.append((step, fp, comps))
+            self._append(step, fp, comps)
         if self._checking:
             self._check(step, fp, comps)
-        if flush or len(self._pending) >= FLUSH_EVERY:
-            self.flush()
 
-    def flush(self) -> None:
-        """Write the pending entries with one ``write()`` (rotating the file when full)."""
-        if not self._pending:
-            return
+    def _append(self, step: int, fp: dict[str, str] | None, comps: dict[str, str] | None) -> None:
         if self._fd is None:
             self._reopen()
         if self._fd is None:  # disabled
-            self._pending.clear()
             return
-        pending, self._pending = self._pending, []
-        attempt = self.attempt
-        parts = []
-        for step, fp, comps in pending:
-            if comps is None:
-                parts.append(f'{{"step":{step},"attempt":{attempt},"fp":{_fp_json(fp or {})}}}\n')
-            else:
-                parts.append(_DUMPS(JournalEntry(step=step, attempt=attempt, fp=fp or {},
-                                                 components=comps).to_json()) + "\n")
-        self._write("".join(parts))
-        self._lines += len(parts)
+        if comps is None:
+            line = f'{{"step":{step},"attempt":{self.attempt},"fp":{_fp_json(fp or {})}}}\n'
+        else:
+            line = _DUMPS(JournalEntry(step=step, attempt=self.attempt, fp=fp or {},
+                                       components=comps).to_json()) + "\n"
+        self._write(line)
+        self._lines += 1
         if self._lines >= self.limit:
             self._rotate()
 
@@ -368,6 +353,5 @@ class Journal:
                 time=time.time(),
             ))
         if self.on_divergence == "fail":
-            self.flush()
             raise ResumeDiverged(step=step, resumed_from=resumed_from, name=name,
                                  expected=expected, got=got, rank=self.rank)

@@ -16,15 +16,14 @@ from tests.e2e.harness import EVERY
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
 PREFETCH = str(Path(__file__).resolve().parent / "prefetch_job.py")
-#: Every step's fingerprint reaches the journal before the next step (the default writes it at
-#: most once a second; a SIGKILL loses the rest, and the audit then covers fewer steps).
-EVERY_STEP = {"ORCH_HEARTBEAT_INTERVAL_S": "0"}
 
 
 def _launch_prefetch(ckpt: Path, *script_args: str, on_divergence: str = "warn") -> harness.Result:
     args = [*harness.ORCH, "launch", "--nproc-per-node", "2", "--checkpoint-dir", str(ckpt),
             "--max-restarts", "2", "--on-divergence", on_divergence, PREFETCH, *script_args]
-    env = harness.base_env(ORCH_FAULTS="step_end@25:rank=1", **EVERY_STEP)
+    # Default heartbeat and journal settings: the whole run takes about a second, so the audit
+    # works only because every step's fingerprint is written before the next step begins.
+    env = harness.base_env(ORCH_FAULTS="step_end@25:rank=1")
     p = subprocess.run(args, env=env, cwd=harness.REPO, capture_output=True, text=True, timeout=240)
     return harness.Result(p.returncode, p.stdout, p.stderr, ckpt)
 
@@ -36,7 +35,7 @@ def _audit(result: harness.Result) -> dict[str, Any]:
 
 def test_digits_recovery_is_verified(golden: dict[int, str], ckpt: Path) -> None:
     """The example resumes bit-identically: every re-executed step's loss bits match."""
-    result = harness.launch(ckpt, faults="step_end@50:rank=1", env=EVERY_STEP)
+    result = harness.launch(ckpt, faults="step_end@50:rank=1")
     harness.assert_matches_golden(result, golden)
     st = result.status()
     assert st["resumed_from_step"] == 40 and st["restarts"] == 1
@@ -59,6 +58,12 @@ def test_prefetched_batch_across_the_boundary_diverges(ckpt: Path) -> None:
     assert audit["expected"] != audit["got"]
     log = (ckpt / "run" / "logs" / "attempt-1.log").read_text()
     assert "resume.diverged" in log
+    # The supervisor recorded it too: in the event history and in state.json (status --mirror).
+    events = [json.loads(line) for line in (ckpt / "run" / "events.jsonl").read_text().splitlines()]
+    diverged = [e for e in events if e["event"] == "resume.diverged"]
+    assert len(diverged) == 1 and diverged[0]["first_divergence_step"] == 21, diverged
+    state = json.loads((ckpt / "run" / "state.json").read_text())
+    assert state["determinism"]["state"] == "diverged"
 
 
 def test_prefetch_with_on_divergence_fail_gives_up_at_once(ckpt: Path) -> None:

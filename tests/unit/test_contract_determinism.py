@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,7 +22,8 @@ from contract.documents import (
 from contract.env import VARIABLES, WorkerEnv
 from contract.paths import RunPaths
 from contract.settings import BY_NAME
-from orchestrator.status import determinism_document, render_status, status_document
+from orchestrator.runstate import read_determinism
+from orchestrator.status import merge_determinism, render_status, status_document
 from tests.support.clock import FakeClock
 
 pytestmark = pytest.mark.timeout(60)
@@ -130,8 +132,20 @@ def test_status_ignores_reports_of_another_run(tmp_path: Path) -> None:
     Path(paths.determinism_dir).mkdir()
     stale = DeterminismReport(rank=0, state="diverged", run_id="old-run", first_divergence_step=3)
     write_document(paths.determinism(0), stale, durable=False)
-    assert determinism_document(paths, "r")["state"] == "unchecked"
-    assert determinism_document(paths, "old-run")["state"] == "diverged"
+    assert read_determinism(paths, "r")["state"] == "unchecked"
+    assert read_determinism(paths, "old-run")["state"] == "diverged"
+
+
+def test_mirror_status_merges_every_nodes_audit() -> None:
+    def verified(through: int) -> dict[str, Any]:
+        return {"state": "verified", "checked_through_step": through, "first_divergence_step": None}
+    diverged = {"state": "diverged", "checked_through_step": 10, "first_divergence_step": 11,
+                "rank": 3, "fingerprint": "loss", "expected": "0x1p+0", "got": "0x1p+1"}
+    assert merge_determinism([verified(20), diverged, None])["first_divergence_step"] == 11
+    assert merge_determinism([verified(20), verified(15)]) == verified(15)
+    unchecked = {"state": "unchecked", "checked_through_step": None, "first_divergence_step": None}
+    assert merge_determinism([None, "junk", unchecked]) == unchecked
+    assert merge_determinism([]) == unchecked
 
 
 def test_launch_flag_reaches_the_workers() -> None:

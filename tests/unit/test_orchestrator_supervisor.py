@@ -805,3 +805,43 @@ def test_an_attempt_that_progressed_is_relaunched_without_backoff(tmp_path: Path
     delays = [e["delay_s"] for e in env.events() if e["event"] == "supervisor.backoff"]
     assert delays[0] == 0.0  # progressed: at once
     assert delays[1] >= 1.0  # the resumed attempt made no progress: back off
+
+
+def test_the_ranks_resume_audit_reaches_state_and_events(tmp_path: Path) -> None:
+    # status --mirror reads only the mirrored state.json: the audit must be in it, and the run's
+    # event history must say when a recovery did not reproduce the failed attempt.
+    def report(env: Env, rank: int, **doc: Any) -> None:
+        os.makedirs(env.paths.determinism_dir, exist_ok=True)
+        with open(env.paths.determinism(rank), "w") as f:
+            json.dump({"rank": rank, "run_id": "r", **doc}, f)
+
+    def script(env: Env) -> list[Attempt]:
+        def crash(attempt: int, _resume: int | None) -> None:
+            env.heartbeat(attempt, 13)
+            env.snapshot(10)
+        def verified(attempt: int, _resume: int | None) -> None:
+            env.heartbeat(attempt, 14)
+            report(env, 0, state="verified", checked_through_step=13)
+        def diverged(attempt: int, _resume: int | None) -> None:
+            env.heartbeat(attempt, 20)
+            report(env, 1, state="diverged", checked_through_step=10, first_divergence_step=11,
+                   fingerprint="loss", expected="0x1.0p+0", got="0x1.8p+0")
+        return [Attempt(1, on_exit=crash), Attempt(1, on_start=verified), Attempt(0, on_start=diverged)]
+
+    sup, _, env, _ = make(tmp_path, script)
+    assert sup.run().exit_code == EXIT_OK
+    audit = [e for e in env.events() if e["event"].startswith("resume.")]
+    assert [(e["event"], e["attempt"]) for e in audit] == [("resume.verified", 1), ("resume.diverged", 2)]
+    assert audit[0]["checked_through_step"] == 13
+    assert (audit[1]["first_divergence_step"], audit[1]["rank"], audit[1]["got"]) == (11, 1, "0x1.8p+0")
+    determinism = env.state()["determinism"]
+    assert determinism["state"] == "diverged" and determinism["first_divergence_step"] == 11
+
+
+def test_a_run_without_recovery_is_unchecked_in_state(tmp_path: Path) -> None:
+    sup, _, env, _ = make(tmp_path, [Attempt(0)])
+    assert sup.run().exit_code == EXIT_OK
+    assert env.state()["determinism"] == {
+        "state": "unchecked", "checked_through_step": None, "first_divergence_step": None,
+    }
+    assert not [e for e in env.events() if e["event"].startswith("resume.")]

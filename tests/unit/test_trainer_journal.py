@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import struct
-import time
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +78,7 @@ class Job:
         if finish:
             self.ckpt.finish()
         else:
-            self.ckpt.wait()  # a "crash": the journal's unflushed tail is lost, as on SIGKILL
+            self.ckpt.wait()  # a "crash": the journal is left as a SIGKILL leaves it
 
 
 def report(directory: Path, rank: int = 0) -> DeterminismReport | None:
@@ -134,13 +133,11 @@ def test_journal_is_bounded_by_rotation(tmp_path: Path) -> None:
     j.begin(0)
     for step in range(1, 1001):
         j.record(step, {"loss": step / 7})
-        if step % 13 == 0:
-            j.flush()
     j.close()
     paths = RunPaths.of(str(tmp_path))
     current = Path(paths.journal(0)).read_bytes().splitlines()
     old = Path(paths.journal_old(0)).read_bytes().splitlines()
-    assert len(current) <= 50 + 13 and len(old) <= 50 + 13
+    assert len(current) <= 50 and len(old) <= 50
     # each generation starts with the session's start line, so it can be read on its own
     assert isinstance(parse_journal_line(current[0]), JournalStart)
     assert isinstance(parse_journal_line(old[0]), JournalStart)
@@ -169,17 +166,15 @@ def test_torn_and_foreign_lines_are_skipped(tmp_path: Path) -> None:
     assert sorted(again._expected) == [2, 3, 4] and again.frontier == 4
 
 
-def test_journal_costs_microseconds_per_step(tmp_path: Path) -> None:
+def test_every_step_is_on_disk_without_close(tmp_path: Path) -> None:
+    # A SIGKILLed rank never closes its journal: what it recorded must already be in the file.
     j = _journal(tmp_path)
     j.begin(0)
-    metrics = {"loss": 0.123456789}
-    n = 20000
-    started = time.perf_counter()
-    for step in range(1, n + 1):
-        j.record(step, metrics)
-    j.flush()
-    per_step_us = (time.perf_counter() - started) / n * 1e6
-    assert per_step_us < 50, per_step_us  # ~1-3 us measured; generous for loaded CI machines
+    for step in (1, 2, 3):
+        j.record(step, {"loss": float(step)})
+    again = _journal(tmp_path, attempt=1)
+    again.begin(0)
+    assert sorted(again._expected) == [1, 2, 3]
 
 
 # -- the audit with a real Checkpointer -------------------------------------------------------------
@@ -195,15 +190,15 @@ def test_no_recovery_is_unchecked(tmp_path: Path) -> None:
 
 
 def test_deterministic_resume_is_verified_through_the_old_frontier(tmp_path: Path) -> None:
-    Job(tmp_path).train(13, finish=False)  # snapshot at 10; journal flushed through 12
+    Job(tmp_path).train(13, finish=False)  # snapshot at 10; every step journaled through 13
     resumed = Job(tmp_path, attempt=1)
     resumed.train(20)
     assert resumed.ckpt.resumed_from == 10
-    assert resumed.ckpt.journal.frontier == 12
-    assert resumed.ckpt.journal.compared == 2  # steps 11 and 12, exactly
+    assert resumed.ckpt.journal.frontier == 13
+    assert resumed.ckpt.journal.compared == 3  # steps 11, 12 and 13, exactly
     got = report(tmp_path)
     assert got is not None and got.state == "verified"
-    assert (got.checked_through_step, got.first_divergence_step, got.resumed_from) == (12, None, 10)
+    assert (got.checked_through_step, got.first_divergence_step, got.resumed_from) == (13, None, 10)
 
 
 def test_diverging_resume_is_reported_with_the_first_step(tmp_path: Path) -> None:
