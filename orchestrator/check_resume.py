@@ -2,8 +2,9 @@
 
 The same script runs three times under ``orchestrator launch``, each stopped at the same step
 (``ORCH_STOP_AT_STEP``, obeyed by the Checkpointer: a final snapshot, then a clean exit): two
-fresh runs, and one whose last rank is SIGKILLed at ``--at`` (``ORCH_FAULTS``) and recovered by
-the supervisor. The per-component digests of their snapshots are compared step by step. Two
+fresh runs, and one whose last rank is SIGKILLed at the end of a step (``--at``, else chosen from
+the first run's snapshots so that the resume re-executes steps; ``ORCH_FAULTS``) and recovered
+by the supervisor. The per-component digests of their snapshots are compared step by step. Two
 fresh runs that differ mean the script is not deterministic at all (an unseeded RNG, a
 nondeterministic kernel, data order); fresh runs that agree while the resumed one differs mean
 state that lives across the step boundary outside the registered training state (a prefetched
@@ -196,15 +197,21 @@ def read_digests(checkpoint_dir: str) -> Digests:
     return out
 
 
+#: Without ``--at``: each run stops at this step (or at the script's own end, if sooner) with
+#: snapshots every :data:`DEFAULT_EVERY` steps, and the kill step is chosen from the first run.
+DEFAULT_STOP_AT = 20
+DEFAULT_EVERY = 5
+
+
 @dataclass(frozen=True, kw_only=True)
 class Plan:
-    """How the three runs are made."""
+    """How the three runs are made; ``at`` None: chosen from the first run (:func:`choose_kill`)."""
 
     script: str
     script_args: list[str]
     nproc_per_node: int
     stop_at: int
-    at: int
+    at: int | None
     every: int
     workdir: str
     timeout_s: float
@@ -212,22 +219,57 @@ class Plan:
 
 def plan(*, script: str, script_args: Sequence[str], nproc_per_node: int, at: int | None,
          workdir: str | None, timeout_s: float) -> Plan:
-    """The default: kill at step 13 of 20, snapshots every 5 (the resume re-executes 3 steps);
-    with ``--at K``: stop at 2K (at least K+2), snapshots at about K/2 apart, never at K."""
+    """The default: stop at step 20 (or the script's end), snapshots every 5, the kill step
+    chosen from the first fresh run; with ``--at K``: stop at 2K (at least K+2), snapshots at
+    about K/2 apart, never at K."""
     if at is None:
-        at = 13
-    if at < 1:
+        every, stop_at = DEFAULT_EVERY, DEFAULT_STOP_AT
+    elif at < 1:
         raise ValueError(f"--at must be >= 1, got {at}")
-    every = max(1, at // 2 - 1)
-    if at % every == 0 and every > 1:
-        every -= 1
-    stop_at = max(2 * at, at + 2)
+    else:
+        every = max(1, at // 2 - 1)
+        if at % every == 0 and every > 1:
+            every -= 1
+        stop_at = max(2 * at, at + 2)
     return Plan(script=script, script_args=list(script_args), nproc_per_node=nproc_per_node,
                 stop_at=stop_at, at=at, every=every,
                 workdir=workdir or tempfile.mkdtemp(prefix="check-resume-"), timeout_s=timeout_s)
 
 
-def _launch(plan: Plan, name: str, *, faults: str | None) -> tuple[int, str]:
+class CannotCheck(Exception):
+    """The runs could not be compared: the script is too short, or a run itself failed."""
+
+    def __init__(self, message: str, *, hints: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.hints = list(hints)
+
+
+def choose_kill(snapshot_steps: Sequence[int]) -> int:
+    """The kill step for a run whose snapshots (the last one is its final step) were these.
+
+    The kill falls strictly inside an interval between two snapshots, so that the resume
+    re-executes steps, and the latest such interval that still has a snapshot after it is
+    preferred, so that the resumed run is compared at more than its final step. A resume point
+    of 0 (a fresh start) is used only when no snapshot before the final one leaves room.
+    """
+    steps = sorted(set(snapshot_steps))
+    if not steps:
+        raise CannotCheck("the first fresh run left no snapshot",
+                          hints=["the script never called Checkpointer.step_done"])
+    final = steps[-1]
+    gaps = [(a, b) for a, b in zip([0, *steps[:-1]], steps, strict=True) if b - a >= 2]
+    if not gaps:
+        raise CannotCheck(
+            f"the script stopped at step {final}: check-resume needs a run of at least 2 steps "
+            "(pass a longer run in SCRIPT_ARGS, or --at)"
+        )
+    # Rank: a real resume point first, then a snapshot to compare after the kill, then lateness.
+    a, b = max(gaps, key=lambda g: (g[0] > 0, g[1] < final, g[0]))
+    return a + (b - a + 1) // 2
+
+
+def _launch(plan: Plan, name: str, *, faults: str | None) -> str:
+    """One ``launch`` run; its checkpoint dir. Raises :class:`CannotCheck` when it fails."""
     ckpt = os.path.join(plan.workdir, name)
     env = inherited_environment()
     env[STOP_AT_STEP_VAR] = str(plan.stop_at)
@@ -244,31 +286,39 @@ def _launch(plan: Plan, name: str, *, faults: str | None) -> tuple[int, str]:
     ]
     log_path = os.path.join(plan.workdir, f"{name}.log")
     with open(log_path, "wb") as log:
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                              timeout=plan.timeout_s, check=False)
-    return proc.returncode, ckpt
+        try:
+            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                  timeout=plan.timeout_s, check=False)
+        except subprocess.TimeoutExpired:
+            code: int | str = f"nothing within --timeout {plan.timeout_s:g}s"
+        else:
+            code = proc.returncode
+    if code == 0:
+        return ckpt
+    what = f"exited {code}" if isinstance(code, int) else f"finished {code}"
+    if faults is None:
+        hint = (f"the script fails under orchestrator launch without any fault injected: "
+                f"run it with launch yourself and read {log_path}")
+    else:
+        hint = ("the script did not recover from a SIGKILL: the resume itself failed (see the "
+                "log's root cause: a refused resume, state that does not load, a crash after "
+                "resume()")
+    raise CannotCheck(f"the {name} run {what}; see {log_path}", hints=[hint])
 
 
 def run_check(plan: Plan) -> tuple[Verdict, dict[str, Any]]:
-    """Make the three runs and compare them; raises RuntimeError when a run itself failed."""
+    """Make the three runs and compare them; :class:`CannotCheck` when that is not possible."""
     os.makedirs(plan.workdir, exist_ok=True)
-    runs: dict[str, Digests] = {}
-    for name, faults in (
-        ("fresh-a", None),
-        ("fresh-b", None),
-        ("resumed", f"step_end@{plan.at}:rank={plan.nproc_per_node - 1}"),
-    ):
-        code, ckpt = _launch(plan, name, faults=faults)
-        if code != 0:
-            raise RuntimeError(
-                f"the {name} run exited {code}; see {os.path.join(plan.workdir, name + '.log')}"
-            )
-        runs[name] = read_digests(ckpt)
+    runs: dict[str, Digests] = {"fresh-a": read_digests(_launch(plan, "fresh-a", faults=None))}
+    at = plan.at if plan.at is not None else choose_kill(list(runs["fresh-a"]))
+    runs["fresh-b"] = read_digests(_launch(plan, "fresh-b", faults=None))
+    killed = f"step_end@{at}:rank={plan.nproc_per_node - 1}"
+    runs["resumed"] = read_digests(_launch(plan, "resumed", faults=killed))
     state = read_state(RunPaths.of(os.path.join(plan.workdir, "resumed"))) or {}
     recorded = state.get("resumed_from_step")
     # What the last attempt resumed from (state.json); 0 when it had to start fresh.
     resumed_from = recorded if isinstance(recorded, int) else 0
     verdict = compare(runs["fresh-a"], runs["fresh-b"], runs["resumed"], resumed_from=resumed_from)
-    details = {"workdir": plan.workdir, "at": plan.at, "stop_at": plan.stop_at,
-               "every": plan.every, "resumed_from": resumed_from}
+    details = {"workdir": plan.workdir, "at": at, "at_chosen_from_run": plan.at is None,
+               "stop_at": plan.stop_at, "every": plan.every, "resumed_from": resumed_from}
     return verdict, details

@@ -14,7 +14,6 @@ import json
 import os
 import re
 import signal
-import subprocess
 import sys
 from collections.abc import Sequence
 from types import FrameType
@@ -26,7 +25,13 @@ from contract.logs import configure_logging
 from contract.paths import RunPaths
 from orchestrator import check_resume
 from orchestrator.clock import RealClock
-from orchestrator.config import LaunchConfig, build_config, check_launchable, load_config_file
+from orchestrator.config import (
+    KEEP_ALL,
+    LaunchConfig,
+    build_config,
+    check_launchable,
+    load_config_file,
+)
 from orchestrator.launcher import (
     ProgressLine,
     TerminalStatus,
@@ -84,6 +89,15 @@ def _int_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
+def _keep_arg(text: str) -> int | str:
+    if text == KEEP_ALL:
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count or {KEEP_ALL!r}, got {text!r}") from None
+
+
 def _float_arg(text: str) -> float:
     try:
         return float(text)
@@ -115,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
         "snapshot stall, 60 s to ORCH_MAX_SNAPSHOT_INTERVAL_S); default: the script's "
         "Checkpointer(every=...) if it sets one, else auto"
     )
-    launch.add_argument("--keep-local", type=_int_arg, metavar="K", help="keep the last K")
+    launch.add_argument("--keep-local", type=_keep_arg, metavar="K|all", help="keep the last K "
+                        "local snapshots, or all of them")
     launch.add_argument("--keep-remote", type=_int_arg, metavar="K", help="keep the last K remote "
                         "snapshots (needs --mirror)")
     launch.add_argument("--keep-every", type=_int_arg, metavar="N", help="also keep steps divisible by N")
@@ -139,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
         "worker group started (imports, process group, model built) and waiting, so a restart "
         "skips start-up; costs that group's memory (on GPU too, if the script allocates there "
         "before Checkpointer.resume())"
+    )
+    launch.add_argument(
+        "--wrap", action="store_true", default=None, help="run SCRIPT under "
+        "trainer.run_script: a module-level script without a main() (nanoGPT's train.py, ...) "
+        "gets error files, exit codes and preemption handling without changing it"
     )
     launch.add_argument(
         "--force", action="store_true", help="launch even when the dir holds a run already done "
@@ -175,7 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--nproc-per-node", type=_int_arg, default=2, metavar="M",
                        help="ranks per run (default: 2)")
     check.add_argument("--at", type=_int_arg, metavar="STEP", help="the step whose end the "
-                       "last rank is SIGKILLed at (default: 13; each run stops at 2 x STEP)")
+                       "last rank is SIGKILLed at; each run then stops at 2 x STEP (default: "
+                       "runs stop at step 20 or the script's end, snapshots every 5, and the "
+                       "step is chosen from the first run: between two snapshots, so that the "
+                       "resume re-executes steps)")
     check.add_argument("--workdir", metavar="DIR", help="where the three runs are kept "
                        "(default: a new temporary dir, printed)")
     check.add_argument("--timeout", type=_float_arg, default=1800.0, metavar="SECONDS",
@@ -193,7 +216,6 @@ _UNSET_MEANS = {
     "mirror": "none: local snapshots only",
     "run_id": "the one in the dir's run/state.json, else a new random one",
     "checkpoint_every": "the script's own interval",
-    "keep_local": "none: every local snapshot is kept",
     "keep_remote": "none: every remote snapshot is kept",
     "keep_every": "none",
     "hang_timeout": "none: no heartbeat watchdog",
@@ -255,7 +277,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _check_resume(args: argparse.Namespace) -> int:
-    """Exit 0 when the three runs are bit-identical, 1 otherwise (2: bad usage or a run failed)."""
+    """Exit 0 when the three runs are bit-identical; 1 when they are not, or could not be
+    compared (a run failed: never "exact" without proof); 2 on bad usage."""
     try:
         the_plan = check_resume.plan(
             script=args.script, script_args=args.script_args, nproc_per_node=args.nproc_per_node,
@@ -268,18 +291,26 @@ def _check_resume(args: argparse.Namespace) -> int:
         print(f"{PROG} check-resume: no script {args.script!r} (or --nproc-per-node < 1)",
               file=sys.stderr)
         return EXIT_USAGE
-    print(f"check-resume: 3 runs of {args.script} in {the_plan.workdir} (kill at step "
-          f"{the_plan.at}, stop at {the_plan.stop_at}, snapshots every {the_plan.every})",
-          file=sys.stderr)
+    kill = "chosen from the first run" if the_plan.at is None else str(the_plan.at)
+    print(f"check-resume: 3 runs of {args.script} in {the_plan.workdir} (kill at step {kill}, "
+          f"stop at {the_plan.stop_at}, snapshots every {the_plan.every})", file=sys.stderr)
     try:
         verdict, details = check_resume.run_check(the_plan)
-    except (RuntimeError, subprocess.TimeoutExpired) as exc:
-        print(f"{PROG} check-resume: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    except check_resume.CannotCheck as exc:
+        if args.json:
+            print(json.dumps({"exact": False, "first_divergence": None, "error": str(exc),
+                              "hints": exc.hints, "workdir": the_plan.workdir}, indent=2))
+        else:
+            print(f"NOT checked: {exc}")
+            for hint in exc.hints:
+                print(f"  hint: {hint}")
+        return EXIT_FAILED
     if args.json:
         print(json.dumps({**verdict.to_json(), **details}, indent=2))
     elif verdict.exact:
-        print(f"bit-exact: fresh, fresh and resumed runs agree at steps {verdict.compared_steps}")
+        print(f"bit-exact: fresh, fresh and resumed runs agree at steps {verdict.compared_steps} "
+              f"(killed at the end of step {details['at']}, resumed from "
+              f"{details['resumed_from']})")
     else:
         d = verdict.first_divergence
         if d is not None:
@@ -314,6 +345,7 @@ _LAUNCH_KEYS = (
     "hang_timeout",
     "allow_config_change",
     "warm_spare",
+    "wrap",
     "on_divergence",
     "script",
 )

@@ -17,8 +17,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 PORT = str(Path(__file__).resolve().parent / "ports" / "third_party.py")
 
 
-def check(tmp_path: Path, mistake: str) -> tuple[int, dict[str, Any]]:
-    args = [*harness.ORCH, "check-resume", "--json", "--at", "7", "--workdir",
+def check(tmp_path: Path, mistake: str, *, at: str | None = "7") -> tuple[int, dict[str, Any]]:
+    args = [*harness.ORCH, "check-resume", "--json", *(["--at", at] if at else []), "--workdir",
             str(tmp_path / mistake), PORT, "--mistake", mistake, "--steps", "16"]
     p = subprocess.run(args, env=harness.base_env(), cwd=harness.REPO, capture_output=True,
                        text=True, timeout=500)
@@ -27,11 +27,13 @@ def check(tmp_path: Path, mistake: str) -> tuple[int, dict[str, Any]]:
 
 
 def test_the_fixed_script_resumes_bit_exactly(tmp_path: Path) -> None:
-    code, out = check(tmp_path, "none")
+    code, out = check(tmp_path, "none", at=None)
     assert code == 0 and out["exact"] is True and out["first_divergence"] is None, out
-    # Snapshots every 2 steps, the kill at the end of step 7: the resume point is 6, or 4 when
-    # rank 0 was torn down before snapshot 6 committed; either way steps were re-executed.
-    assert out["resumed_from"] in (4, 6) and out["compared_steps"][-1] == 14
+    # No --at: runs stop at the script's own end (16, before the default 20), snapshots every
+    # 5, and the kill is chosen between snapshots 10 and 15. The resume point is 10, or 5 when
+    # rank 0 was torn down before snapshot 10 committed; either way steps were re-executed.
+    assert out["at_chosen_from_run"] is True and out["at"] == 13, out
+    assert out["resumed_from"] in (5, 10) and out["compared_steps"][-1] == 16
 
 
 @pytest.mark.parametrize(

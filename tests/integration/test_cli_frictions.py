@@ -309,3 +309,22 @@ def test_a_progress_line_on_a_terminal(run_dir: Path) -> None:
     assert any(re.match(r"orchestrator: step \d+/15 \| [0-9.]+ steps/s \| last snapshot - \| "
                         r"restarts 0 \| running", line) for line in lines), lines
     assert lines[-1].startswith("orchestrator: step 15/15") and "| done" in lines[-1], lines
+
+
+# -- check-resume when a run itself fails ---------------------------------------------------------
+
+
+def test_check_resume_on_a_script_that_fails_is_not_exact(run_dir: Path) -> None:
+    """A failed run is "could not check", exit 1 with the reason and the log: never exit 0."""
+    (run_dir / "broken.py").write_text("import no_such_module_here\n")
+    p = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "check-resume", "--json", "--workdir",
+         str(run_dir / "ck"), str(run_dir / "broken.py")],
+        env=env(), capture_output=True, text=True, timeout=90, cwd=run_dir, check=False,
+    )
+    assert p.returncode == 1, p.stderr
+    out = json.loads(p.stdout)
+    assert out["exact"] is False and out["first_divergence"] is None
+    assert "the fresh-a run exited 1" in out["error"] and "fresh-a.log" in out["error"]
+    assert any("without any fault" in h for h in out["hints"]), out
+    assert "ModuleNotFoundError" in (run_dir / "ck" / "fresh-a.log").read_text()

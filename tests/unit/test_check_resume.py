@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.check_resume import compare, plan
+from orchestrator.check_resume import CannotCheck, choose_kill, compare, plan
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -78,12 +78,35 @@ def test_whole_digest_only_manifests_still_compare() -> None:
     assert d is not None and (d.step, d.component) == (20, "digest")
 
 
-@pytest.mark.parametrize(("at", "every", "stop"), [(None, 5, 26), (7, 2, 14), (1, 1, 3), (4, 1, 8)])
+@pytest.mark.parametrize(("at", "every", "stop"), [(None, 5, 20), (7, 2, 14), (1, 1, 3), (4, 1, 8)])
 def test_plan_kills_between_snapshots(at: int | None, every: int, stop: int) -> None:
     p = plan(script="s.py", script_args=[], nproc_per_node=2, at=at, workdir="/tmp/x",
              timeout_s=60)
-    assert (p.every, p.stop_at) == (every, stop)
-    assert p.every == 1 or p.at % p.every != 0  # the resume re-executes steps
+    assert (p.every, p.stop_at, p.at) == (every, stop, at)
+    assert p.at is None or p.every == 1 or p.at % p.every != 0  # the resume re-executes steps
+
+
+@pytest.mark.parametrize(
+    ("snapshots", "kill"),
+    [
+        ([5, 10, 15, 20], 13),  # resume from 10, compared again at 15 and 20
+        ([5, 10, 12], 8),  # the script ended at 12 on its own
+        ([5, 10, 15, 16], 13),  # no room after 15: the interval before it
+        ([5, 6], 3),  # only a fresh start leaves room
+        ([3], 2),
+        ([1, 2, 3, 4, 6], 5),  # the script snapshots every step until 4, then its end at 6
+    ],
+)
+def test_the_kill_step_is_chosen_from_the_first_run(snapshots: list[int], kill: int) -> None:
+    got = choose_kill(snapshots)
+    assert got == kill
+    assert got not in snapshots and 0 < got < max(snapshots)
+
+
+@pytest.mark.parametrize("snapshots", [[], [1], [1, 2, 3]])
+def test_too_short_a_run_cannot_be_checked(snapshots: list[int]) -> None:
+    with pytest.raises(CannotCheck):
+        choose_kill(snapshots)
 
 
 def test_plan_rejects_a_bad_step() -> None:
