@@ -30,14 +30,23 @@ BEST_MOVED = (
 )
 
 
+#: Local snapshots kept when --keep-local is not given. With auto intervals a run snapshots as
+#: often as once a minute; keeping all of them fills a node's disk. Three leave a fallback when
+#: the newest turns out damaged (retention also never deletes the newest valid snapshot, one
+#: being written or uploaded, or one not yet mirrored).
+DEFAULT_KEEP_LOCAL = 3
+#: ``--keep-local all``: keep every local snapshot.
+KEEP_ALL = "all"
+
+
 @dataclass(frozen=True, kw_only=True)
 class LaunchConfig:
     """Everything ``orchestrator launch`` was asked to do.
 
     ``None`` for an optional knob means "not set": ``checkpoint_every=None`` leaves the interval
     to the training script's ``Checkpointer(every=...)``, else ``auto`` (given as an int or text,
-    it is parsed by :func:`contract.interval.parse_interval`), ``keep_local=None`` keeps every
-    local snapshot, ``hang_timeout=None`` disables the heartbeat watchdog, ``run_id=None`` is
+    it is parsed by :func:`contract.interval.parse_interval`), ``keep_local`` keeps the last
+    :data:`DEFAULT_KEEP_LOCAL` local snapshots unless set (``"all"`` or None: every one), ``hang_timeout=None`` disables the heartbeat watchdog, ``run_id=None`` is
     resolved at launch (see ``runstate.stable_run_id``).
     """
 
@@ -51,7 +60,7 @@ class LaunchConfig:
     mirror: str | None = None
     run_id: str | None = None
     checkpoint_every: Interval | None = None
-    keep_local: int | None = None
+    keep_local: int | None = DEFAULT_KEEP_LOCAL
     keep_remote: int | None = None
     keep_every: int | None = None
     keep_best: int = 0
@@ -64,6 +73,9 @@ class LaunchConfig:
     hang_timeout: float | None = None
     allow_config_change: bool = False
     warm_spare: bool = False
+    #: Run SCRIPT under ``trainer.run_script`` (``python -m trainer.script``): a module-level
+    #: script without a ``main()`` gets error files, exit codes and SIGTERM handling unchanged.
+    wrap: bool = False
     #: What a resumed rank does when a re-executed step differs from the journal: ``warn``
     #: (log ``resume.diverged``, report it in ``status``, train on) or ``fail`` (fatal, exit 78).
     on_divergence: str = "warn"
@@ -97,6 +109,11 @@ class LaunchConfig:
             if isinstance(every, bool) or not isinstance(every, (int, str)):
                 raise ValueError(f"--checkpoint-every must be {INTERVAL_FORMS}, got {every!r}")
             object.__setattr__(self, "checkpoint_every", parse_interval(every))
+        keep: object = self.keep_local  # "all" arrives as text, from the flag or a config file
+        if keep == KEEP_ALL:
+            object.__setattr__(self, "keep_local", None)
+        elif keep is not None and (isinstance(keep, bool) or not isinstance(keep, int)):
+            raise ValueError(f"--keep-local must be a count >= 1 or {KEEP_ALL}, got {keep!r}")
         _at_least_one("--keep-local", self.keep_local)
         _at_least_one("--keep-remote", self.keep_remote)
         if self.keep_remote is not None and self.mirror is None:
@@ -145,7 +162,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "mirror": (str,),
     "run_id": (str,),
     "checkpoint_every": (int, str),
-    "keep_local": (int,),
+    "keep_local": (int, str),
     "keep_remote": (int,),
     "keep_every": (int,),
     "keep_best": (int,),
@@ -156,6 +173,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "hang_timeout": (int, float),
     "allow_config_change": (bool,),
     "warm_spare": (bool,),
+    "wrap": (bool,),
     "on_divergence": (str,),
 }
 CONFIG_KEYS = frozenset(_FIELD_TYPES)

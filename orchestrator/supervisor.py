@@ -313,7 +313,8 @@ class Supervisor:
     def _settle(self) -> None:
         """The ranks are gone: take in their last heartbeats and snapshots."""
         self._progress.read()
-        self._snapshots.verify_newest()
+        if self._progress.progressed and self._progress.resume_step is not None:
+            self._snapshots.note_loaded(self._progress.resume_step)
         # Re-plan retention even if no snapshot appeared: the resume point is unprotected now.
         self._snapshots.replan()
         self._scan_snapshots()

@@ -24,10 +24,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 def _golden(tmp_path_factory: pytest.TempPathFactory, name: str, *script_args: str) -> dict[int, str]:
     ckpt = tmp_path_factory.mktemp(name)
-    result = harness.launch(ckpt, script_args=script_args)
+    # Every snapshot, as the reference (the runs under test keep the default last 3 and more).
+    result = harness.launch(ckpt, script_args=script_args, extra_launch=("--keep-local", "all"))
     assert result.rc == 0, f"golden run failed:\n{result.stderr[-4000:]}"
     got = harness.digests(result.snapshots())
-    assert max(got) == harness.STEPS, sorted(got)
+    assert max(got) == harness.STEPS and len(got) == harness.STEPS // harness.EVERY, sorted(got)
     return got
 
 

@@ -7,7 +7,13 @@ from typing import Any
 
 import pytest
 
-from orchestrator.config import LaunchConfig, build_config, check_launchable, load_config_file
+from orchestrator.config import (
+    DEFAULT_KEEP_LOCAL,
+    LaunchConfig,
+    build_config,
+    check_launchable,
+    load_config_file,
+)
 from orchestrator.settings import Settings, load_settings
 
 pytestmark = pytest.mark.timeout(10)
@@ -22,8 +28,32 @@ def cfg(**kw: Any) -> LaunchConfig:
 def test_defaults() -> None:
     c = cfg()
     assert (c.nodes, c.nproc_per_node, c.node_rank, c.max_restarts) == (1, 1, 0, 3)
-    assert c.checkpoint_every is None and c.keep_local is None and c.run_id is None
-    assert not c.retention_active
+    assert c.checkpoint_every is None and c.run_id is None
+    # Bounded by default: auto intervals snapshot up to once a minute.
+    assert c.keep_local == DEFAULT_KEEP_LOCAL == 3 and c.retention_active
+
+
+@pytest.mark.parametrize("given", ["all", "keep-all"])
+def test_keep_local_all_keeps_every_snapshot(given: str) -> None:
+    if given == "all":
+        c = cfg(keep_local="all")
+        assert c.keep_local is None and not c.retention_active
+    else:
+        with pytest.raises(ValueError, match="--keep-local must be a count >= 1 or all"):
+            cfg(keep_local=given)
+
+
+def test_keep_local_all_from_the_flag_and_a_config_file(tmp_path: Path) -> None:
+    from orchestrator.cli import build_parser
+
+    args = build_parser().parse_args(["launch", "--keep-local", "all", "t.py"])
+    assert args.keep_local == "all"
+    assert build_config({"keep_local": args.keep_local, "checkpoint_dir": "/c", "script": "t.py"}).keep_local is None
+    toml = tmp_path / "c.toml"
+    toml.write_text('keep-local = "all"\n')
+    assert load_config_file(str(toml)) == {"keep_local": "all"}
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["launch", "--keep-local", "most", "t.py"])
 
 
 def test_keyword_only_and_frozen() -> None:

@@ -241,8 +241,9 @@ def test_the_first_attempt_checksums_every_candidate(tmp_path: Path) -> None:
     assert [(e["step"], "checksum" in e["reason"]) for e in invalid] == [(20, True)]
 
 
+@pytest.mark.parametrize("keep_local", [None, 3])
 def test_a_relaunch_leaves_checksums_to_the_ranks_and_verifies_once_they_find_damage(
-    tmp_path: Path,
+    tmp_path: Path, keep_local: int | None,
 ) -> None:
     def script(env: Env) -> list[Attempt]:
         def crash(attempt: int, _resume: int | None) -> None:
@@ -252,7 +253,8 @@ def test_a_relaunch_leaves_checksums_to_the_ranks_and_verifies_once_they_find_da
             env.error_file(attempt, 1, when=5.0, message="CUDA went away")
         return [Attempt(1, on_exit=crash), Attempt(1, on_exit=damaged_on_load(env, 20)), Attempt(0)]
 
-    sup, group, env, _ = make(tmp_path, script)
+    # Retention (on by default) checksums nothing either.
+    sup, group, env, _ = make(tmp_path, script, keep_local="all" if keep_local is None else keep_local)
     out = sup.run()
     assert out.exit_code == EXIT_OK
     # Attempt 1 gets 20 on its manifest and sizes; its ranks find the damage while loading.
@@ -466,10 +468,11 @@ def test_retention_keeps_last_k_and_the_resume_point_while_running(tmp_path: Pat
     assert group.starts == [(0, 5)]
     # While the ranks run, the snapshot they resumed from is protected...
     assert [5, 20, 30] in seen
-    # ...once they are gone, keep-last-2 alone decides.
-    assert [i.step for i in env.store.list()] == [20, 30]
+    # ...once they are gone, keep-last-2 decides, beside the newest snapshot known to be good
+    # (5: checksummed when it was selected; nothing newer was loaded or checksummed since).
+    assert [i.step for i in env.store.list()] == [5, 20, 30]
     deleted = [e["steps"] for e in env.events() if e["event"] == "retention.deleted"]
-    assert deleted == [[10], [5]]
+    assert deleted == [[10]]
 
 
 def test_no_retention_without_rules(tmp_path: Path) -> None:
@@ -596,12 +599,34 @@ def test_retention_never_drops_the_verified_fallback_for_an_unverified_newer(
         def crash(attempt: int, _resume: int | None) -> None:
             env.heartbeat(attempt, 25)
             env.snapshot(20, corrupt=True)
-        return [Attempt(1, on_exit=crash), Attempt(0)]
+        return [Attempt(1, on_exit=crash), Attempt(1, on_exit=damaged_on_load(env, 20)), Attempt(0)]
 
     sup, group, env, _ = make(tmp_path, script, keep_local=1)
     assert sup.run().exit_code == EXIT_OK
-    assert group.starts == [(0, 10), (1, 10)]
+    # 10 was checksummed by the first selection: keep-last-1 keeps it beside the newer 20, the
+    # relaunch tries 20 (manifest and sizes only), its ranks find the damage, 10 is used.
+    assert group.starts == [(0, 10), (1, 20), (2, 10)]
     assert [i.step for i in env.store.list()] == [10]
+
+
+def test_a_resume_point_the_ranks_trained_past_counts_as_verified(tmp_path: Path) -> None:
+    def script(env: Env) -> list[Attempt]:
+        def crash(attempt: int, _resume: int | None) -> None:
+            env.heartbeat(attempt, 25)
+            env.snapshot(10)
+            env.snapshot(20)
+        def resumed_then_crash(attempt: int, resume: int | None) -> None:
+            env.heartbeat(attempt, 27)  # trained past 20: the ranks' load verified it
+            env.snapshot(30, corrupt=True)
+        return [Attempt(1, on_exit=crash), Attempt(1, on_exit=resumed_then_crash),
+                Attempt(1, on_exit=damaged_on_load(env, 30)), Attempt(0)]
+
+    sup, group, env, _ = make(tmp_path, script, keep_local=1)
+    assert sup.run().exit_code == EXIT_OK
+    assert group.starts == [(0, None), (1, 20), (2, 30), (3, 20)]
+    # keep-last-1 never left the run without 20, the snapshot known to load
+    assert [i.step for i in env.store.list()] == [20]
+    assert not [e for e in env.events() if e["event"] == "supervisor.gave_up"]
 
 
 def test_closed_rendezvous_relaunches_without_spending_restarts(tmp_path: Path) -> None:
