@@ -38,6 +38,9 @@ from orchestrator.settings import Settings
 log = structlog.get_logger("orchestrator.launcher")
 
 TOKEN_VAR = LAUNCH_TOKEN_VAR
+#: ``launch --wrap``: the file torchrun runs before SCRIPT (``python -m trainer.script``'s),
+#: found beside this package rather than imported, as ``trainer`` imports torch.
+WRAPPER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "trainer", "script.py")
 _PR_SET_PDEATHSIG = 1
 
 
@@ -554,12 +557,10 @@ def build_torchrun_command(config: LaunchConfig, settings: Settings, rdzv_id: st
             f"--rdzv-conf=join_timeout={settings.rdzv_join_timeout_s}",
             f"--node-rank={config.node_rank}",
         ]
-    cmd += [
-        "--max-restarts=0",
-        f"--monitor-interval={settings.monitor_interval_s:g}",
-        config.script,
-        *config.script_args,
-    ]
+    cmd += ["--max-restarts=0", f"--monitor-interval={settings.monitor_interval_s:g}"]
+    if config.wrap:
+        cmd.append(WRAPPER)
+    cmd += [config.script, *config.script_args]
     return cmd
 
 

@@ -6,11 +6,10 @@ codes, preemption on SIGTERM): see :func:`trainer.runtime.run_script`. Under tor
 
     torchrun --nproc-per-node 2 -m trainer.script train.py --batch_size 32
 
-``orchestrator launch`` takes a script *file*; give it this module's file, which
-``python -m trainer.script --path`` prints::
+Under ``orchestrator launch``, ``--wrap`` puts this module's file (which ``python -m
+trainer.script --path`` prints) before the script::
 
-    orchestrator launch --checkpoint-dir /ckpt --nproc-per-node 2 \\
-        "$(python -m trainer.script --path)" train.py --batch_size 32
+    orchestrator launch --checkpoint-dir /ckpt --nproc-per-node 2 --wrap train.py --batch_size 32
 """
 
 from __future__ import annotations

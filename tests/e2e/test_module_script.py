@@ -1,6 +1,6 @@
 """A module-level, nanoGPT-shaped script (no ``main()``, globals, a batch prefetched across the
 step boundary) ported with the "right thing is easy" API: launched as-is through
-``trainer.script``, seeded with ``seed_everything``, the prefetched batch in ``per_rank`` state,
+``launch --wrap`` (``trainer.run_script``), seeded with ``seed_everything``, the prefetched batch in ``per_rank`` state,
 a logging-only hyperparameter ignored. Killed mid-run and resumed with a different logging
 interval, it ends bit-identical to an uninterrupted run; the same script keeping its prefetched
 batch outside the registered state does not (the control that shows the comparison can fail).
@@ -90,10 +90,10 @@ DATA = textwrap.dedent('''
 
 def _launch(tmp_path: Path, name: str, *script_args: str, faults: str | None = None) -> harness.Result:
     ckpt = tmp_path / name
-    wrapper = str(harness.REPO / "trainer" / "script.py")  # what `python -m trainer.script --path` prints
+    # --wrap: the script runs unchanged under trainer.run_script (it has no main()).
     args = [*harness.ORCH, "launch", "--nproc-per-node", "2", "--checkpoint-dir", str(ckpt),
-            "--checkpoint-every", str(EVERY), "--max-restarts", "2",
-            wrapper, str(tmp_path / "train.py"), *script_args]
+            "--checkpoint-every", str(EVERY), "--keep-local", "all", "--max-restarts", "2",
+            "--wrap", str(tmp_path / "train.py"), *script_args]
     env = harness.base_env(**({"ORCH_FAULTS": faults} if faults else {}))
     p = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
     return harness.Result(p.returncode, p.stdout, p.stderr, ckpt)

@@ -15,6 +15,7 @@ import pytest
 from orchestrator.config import LaunchConfig
 from orchestrator.launcher import (
     TOKEN_VAR,
+    WRAPPER,
     LossyEcho,
     Tee,
     build_torchrun_command,
@@ -38,6 +39,15 @@ def test_single_node_command() -> None:
     assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
     assert cmd[3:] == ["--nnodes=1", "--nproc-per-node=2", "--standalone", "--max-restarts=0",
                        "--monitor-interval=0.1", "train.py", "--lr", "1"]
+
+
+def test_wrap_runs_the_script_under_trainer_script() -> None:
+    cmd = build_torchrun_command(cfg(wrap=True), Settings(monitor_interval_s=0.1), "r-0")
+    assert cmd[-4:] == [WRAPPER, "train.py", "--lr", "1"]
+    # the file `python -m trainer.script --path` prints, without importing trainer (torch)
+    printed = subprocess.run([sys.executable, "-m", "trainer.script", "--path"], capture_output=True,
+                             text=True, check=True, cwd=Path(__file__).resolve().parents[2])
+    assert os.path.samefile(WRAPPER, printed.stdout.strip())
 
 
 def test_multi_node_command_uses_c10d() -> None:
