@@ -19,6 +19,7 @@ LEGS: dict[str, str] = {
     "stall": "bench.legs.stall",
     "write": "bench.legs.write",
     "overhead": "bench.legs.overhead",
+    "audit": "bench.legs.audit",
     "mirror": "bench.legs.mirror",
     "resume": "bench.legs.resume",
     "lost": "bench.legs.lost",
