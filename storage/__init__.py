@@ -7,6 +7,7 @@ snapshots without importing the training stack, and workers use it to write and 
 from storage.errors import (
     CorruptSnapshot,
     DiskFull,
+    NotWritable,
     ObjectNotFound,
     PermanentStorageError,
     SnapshotConflict,
@@ -35,6 +36,7 @@ __all__ = [
     "LocalSnapshotStore",
     "LocalTier",
     "Manifest",
+    "NotWritable",
     "ObjectNotFound",
     "PermanentStorageError",
     "RemoteTier",

@@ -4,7 +4,8 @@ Every failure the storage layer reports is a `StorageError`. Callers branch on t
 `TransientStorageError` is the only kind worth retrying (and only one layer retries it),
 `PermanentStorageError` (bad credentials, access denied, a missing bucket) is reported at once
 and never retried, `CorruptSnapshot` means the bytes on a tier cannot be trusted and another snapshot must be
-chosen, `DiskFull` means a save failed for lack of space while every older snapshot is intact.
+chosen, `DiskFull` means a save failed for lack of space while every older snapshot is intact,
+`NotWritable` (read-only filesystem, permissions) is fatal: no retry can fix it.
 OS errors on the local tier are translated into the family here, once (`os_error`, `file_errors`).
 """
 
@@ -15,6 +16,7 @@ import errno
 from collections.abc import Iterator
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+_NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
 # Errors that say the snapshot's own structure is wrong (a listed file is a directory, its name is
 # impossible), as opposed to the environment failing (EIO, EMFILE, EACCES): the former make a
 # snapshot invalid, the latter are raised so that a good snapshot is never deleted for them.
@@ -41,6 +43,14 @@ class DiskFull(StorageError):
     """A write failed with ENOSPC/EDQUOT; the partial snapshot was removed, older ones are intact."""
 
 
+class NotWritable(StorageError):
+    """A write refused by the environment: a read-only filesystem (EROFS), permissions
+    (EACCES, EPERM). Retrying cannot fix it, so it is fatal (``fatal`` is read by the workers'
+    error files and the supervisor's policy): the run stops at once with this message."""
+
+    fatal = True
+
+
 class PermanentStorageError(StorageError):
     """A failure retrying cannot fix: access denied, bad credentials, a missing bucket.
 
@@ -60,6 +70,8 @@ def os_error(exc: OSError, what: str) -> StorageError:
     """The storage error for ``exc`` raised while ``what``: `DiskFull` when out of space."""
     if exc.errno in _NO_SPACE:
         return DiskFull(f"no space left while {what}: {exc.strerror}")
+    if exc.errno in _NOT_WRITABLE:
+        return NotWritable(f"cannot write while {what}: {exc.strerror} ({exc.filename or 'path unknown'})")
     return StorageError(f"I/O error while {what}: {exc}")
 
 
