@@ -23,3 +23,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if _HERE in item.path.resolve().parents:
             item.add_marker(pytest.mark.faults)
+
+
+@pytest.fixture(scope="session")
+def golden(tmp_path_factory: pytest.TempPathFactory) -> dict[int, str]:
+    """Digest of every snapshot of an uninterrupted digits run (tests.e2e.harness defaults)."""
+    from tests.e2e import harness
+
+    ckpt = tmp_path_factory.mktemp("faults-golden")
+    result = harness.launch(ckpt, extra_launch=("--keep-local", "all"))
+    assert result.rc == 0, f"golden run failed:\n{result.stderr[-4000:]}"
+    got = harness.digests(result.snapshots())
+    assert max(got) == harness.STEPS, sorted(got)
+    return got
