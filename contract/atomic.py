@@ -31,7 +31,14 @@ def atomic_write_bytes(path: str, data: bytes, *, durable: bool = True) -> None:
     an fsync per step is not.
     """
     directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    prefix = "." + os.path.basename(path) + "."
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=directory)
+    except FileNotFoundError:
+        # The directory was removed under a live run (an operator's cleanup of run/): recreate
+        # it rather than fail a heartbeat or the supervisor's state write over it.
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

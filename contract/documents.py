@@ -10,6 +10,7 @@ such junk reads as ``None`` (absent), never as an exception. Writers replace fil
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
@@ -24,26 +25,103 @@ D = TypeVar(
 )
 
 
+#: Largest document read from the run dir. The biggest real one (``state.json`` of a long run) is
+#: a few KB; anything near this is damage or hostility, and reading it whole would cost memory.
+MAX_DOCUMENT_BYTES = 1 << 20
+#: Deepest nesting accepted. Real documents nest 3 levels; Python's parser and everything that
+#: walks a parsed document recurse, so a deep one must be refused before it is walked.
+MAX_DEPTH = 32
+#: Integers outside this range (an attempt number of 10**300) are junk: they end up in file
+#: names and arithmetic, and no real step, rank, attempt or pid comes near.
+MAX_INT = (1 << 63) - 1
+
+
+class DamagedDocument(ValueError):
+    """A run-dir document that is too large, too deep or not JSON."""
+
+
+def _depth_ok(doc: Any) -> bool:
+    """Whether ``doc`` nests at most :data:`MAX_DEPTH` levels (iterative: no recursion)."""
+    stack = [(doc, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (dict, list)):
+            if depth > MAX_DEPTH:
+                return False
+            children = node.values() if isinstance(node, dict) else node
+            stack.extend((child, depth + 1) for child in children)
+    return True
+
+
+def parse_document(data: bytes) -> Any:
+    """Parse run-dir JSON with limits (size, depth); :class:`DamagedDocument` otherwise.
+
+    The depth is checked on the text first (brackets outside strings), so that a document
+    nested a million levels never reaches the recursive parser.
+    """
+    if len(data) > MAX_DOCUMENT_BYTES:
+        raise DamagedDocument(f"{len(data)} bytes, over the {MAX_DOCUMENT_BYTES} limit")
+    if data.count(b"[") + data.count(b"{") > MAX_DEPTH and not _text_depth_ok(data):
+        raise DamagedDocument(f"nested deeper than {MAX_DEPTH} levels")
+    try:
+        doc = json.loads(data)
+    except (ValueError, RecursionError) as exc:  # ValueError: also ints over 4300 digits
+        raise DamagedDocument(f"not JSON: {exc}") from None
+    if not _depth_ok(doc):
+        raise DamagedDocument(f"nested deeper than {MAX_DEPTH} levels")
+    return doc
+
+
+def _text_depth_ok(data: bytes) -> bool:
+    depth = 0
+    in_string = escaped = False
+    for byte in data:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            if depth > MAX_DEPTH:
+                return False
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return True
+
+
 def read_json(path: str) -> dict[str, Any] | None:
-    """A JSON object from ``path``; None when missing, unreadable or not an object."""
+    """A JSON object from ``path``; None when missing, unreadable, damaged or not an object.
+
+    Damage (too large, too deep, not JSON) is logged as ``runstate.unreadable_file`` and then
+    treated as absence: every reader of the run dir already copes with a missing document.
+    """
     try:
         with open(path, "rb") as f:
-            doc = json.loads(f.read())
+            data = f.read(MAX_DOCUMENT_BYTES + 1)
+        doc = parse_document(data)
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as exc:
+    except (OSError, DamagedDocument) as exc:
         log.warning("runstate.unreadable_file", path=path, error=str(exc))
         return None
     return doc if isinstance(doc, dict) else None
 
 
 def _int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    if isinstance(value, int) and not isinstance(value, bool) and -MAX_INT <= value <= MAX_INT:
+        return value
+    return None
 
 
 def _num(value: Any) -> float | None:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+    if isinstance(value, float) or _int(value) is not None:
+        out = float(value)
+        return out if math.isfinite(out) else None
     return None
 
 

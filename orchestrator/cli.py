@@ -372,7 +372,7 @@ def _launch(args: argparse.Namespace) -> int:
         _error("launch", str(exc))
         return EXIT_USAGE
     paths = RunPaths.of(config.checkpoint_dir)
-    lock = RunLock(paths.lock)
+    lock = RunLock(paths.checkpoint_dir, holder_file=paths.lock)
     try:
         lock.acquire()
     except LockHeld as exc:
@@ -566,6 +566,9 @@ def _supervise_run(
         print(f"{PROG}: preempted; relaunch the same command to resume", file=sys.stderr)
     elif outcome.exit_code != 0 and outcome.failure:
         print(f"{PROG}: run failed: {outcome.failure}{_log_hint(paths)}", file=sys.stderr)
+    if outcome.state_error is not None:
+        print(f"{PROG}: warning: the run's state was not recorded ({outcome.state_error}); "
+              "`orchestrator status` shows an older state", file=sys.stderr)
     return outcome.exit_code
 
 

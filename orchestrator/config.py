@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, fields
 from typing import Any
@@ -20,7 +21,8 @@ import tomllib
 from contract.interval import FORMS as INTERVAL_FORMS
 from contract.interval import Interval, parse_interval
 
-_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+#: What a run id may look like (it names rendezvous ids, object-store prefixes and files).
+RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _ENDPOINT = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):(?P<port>\d{1,5})$")
 #: Why --best-metric/--best-mode are refused: the best metric is named once, by the script.
 BEST_MOVED = (
@@ -97,7 +99,7 @@ class LaunchConfig:
             m = _ENDPOINT.match(self.rdzv_endpoint)
             if m is None or not 0 < int(m.group("port")) < 65536:
                 raise ValueError(f"--rdzv-endpoint must be HOST:PORT, got {self.rdzv_endpoint!r}")
-        if self.run_id is not None and not _RUN_ID.match(self.run_id):
+        if self.run_id is not None and not RUN_ID_PATTERN.match(self.run_id):
             raise ValueError(
                 "--run-id must be 1-128 characters of letters, digits, '.', '_' or '-' "
                 f"starting with a letter or digit, got {self.run_id!r}"
@@ -250,14 +252,20 @@ def check_launchable(config: LaunchConfig) -> None:
     directory = os.path.abspath(config.checkpoint_dir)
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise ValueError(f"checkpoint dir {directory} exists and is not a directory")
-    try:
-        os.makedirs(os.path.join(directory, "run"), exist_ok=True)
-    except OSError as exc:
-        raise ValueError(f"checkpoint dir {directory} cannot be created: {exc.strerror}") from None
-    probe = os.path.join(directory, "run", f".write-probe-{os.getpid()}")
-    try:
-        with open(probe, "wb") as f:
-            f.write(b"ok")
-        os.unlink(probe)
-    except OSError as exc:
-        raise ValueError(f"checkpoint dir {directory} is not writable: {exc.strerror}") from None
+    # Where the supervisor writes, and where rank 0 commits snapshots (a directory per
+    # snapshot): a read-only one would otherwise be found by the first save, attempts later.
+    for sub in ("run", "snapshots"):
+        where = os.path.join(directory, sub)
+        try:
+            os.makedirs(where, exist_ok=True)
+        except OSError as exc:
+            raise ValueError(f"checkpoint dir {where} cannot be created: {exc.strerror}") from None
+        probe = os.path.join(where, f".write-probe-{os.getpid()}")
+        try:
+            os.mkdir(probe)
+            with open(os.path.join(probe, "probe"), "wb") as f:
+                f.write(b"ok")
+        except OSError as exc:
+            raise ValueError(f"checkpoint dir {where} is not writable: {exc.strerror}") from None
+        finally:
+            shutil.rmtree(probe, ignore_errors=True)

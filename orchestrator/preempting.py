@@ -97,7 +97,6 @@ class PreemptionRequest:
         )
         if workers_running:
             now = self._clock.time()
-            os.makedirs(self._paths.control_dir, exist_ok=True)
             request = PreemptRequest(
                 attempt=attempt,
                 requested_at=now,
@@ -105,7 +104,15 @@ class PreemptionRequest:
                 signal=signal_name,
                 source=source,
             )
-            write_document(self._paths.preempt_request, request, durable=True)
+            try:
+                os.makedirs(self._paths.control_dir, exist_ok=True)
+                write_document(self._paths.preempt_request, request, durable=True)
+            except OSError as exc:
+                # A full or read-only disk: the ranks do not see the request, so the grace
+                # runs out and they get torchrun's SIGTERM, which they also take as a
+                # preemption. Slower, not wrong; the supervisor must not die of it.
+                self._events.emit("supervisor.preempt_request_failed", attempt=attempt,
+                                  error=str(exc))
 
     def watch(
         self, group: WorkerGroup | None, *, signals: int, attempt: int, progress: AttemptProgress,

@@ -3,8 +3,9 @@
 ``run/state.json`` is the one document operators and ``orchestrator status`` read; it is
 replaced atomically (temp file, fsync, rename, fsync of the directory) so a reader never sees a
 torn write. ``run/events.jsonl`` is an append-only log of structured supervisor events whose
-names are API. ``run/supervisor.lock`` is held with ``fcntl.flock`` for the supervisor's life so
-that two supervisors never drive the same checkpoint dir. Worker heartbeats
+names are API. The checkpoint dir itself is held with ``fcntl.flock`` for the supervisor's life
+(:class:`RunLock`) so that two supervisors never drive the same checkpoint dir, even when ``run/``
+is removed under them. Worker heartbeats
 (``run/progress/rank-<R>.json``) are read here too. Layout: docs/INTERNALS.md.
 """
 
@@ -24,21 +25,27 @@ from typing import Any
 
 import structlog
 
-from contract.atomic import atomic_write_json
+from contract.atomic import atomic_write_bytes, atomic_write_json
 from contract.documents import (
+    DamagedDocument,
     DeterminismReport,
     Heartbeat,
+    parse_document,
     read_document,
     read_json,
     summarize_determinism,
 )
 from contract.paths import RunPaths
 from orchestrator.clock import Clock
-from orchestrator.config import LaunchConfig
+from orchestrator.config import RUN_ID_PATTERN, LaunchConfig
+from storage.errors import StorageError, os_error
 
 log = structlog.get_logger("orchestrator.runstate")
 
-_ATTEMPT_LOG = re.compile(r"^attempt-(\d+)\.log$")
+# At most 9 digits: a larger attempt number is junk (it would name files too long to create).
+_ATTEMPT_LOG = re.compile(r"^attempt-(\d{1,9})\.log$")
+#: Attempts a run dir may count to; a state.json claiming more is damaged.
+MAX_ATTEMPT = 10**9 - 1
 _RANK_FILE = re.compile(r"^rank-(\d+)\.json$")
 
 
@@ -108,7 +115,15 @@ def write_json_atomic(path: str, doc: Mapping[str, Any]) -> None:
 class StateFile:
     """``run/state.json``, rewritten atomically; also published through ``publish`` (the mirror's
     ``<prefix>/run/node-<R>/state.json``, for ``status --mirror``) on every phase change and at
-    most every ``publish_interval_s`` otherwise."""
+    most every ``publish_interval_s`` otherwise.
+
+    Best effort: the run's outcome lives in its snapshots and exit code, not in this file, so a
+    write that fails (a disk filled by another process, a read-only remount, a removed ``run/``
+    that cannot be recreated) never stops the supervisor while its workers train. It is logged
+    once per kind (``supervisor.state_write_failed``, mapped like snapshot writes: DiskFull,
+    NotWritable), kept in :attr:`write_error` for the final message, and cleared by the next
+    write that succeeds (``supervisor.state_write_recovered``).
+    """
 
     def __init__(
         self,
@@ -124,10 +139,23 @@ class StateFile:
         self._interval = publish_interval_s
         self._published_phase: str | None = None
         self._next_publish = 0.0
+        #: Why the last write failed (None: it succeeded).
+        self.write_error: StorageError | None = None
 
     def write(self, doc: Mapping[str, Any], *, phase: str | None, force: bool = False) -> None:
         """Replace the file with ``doc``; publish it too if due (``phase`` None: never)."""
-        write_json_atomic(self._path, doc)
+        try:
+            write_json_atomic(self._path, doc)
+        except OSError as exc:
+            error = os_error(exc, f"writing {self._path}")
+            if self.write_error is None or type(error) is not type(self.write_error):
+                log.warning("supervisor.state_write_failed", path=self._path, error=str(error),
+                            kind=type(error).__name__)
+            self.write_error = error
+        else:
+            if self.write_error is not None:
+                log.info("supervisor.state_write_recovered", path=self._path)
+                self.write_error = None
         if self._publish is None or phase is None:
             return
         now = self._clock.monotonic()
@@ -149,8 +177,12 @@ def stable_run_id(paths: RunPaths) -> str:
     keeps the run id the snapshots were written under.
     """
     state = read_state(paths)
-    if state is not None and isinstance(state.get("run_id"), str) and state["run_id"]:
-        return str(state["run_id"])
+    recorded = None if state is None else state.get("run_id")
+    if isinstance(recorded, str) and RUN_ID_PATTERN.match(recorded):
+        return recorded
+    if recorded is not None:
+        log.warning("runstate.damaged_field", path=paths.state, field="run_id",
+                    value=repr(recorded)[:40])
     return "run-" + uuid.uuid4().hex[:12]
 
 
@@ -163,8 +195,12 @@ def next_attempt(paths: RunPaths) -> int:
     """
     candidates = [0]
     state = read_state(paths)
-    if state is not None and isinstance(state.get("attempt"), int):
-        candidates.append(int(state["attempt"]) + 1)
+    attempt = None if state is None else state.get("attempt")
+    if isinstance(attempt, int) and not isinstance(attempt, bool) and 0 <= attempt < MAX_ATTEMPT:
+        candidates.append(attempt + 1)
+    elif attempt is not None:
+        log.warning("runstate.damaged_field", path=paths.state, field="attempt",
+                    value=repr(attempt)[:40])
     with contextlib.suppress(FileNotFoundError):
         for name in os.listdir(paths.logs_dir):
             m = _ATTEMPT_LOG.match(name)
@@ -187,22 +223,77 @@ class EventLog:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - lives as long as the log
         self._lock = threading.Lock()
+        self._failing = False
+
+    def detached(self) -> bool:
+        """Whether the file written to is no longer the one at the path (``run/`` removed, or
+        the file itself): lines written now would reach no reader."""
+        with self._lock:
+            if self._file.closed:
+                return False
+            try:
+                return os.stat(self._path).st_ino != os.fstat(self._file.fileno()).st_ino
+            except FileNotFoundError:
+                return True
+            except OSError:
+                return False
+
+    def reopen(self) -> None:
+        """Continue in a new file at the same path (``run/`` was removed and recreated: the
+        old descriptor writes to a file no one can see). Best effort, like :meth:`emit`."""
+        with self._lock:
+            if self._file.closed:
+                return
+            try:
+                os.makedirs(os.path.dirname(self._path), exist_ok=True)
+                new = open(self._path, "a", encoding="utf-8")  # noqa: SIM115
+            except OSError as exc:
+                log.warning("supervisor.events_write_failed", path=self._path, error=str(exc))
+                return
+            with contextlib.suppress(OSError):
+                self._file.close()
+            self._file = new
 
     def emit(self, event: str, **fields: Any) -> None:
-        """Record ``event`` (an API name such as ``supervisor.attempt_started``) with fields."""
+        """Record ``event`` (an API name such as ``supervisor.attempt_started``) with fields.
+
+        The structured log gets it whatever happens to the file: a write that fails (disk full,
+        read-only) loses the line, is reported once (``supervisor.events_write_failed``), and
+        never stops the supervisor.
+        """
         doc = {"time": self._clock.time(), "event": event, "run_id": self._run_id, **fields}
         line = json.dumps(doc, default=str) + "\n"
         with self._lock:
             if self._file.closed:
                 return
-            self._file.write(line)
-            self._file.flush()
+            try:
+                self._file.write(line)
+                self._file.flush()
+            except OSError as exc:
+                if not self._failing:
+                    log.warning("supervisor.events_write_failed", path=self._path,
+                                error=str(os_error(exc, f"writing {self._path}")))
+                self._failing = True
+            else:
+                self._failing = False
         level = "warning" if event.endswith(("failed", "gave_up", "invalid", "diverged")) else "info"
         getattr(log, level)(event, **fields)
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock, contextlib.suppress(OSError):  # a full disk loses the buffered tail
             self._file.close()
+
+
+def restore_run_dir(paths: RunPaths) -> None:
+    """Recreate the directories of ``run/`` the workers write into, after ``run/`` vanished
+    under a live run (an operator's cleanup, a script). Best effort: an error (a full or
+    read-only disk) is logged and left to the next check."""
+    for directory in (paths.progress_dir, paths.control_dir, paths.logs_dir):
+        try:
+            os.makedirs(directory, exist_ok=True)
+        except OSError as exc:
+            log.warning("supervisor.run_dir_unrecoverable", path=directory, error=str(exc))
+            return
 
 
 def read_events(paths: RunPaths) -> list[dict[str, Any]]:
@@ -214,10 +305,11 @@ def read_json_lines(path: str) -> list[dict[str, Any]]:
     """The JSON objects of a JSON-lines file, in order; unparseable lines skipped, [] if absent."""
     out: list[dict[str, Any]] = []
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, "rb") as f:
             for line in f:
-                with contextlib.suppress(ValueError):
-                    doc = json.loads(line)
+                # Each line with the run-dir limits (size, depth): a damaged one is skipped.
+                with contextlib.suppress(DamagedDocument):
+                    doc = parse_document(line)
                     if isinstance(doc, dict):
                         out.append(doc)
     except FileNotFoundError:
@@ -235,58 +327,68 @@ class LockHeld(Exception):
 
 
 class RunLock:
-    """``run/supervisor.lock``, held exclusively with ``flock`` while the supervisor lives.
+    """The checkpoint dir itself, held exclusively with ``flock`` while the supervisor lives.
 
-    The kernel drops a flock when its holder dies, even by SIGKILL, so a stale lock file never
-    blocks a relaunch. The file descriptor is not inheritable: torchrun and the workers never
-    hold it.
+    The lock is on the directory, not on a file inside ``run/``: a ``run/`` removed during a run
+    (by an operator's cleanup, a script) takes a lock file with it, and a second ``launch`` would
+    then find nothing held and run beside the first. The directory cannot be replaced while it
+    is open without the new one being a different inode, which ``lock_is_held`` tells apart.
+    ``run/supervisor.lock`` still gets the holder's pid, for the "held by" message only. The
+    kernel drops a flock when its holder dies, even by SIGKILL, so nothing stale ever blocks a
+    relaunch. The descriptor is not inheritable: torchrun and the workers never hold it.
     """
 
-    def __init__(self, path: str) -> None:
-        self.path = path
+    def __init__(self, directory: str, *, holder_file: str | None = None) -> None:
+        self.directory = os.path.abspath(directory)
+        self.holder_file = holder_file
         self._fd: int | None = None
 
     def acquire(self) -> None:
         """Take the lock without waiting; :class:`LockHeld` when another process has it."""
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        os.makedirs(self.directory, exist_ok=True)
+        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             os.close(fd)
             if exc.errno in (errno.EWOULDBLOCK, errno.EACCES):
-                raise LockHeld(self.path, _lock_holder_text(self.path)) from None
+                raise LockHeld(self.directory, _lock_holder_text(self.holder_file)) from None
             raise
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
+        if self.holder_file is not None:
+            # Informational only (the message a second launch prints): best effort.
+            with contextlib.suppress(OSError):
+                os.makedirs(os.path.dirname(self.holder_file), exist_ok=True)
+                atomic_write_bytes(self.holder_file, f"{os.getpid()}\n".encode(), durable=False)
 
     def release(self) -> None:
-        """Drop the lock (the file stays: removing it would race with a new acquirer)."""
+        """Drop the lock."""
         if self._fd is not None:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
 
 
-def _lock_holder_text(path: str) -> str:
+def _lock_holder_text(path: str | None) -> str:
+    if path is None:
+        return "pid unknown"
     try:
         with open(path, encoding="ascii") as f:
-            pid = f.read().strip()
+            pid = f.read(32).strip()
     except (OSError, UnicodeDecodeError):
         return "pid unknown"
     return f"pid {pid}" if pid.isdigit() else "pid unknown"
 
 
-def lock_is_held(path: str) -> bool:
-    """Whether some process holds ``path``'s flock, without ever taking it.
+def lock_is_held(directory: str) -> bool:
+    """Whether some process holds the checkpoint dir's flock, without ever taking it.
 
     Taking the lock to test it would make a concurrently starting supervisor fail, so this
     reads ``/proc/locks`` (Linux) and compares inode numbers.
     """
     try:
-        inode = os.stat(path).st_ino
-    except FileNotFoundError:
+        st = os.stat(directory)
+    except OSError:
         return False
     try:
         with open("/proc/locks", encoding="ascii") as f:
@@ -298,8 +400,9 @@ def lock_is_held(path: str) -> bool:
         # "1: FLOCK  ADVISORY  WRITE 1234 00:2f:5678 0 EOF"; blocked waiters carry "->".
         if "->" in parts or len(parts) < 6 or parts[1] != "FLOCK":
             continue
+        # The inode alone: overlay filesystems report another device number here than stat().
         dev_ino = parts[5].split(":")
-        if len(dev_ino) == 3 and dev_ino[2].isdigit() and int(dev_ino[2]) == inode:
+        if len(dev_ino) == 3 and dev_ino[2].isdigit() and int(dev_ino[2]) == st.st_ino:
             return True
     return False
 

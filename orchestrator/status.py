@@ -159,9 +159,12 @@ def status_document(checkpoint_dir: str, *, clock: Clock) -> dict[str, Any]:
     # Liveness first, state second: the supervisor writes its terminal state before it releases
     # the lock, so "not alive" here guarantees the state read next is the final one. The other
     # order could pair a stale "running" with "not alive" (and end `--watch` on it).
-    alive = lock_is_held(paths.lock)
+    alive = lock_is_held(paths.checkpoint_dir)
     state = read_state(paths)
     if state is None:
+        if os.path.exists(paths.state):
+            raise NoRunState(f"{paths.state} is damaged (not a JSON object, or over the size or "
+                             "nesting limits); a running supervisor rewrites it within seconds")
         raise NoRunState(f"no run found in {paths.checkpoint_dir} (run/state.json is missing)")
     doc: dict[str, Any] = dict(state)
     now = clock.time()

@@ -46,7 +46,14 @@ from orchestrator.policy import (
 from orchestrator.preempting import PreemptionRequest
 from orchestrator.progress import AttemptProgress, AuditWatch
 from orchestrator.restore import ProgressFactory
-from orchestrator.runstate import EventLog, NodeState, RunState, StateFile, launch_identity
+from orchestrator.runstate import (
+    EventLog,
+    NodeState,
+    RunState,
+    StateFile,
+    launch_identity,
+    restore_run_dir,
+)
 from orchestrator.settings import Settings
 from orchestrator.spare import WarmSpare
 from storage import LocalTier
@@ -79,6 +86,8 @@ class Outcome:
     exit_code: int
     phase: Phase
     failure: str | None
+    #: Why ``run/state.json`` could not be written at the end (None: it was).
+    state_error: str | None = None
 
 
 class Supervisor:
@@ -222,7 +231,9 @@ class Supervisor:
         if self._mirror is not None:
             self._finish_mirror(self._mirror)
         failure = self._last_failure if self._exit_code not in (EXIT_OK, EXIT_PREEMPTED) else None
-        return Outcome(exit_code=self._exit_code, phase=self._phase, failure=failure)
+        error = self._state_file.write_error
+        return Outcome(exit_code=self._exit_code, phase=self._phase, failure=failure,
+                       state_error=None if error is None else str(error))
 
     def _enter(self, phase: Phase) -> None:
         """The one place phases change; the enum lists what is allowed (IllegalTransition)."""
@@ -279,6 +290,11 @@ class Supervisor:
         now = self._clock.monotonic()
         if now >= self._next_scan:
             self._next_scan = now + self._settings.scan_interval_s
+            if self._events.detached():  # run/ was removed: the events file went with it
+                restore_run_dir(self._paths)
+                self._events.reopen()
+                self._events.emit("supervisor.run_dir_recreated", attempt=self._attempt,
+                                  path=self._paths.run_dir)
             self._scan_snapshots()
             self._write_state()
         if self._hung():

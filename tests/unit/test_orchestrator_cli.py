@@ -138,7 +138,7 @@ def test_unwritable_checkpoint_dir_exits_2(tmp_path: Path, script: str) -> None:
 def test_dir_held_by_live_supervisor_exits_2(tmp_path: Path, script: str,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     ck = tmp_path / "ck"
-    lock = RunLock(RunPaths.of(str(ck)).lock)
+    lock = RunLock(str(ck), holder_file=RunPaths.of(str(ck)).lock)
     lock.acquire()
     try:
         assert launch("--checkpoint-dir", str(ck), script) == 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -49,24 +50,36 @@ def test_events_are_json_lines(tmp_path: Path) -> None:
 
 
 def test_lock_is_exclusive_and_released(tmp_path: Path) -> None:
-    path = str(tmp_path / "run" / "supervisor.lock")
-    first = RunLock(path)
+    holder = str(tmp_path / "run" / "supervisor.lock")
+    first = RunLock(str(tmp_path), holder_file=holder)
     first.acquire()
-    assert lock_is_held(path)
+    assert lock_is_held(str(tmp_path))
     with pytest.raises(LockHeld, match=f"pid {os.getpid()}"):
-        RunLock(path).acquire()
+        RunLock(str(tmp_path), holder_file=holder).acquire()
     first.release()
-    assert not lock_is_held(path)
-    second = RunLock(path)
+    assert not lock_is_held(str(tmp_path))
+    second = RunLock(str(tmp_path))
     second.acquire()
     second.release()
 
 
+def test_a_removed_run_dir_never_lets_a_second_supervisor_in(tmp_path: Path) -> None:
+    # The lock lived in run/ before: removing run/ took it along and a second launch ran
+    # beside the first. It is on the checkpoint dir itself now.
+    first = RunLock(str(tmp_path), holder_file=str(tmp_path / "run" / "supervisor.lock"))
+    first.acquire()
+    shutil.rmtree(tmp_path / "run")
+    assert lock_is_held(str(tmp_path))
+    with pytest.raises(LockHeld, match="pid unknown"):  # the holder file went with run/
+        RunLock(str(tmp_path), holder_file=str(tmp_path / "run" / "supervisor.lock")).acquire()
+    first.release()
+
+
 def test_lock_of_a_dead_process_is_free(tmp_path: Path) -> None:
-    path = str(tmp_path / "supervisor.lock")
+    path = str(tmp_path)
     code = (
         "import fcntl, os, sys\n"
-        f"fd = os.open({path!r}, os.O_RDWR | os.O_CREAT)\n"
+        f"fd = os.open({path!r}, os.O_RDONLY | os.O_DIRECTORY)\n"
         "fcntl.flock(fd, fcntl.LOCK_EX)\n"
         "os.kill(os.getpid(), 9)\n"
     )

@@ -870,3 +870,23 @@ def test_a_run_without_recovery_is_unchecked_in_state(tmp_path: Path) -> None:
         "state": "unchecked", "checked_through_step": None, "first_divergence_step": None,
     }
     assert not [e for e in env.events() if e["event"].startswith("resume.")]
+
+
+def test_a_removed_run_dir_is_recreated_and_the_run_goes_on(tmp_path: Path) -> None:
+    def script(env: Env) -> list[Attempt]:
+        def remove(attempt: int, _resume: int | None) -> None:
+            import shutil
+
+            env.heartbeat(attempt, 3)
+            shutil.rmtree(env.paths.run_dir)
+
+        def finish(attempt: int, _resume: int | None) -> None:
+            env.heartbeat(attempt, 5)  # a rank's heartbeat lands in the recreated progress dir
+            env.snapshot(5)
+        return [Attempt(0, polls=6, on_start=remove, on_exit=finish)]
+
+    sup, _, env, _ = make(tmp_path, script)
+    out = sup.run()
+    assert (out.exit_code, out.state_error) == (EXIT_OK, None)
+    assert "supervisor.run_dir_recreated" in env.names()  # in the new events file
+    assert env.state()["phase"] == "done" and env.state()["step"] == 5
