@@ -161,6 +161,7 @@ class Checkpointer:
         self.last_components: dict[str, str] = {}
         self.last_components_step: int | None = None
         self._last_metrics: dict[str, Any] = {}
+        self._beat_failing = False
         self._snapshot_job: Job | None = None
         self.staging: StagingMode = staging
         self._staging: DeferredStaging | None = None
@@ -309,7 +310,16 @@ class Checkpointer:
             epoch=self.state.epoch,
             pid=os.getpid(),
         )
-        write_document(self.paths.heartbeat(self.rank), beat, durable=False)
+        try:
+            write_document(self.paths.heartbeat(self.rank), beat, durable=False)
+        except OSError as exc:
+            # A full or read-only disk: training goes on, and the next snapshot (which needs
+            # the disk) fails with the clear DiskFull/NotWritable error instead of a heartbeat.
+            if not self._beat_failing:
+                log.warning("heartbeat.write_failed", rank=self.rank, error=str(exc))
+            self._beat_failing = True
+        else:
+            self._beat_failing = False
 
     # -- snapshots ------------------------------------------------------------------------
 
