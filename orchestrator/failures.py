@@ -21,7 +21,7 @@ import signal
 from dataclasses import dataclass
 
 from contract.codes import EXIT_FATAL
-from contract.documents import ErrorRecord, read_json
+from contract.documents import DamagedDocument, ErrorRecord, parse_document, read_json
 from contract.paths import RunPaths
 
 _MESSAGE_LIMIT = 500
@@ -202,16 +202,46 @@ def _read_tail(path: str) -> str:
         return ""
 
 
-def diagnose(paths: RunPaths, attempt: int, exit_code: int) -> Failure:
+def logged_failures(text: str, attempt: int) -> list[ErrorRecord]:
+    """The ``worker.failed`` records the ranks logged (JSON log lines in torchrun's output), in
+    the order they appear: the error files' content, for when those could not be written."""
+    records: list[ErrorRecord] = []
+    for line in text.splitlines():
+        at = line.find('{"')
+        if at < 0 or '"worker.failed"' not in line:
+            continue
+        try:
+            doc = parse_document(line[at:].encode())
+        except DamagedDocument:
+            continue
+        if not isinstance(doc, dict) or doc.get("event") != "worker.failed":
+            continue
+        record = ErrorRecord.from_json({
+            "rank": doc.get("rank"), "attempt": attempt, "time": float(len(records)),
+            "type": doc.get("error_type"), "message": doc.get("error"), "fatal": doc.get("fatal"),
+        })
+        if record is not None:
+            records.append(record)
+    return records
+
+
+def diagnose(paths: RunPaths, attempt: int, exit_code: int, *, output: str = "") -> Failure:
     """The root cause of attempt ``attempt`` whose torchrun exited with ``exit_code``.
 
     Order of evidence: a rank killed by a signal (other than torchrun's own SIGTERM teardown)
     that wrote no error file died first, since its peers' errors ("connection closed by peer")
     are consequences of its death; else the earliest error file; else torchrun's root cause;
     else torchrun's own exit status. Any error file with ``fatal: true`` makes the failure fatal.
+
+    ``output``: the tail of the attempt's output as the supervisor saw it. On a full or
+    read-only disk the error files and the attempt log lose writes; the ranks' ``worker.failed``
+    log records in it then stand in for the error files, and it replaces a shorter log.
     """
-    files = _read_error_files(paths.errors_dir(attempt))
-    reported = parse_torchrun_failures(_read_tail(paths.attempt_log(attempt)))
+    log_text = _read_tail(paths.attempt_log(attempt))
+    if len(output) > len(log_text):
+        log_text = output[-_LOG_TAIL_BYTES:]
+    files = _read_error_files(paths.errors_dir(attempt)) or logged_failures(log_text, attempt)
+    reported = parse_torchrun_failures(log_text)
     fatal_files = [f for f in files if f.fatal]
     wrote = {f.rank for f in files}
     killed = [
@@ -247,7 +277,7 @@ def diagnose(paths: RunPaths, attempt: int, exit_code: int) -> Failure:
         summary = root.describe()
         error_type: str | None = None
         if root.exit_code == 1:  # an uncaught exception; before trainer.run, only the log has it
-            printed = printed_startup_error(_read_tail(paths.attempt_log(attempt)))
+            printed = printed_startup_error(log_text)
             if printed is not None:
                 error_type, text = printed
                 summary += f": {text}"
@@ -259,7 +289,7 @@ def diagnose(paths: RunPaths, attempt: int, exit_code: int) -> Failure:
             source="torchrun",
             error_type=error_type,
         )
-    rendezvous = _rendezvous_error(_read_tail(paths.attempt_log(attempt)))
+    rendezvous = _rendezvous_error(log_text)
     if rendezvous is not None:
         return rendezvous
     sig = signal_name(exit_code)

@@ -12,6 +12,7 @@ dies, even by SIGKILL, torchrun is told to stop and tears its ranks down itself.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import io
@@ -65,6 +66,11 @@ class WorkerGroup(Protocol):
 
     def kill(self) -> None:
         """SIGKILL every process of the group and wait until they are gone."""
+        ...
+
+    def output_tail(self) -> str:
+        """The last part of the attempt's output, kept in memory: what the diagnosis reads
+        when the attempt log lost writes (a full or read-only disk)."""
         ...
 
 
@@ -179,6 +185,31 @@ class Tee:
         self._thread.join(timeout_s)
         self.check()
         return not self._thread.is_alive()
+
+
+class OutputTail:
+    """A sink that keeps the last ``limit`` bytes written to it (the tee's memory of an attempt)."""
+
+    def __init__(self, limit: int = 64 * 1024) -> None:
+        self._limit = limit
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._size = 0
+        self._lock = threading.Lock()
+
+    def write(self, chunk: bytes) -> None:
+        with self._lock:
+            self._chunks.append(bytes(chunk))
+            self._size += len(chunk)
+            while self._size - len(self._chunks[0]) >= self._limit:
+                self._size -= len(self._chunks.popleft())
+
+    def flush(self) -> None:
+        pass
+
+    def text(self) -> str:
+        with self._lock:
+            data = b"".join(self._chunks)
+        return data[-self._limit :].decode("utf-8", errors="replace")
 
 
 class LossyEcho:
@@ -627,6 +658,7 @@ class TorchrunGroup:
         self._proc: subprocess.Popen[bytes] | None = None
         self._tee: Tee | None = None
         self._log: IO[bytes] | None = None
+        self._tail = OutputTail()
         self._token = ""
         self._attempt = -1
         self._status: int | None = None
@@ -662,7 +694,8 @@ class TorchrunGroup:
             start_new_session=True,
             preexec_fn=_make_pdeathsig(signal.SIGTERM),
         )
-        sinks: dict[str, Any] = {"log": self._log}
+        self._tail = OutputTail()
+        sinks: dict[str, Any] = {"log": self._log, "tail": self._tail}
         if self._echo is not None:
             # torchrun's tracebacks and failure summary stay in the log (see EchoFilter).
             self._echo_filter = EchoFilter(self._echo, log_path=path)
@@ -671,6 +704,9 @@ class TorchrunGroup:
             raise RuntimeError("torchrun was started without an output pipe")
         self._tee = Tee(self._proc.stdout, sinks)
         log.info("launcher.torchrun_started", pid=self._proc.pid, attempt=attempt, cmd=cmd)
+
+    def output_tail(self) -> str:
+        return self._tail.text()
 
     @property
     def pid(self) -> int | None:
@@ -748,7 +784,10 @@ class TorchrunGroup:
                 log=self._log_path(self._attempt),
             )
         if self._log is not None:
-            self._log.close()
+            # A full disk fails the flush of the buffered tail: the tee already reported the
+            # sink (launcher.output_sink_failed), and the attempt's outcome does not depend on it.
+            with contextlib.suppress(OSError):
+                self._log.close()
             self._log = None
         if self._proc is not None and self._proc.stdout is not None:
             self._proc.stdout.close()

@@ -361,7 +361,8 @@ class Supervisor:
         return AttemptResult(
             exit_code=code,
             progressed=progressed,
-            failure=hang if hang is not None else diagnose(paths, self._attempt, code),
+            failure=hang if hang is not None
+            else diagnose(paths, self._attempt, code, output=self._group.output_tail()),
             reported_corrupt=not progressed and reported_corrupt_snapshot(paths, self._attempt),
             resume_verified=self._snapshots.resume_verified,
         )

@@ -25,6 +25,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.faults)
 
 
+def supervisor_traceback(stderr: str) -> bool:
+    """Whether the supervisor (or a CLI command) died with a traceback: one starts a line of
+    its stderr. The ranks' tracebacks reach it only inside their JSON log records."""
+    return any(line.startswith("Traceback (most recent call last)") for line in stderr.splitlines())
+
+
 @pytest.fixture(scope="session")
 def golden(tmp_path_factory: pytest.TempPathFactory) -> dict[int, str]:
     """Digest of every snapshot of an uninterrupted digits run (tests.e2e.harness defaults)."""

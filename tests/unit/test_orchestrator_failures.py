@@ -162,3 +162,25 @@ def test_a_rendezvous_timeout_is_a_plain_failure_with_its_reason(tmp_path: Path)
     assert failure.source == "rendezvous" and not failure.fatal
     assert failure.summary.startswith("torchrun rendezvous failed: RendezvousTimeoutError: ")
     assert "timed out waiting" in failure.summary
+
+
+def test_a_full_disk_diagnosis_comes_from_the_output_kept_in_memory(tmp_path: Path) -> None:
+    """No error file and an empty attempt log (the disk filled): the ranks' ``worker.failed``
+    JSON log lines in the supervisor's in-memory output tail name the root cause."""
+    paths = RunPaths.of(str(tmp_path))
+    os.makedirs(paths.logs_dir)
+    Path(paths.attempt_log(2)).write_text("")
+    failed = {"error_type": "DiskFull", "error": "no space left while creating /ck/snapshots/x",
+              "fatal": False, "event": "worker.failed", "rank": 0, "level": "error"}
+    peer = {**failed, "rank": 1, "error_type": "RuntimeError", "error": "Connection closed by peer"}
+    output = "\n".join([
+        "noise", "[default0]:" + json.dumps(failed), json.dumps(peer), '{"event": "worker.failed"',
+        (FIXTURES / "orchestrator_torchrun_exception.txt").read_text(),
+    ])
+    failure = diagnose(paths, 2, 1, output=output)
+    assert failure.summary == "rank 0: DiskFull: no space left while creating /ck/snapshots/x"
+    assert (failure.rank, failure.fatal, failure.source) == (0, False, "error_file")
+    fatal = json.dumps({**failed, "error_type": "NotWritable", "error": "Read-only", "fatal": True})
+    assert diagnose(paths, 2, 1, output=fatal).fatal is True
+    # the files, when there are any, still win
+    assert diagnose(paths, 2, 1).source != "error_file"

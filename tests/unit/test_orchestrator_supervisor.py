@@ -85,6 +85,9 @@ class FakeGroup:
     def kill(self) -> None:
         self.kills += 1
 
+    def output_tail(self) -> str:
+        return ""
+
 
 class Env:
     """A checkpoint dir plus helpers that play the workers' part."""
@@ -729,6 +732,9 @@ class FakeSpare:
 
     def kill(self) -> None:
         self.kills += 1
+
+    def output_tail(self) -> str:
+        return ""
 
 
 def with_spares(sup: Supervisor, spares: list[FakeSpare]) -> list[FakeSpare]:
