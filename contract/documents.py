@@ -361,8 +361,8 @@ class JournalEntry:
 def parse_journal_line(line: bytes | str) -> JournalStart | JournalEntry | None:
     """One journal line; None for a torn, foreign or unparseable one."""
     try:
-        doc = json.loads(line)
-    except ValueError:
+        doc = parse_document(line.encode() if isinstance(line, str) else line)
+    except DamagedDocument:
         return None
     if not isinstance(doc, dict):
         return None
