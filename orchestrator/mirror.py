@@ -17,7 +17,14 @@ without blocking. One worker thread does all the network work:
 3. after each upload it applies ``--keep-remote K`` (``storage.plan_retention``: the newest
    valid remote snapshot is never deleted);
 4. it mirrors the supervisor's run state (``RemoteTier.put_state``) when asked, so that
-   ``status --mirror URL`` works from anywhere.
+   ``status --mirror URL`` works from anywhere;
+5. it aborts leftover multipart uploads (``RemoteTier.abort_incomplete_uploads``): after an
+   upload that needed retries (the failed attempt's own abort may not have got through: the
+   endpoint was down), and once more as the last job of a run (:meth:`Mirror.abort_leftovers`,
+   called by :func:`finish_mirror`), so that a run that ends leaves none of its own behind.
+   Which uploads are its own: on a single node every upload under the prefix (it is the only
+   writer); with several nodes only those this process started and could not abort, plus
+   those older than ``stale_upload_age_s`` (never another node's live upload).
 
 Transient errors (timeouts, resets, 5xx) are retried with tenacity: exponential backoff with
 jitter, each network call bounded by the object store's own timeouts, no overall limit while the
@@ -57,6 +64,7 @@ from storage.errors import (
     TransientStorageError,
 )
 from storage.tier import RemoteTier as RemoteTier  # re-exported: cli imports it from here
+from storage.tier import UploadResult
 
 log = structlog.get_logger("orchestrator.mirror")
 
@@ -163,6 +171,12 @@ class Mirror:
         self._paused_until = 0.0
         self._crash: BaseException | None = None
         self._finished = False
+        # The final abort pass: its deadline while requested, then whether it ran to its end.
+        self._leftovers_deadline: float | None = None
+        self._leftovers_done = False
+        # Worker thread only: an upload attempt failed since the last successful abort pass,
+        # so one of its multipart uploads may be left on the server.
+        self._leak_suspected = False
 
     # -- the loop's side (cheap, never blocks on the network) ------------------------------
 
@@ -253,6 +267,41 @@ class Mirror:
     # Alias: the component contract is "wait()/close() re-raise what the thread captured".
     wait = flush
 
+    def abort_leftovers(self, timeout_s: float, *, abort: Callable[[], bool] | None = None) -> bool:
+        """The last job of a run: abort the run's own incomplete multipart uploads, bounded.
+
+        Run by the worker thread (after whatever it is doing now), transient errors retried with
+        the mirror's policy until ``timeout_s`` is spent; ``mirror.uploads_aborted`` or
+        ``mirror.uploads_abort_failed`` (``final: true``) says how it ended. True when the pass
+        finished (even with a failure), False when it timed out, ``abort()`` turned true or the
+        thread is not running. Re-raises a crash of the worker thread.
+        """
+        deadline = self._monotonic() + timeout_s
+        with self._cond:
+            if self._thread is None or self._finished:
+                return False
+            self._leftovers_deadline = deadline
+            self._leftovers_done = False
+            self._cond.notify_all()
+            while not self._leftovers_done and not self._finished:
+                remaining = deadline - self._monotonic()
+                if remaining <= 0 or (abort is not None and abort()):
+                    break
+                self._cond.wait(min(remaining, 0.5))
+            done = self._leftovers_done
+        self.check()
+        if not done:
+            # The pass (maybe a network call bounded by the store's timeouts) is abandoned: the
+            # next launch's rescan aborts what is left.
+            self._events.emit(
+                "mirror.uploads_abort_failed",
+                error=f"not finished within {round(timeout_s, 3)} s",
+                final=True,
+                permanent=False,
+                timeout_s=round(timeout_s, 3),
+            )
+        return done
+
     def close(self, timeout_s: float = 5.0) -> None:
         """Stop now (interrupting retry waits); join the thread, bounded; re-raise its crash.
 
@@ -289,6 +338,8 @@ class Mirror:
                 kind, value = job
                 if kind == "state":
                     self._put_state(value)
+                elif kind == "leftovers":
+                    self._final_abort_pass(value)
                 else:
                     self._upload(value)
         except _Closing:
@@ -303,21 +354,37 @@ class Mirror:
                 self._finished = True
                 self._cond.notify_all()
 
-    def _retrying(self, step: int | None) -> Retrying:
+    def _retrying(
+        self,
+        step: int | None,
+        *,
+        deadline: float | None = None,
+        op: str | None = None,
+    ) -> Retrying:
+        """The transient policy, stopped by close() and (when given) before ``deadline``."""
+
         def before_sleep(rs: RetryCallState) -> None:
             exc = rs.outcome.exception() if rs.outcome is not None else None
             delay = rs.next_action.sleep if rs.next_action is not None else 0.0
+            fields: dict[str, Any] = {"op": op} if op is not None else {}
             self._events.emit(
                 "mirror.retry",
                 step=step,
                 attempt=rs.attempt_number,
                 error=error_text(exc) if exc is not None else None,
                 delay_s=round(delay, 3),
+                **fields,
             )
+
+        def stop(rs: RetryCallState) -> bool:
+            if self._closing.is_set():
+                return True
+            # No attempt that would start after the deadline: the last error stands.
+            return deadline is not None and self._monotonic() + rs.upcoming_sleep >= deadline
 
         return transient_retrying(
             self._settings,
-            stop=lambda _rs: self._closing.is_set(),
+            stop=stop,
             sleep=self._interruptible_sleep,
             before_sleep=before_sleep,
         )
@@ -385,6 +452,9 @@ class Mirror:
                 if self._state_doc is not None:
                     doc, self._state_doc = self._state_doc, None
                     return ("state", doc)
+                if self._leftovers_deadline is not None and not self._leftovers_done:
+                    # Even while paused after a permanent error: it is the run's last job.
+                    return ("leftovers", self._leftovers_deadline)
                 if self._error is not None:
                     wait = self._paused_until - self._monotonic()
                 if wait is None or wait <= 0:
@@ -443,11 +513,15 @@ class Mirror:
         return lambda name: faults.point(name, step)
 
     def _upload_and_prune(self, step: int) -> None:
+        def attempt() -> UploadResult:
+            try:
+                return self.remote.upload(self.local_store, step, on_phase=self._fault_hook(step))
+            except StorageError:
+                self._leak_suspected = True
+                raise
+
         try:
-            result = self._call(
-                step,
-                lambda: self.remote.upload(self.local_store, step, on_phase=self._fault_hook(step)),
-            )
+            result = self._call(step, attempt)
         except (CorruptSnapshot, SnapshotNotFound) as exc:
             # The local copy is corrupt or gone (deleted meanwhile): nothing to upload, ever.
             self._events.emit(
@@ -485,6 +559,46 @@ class Mirror:
             self._done.add(step)
             self._error = None
         self._apply_remote_retention(protect=step)
+        if self._leak_suspected:
+            # The endpoint answers again (the upload got through): abort what the failed
+            # attempts may have left, now rather than at the end of a long run.
+            self._abort_pass(deadline=None)
+
+    def _final_abort_pass(self, deadline: float) -> None:
+        try:
+            self._abort_pass(deadline=deadline)
+        finally:
+            with self._cond:
+                self._leftovers_deadline = None
+                self._leftovers_done = True
+                self._cond.notify_all()
+
+    def _abort_pass(self, *, deadline: float | None) -> None:
+        """Abort the run's own leftover uploads, transient errors retried (until ``deadline``,
+        else while the run lives); a failure is reported, never raised: uploads go on."""
+        final = deadline is not None
+
+        def guarded() -> int:
+            if self._closing.is_set():
+                raise _Closing()
+            return self.remote.abort_incomplete_uploads(older_than_s=self._stale_upload_age_s)
+
+        try:
+            count = self._retrying(None, deadline=deadline, op="abort_uploads")(guarded)
+        except StorageError as exc:
+            if self._closing.is_set():
+                raise _Closing() from None
+            # Left for the next pass (the final one, or the next launch's rescan).
+            self._events.emit(
+                "mirror.uploads_abort_failed",
+                error=error_text(exc),
+                final=final,
+                permanent=not isinstance(exc, TransientStorageError),
+            )
+            return
+        self._leak_suspected = False
+        if count:
+            self._events.emit("mirror.uploads_aborted", count=count, final=final)
 
     def _permanent(self, step: int | None, exc: BaseException) -> None:
         """Report a permanent error at once; uploads pause for ``mirror_permanent_retry_s``."""
@@ -543,8 +657,11 @@ def finish_mirror(
     """The end of a run: wait (bounded, real time) for the mirror to catch up, then close it.
 
     Once caught up, the final run state is published too (one small object, a short bound).
-    ``mirror.flushed`` or ``mirror.behind`` says how it ended; the exit code never depends on it.
+    Then, with what is left of ``timeout_s``, the run's own incomplete multipart uploads are
+    aborted (:meth:`Mirror.abort_leftovers`). ``mirror.flushed`` or ``mirror.behind`` says how
+    it ended; the exit code never depends on it.
     """
+    started = time.monotonic()
     events.emit("mirror.flushing", pending_steps=mirror.pending_steps(), timeout_s=timeout_s)
     caught_up = mirror.flush(timeout_s, abort=abort)
     if caught_up:
@@ -552,7 +669,13 @@ def finish_mirror(
         caught_up = mirror.flush(min(timeout_s, 10.0), abort=abort)
     pending = mirror.pending_steps()
     try:
-        mirror.close()
+        try:
+            # A second signal (abort) skips it: the next launch's rescan aborts what is left.
+            if not abort():
+                left = max(0.0, timeout_s - (time.monotonic() - started))
+                mirror.abort_leftovers(left, abort=abort)
+        finally:
+            mirror.close()
     finally:
         if caught_up:
             events.emit("mirror.flushed", newest_remote_step=mirror.newest_remote_step)

@@ -129,7 +129,9 @@ class RemoteSnapshotStore:
 
     def abort_incomplete_uploads(self, *, older_than_s: float = 0.0) -> int:
         """Abort multipart uploads left under this prefix by a dead writer; how many."""
-        return self.store.abort_incomplete_uploads("", older_than_s=older_than_s)
+        # Only under snapshots/ (the only multipart keys): a mirror at a bucket's root must not
+        # abort the uploads of another run mirrored to a prefix of the same bucket.
+        return self.store.abort_incomplete_uploads(_SNAP, older_than_s=older_than_s)
 
     # -- listing and validation -------------------------------------------------------------
 

@@ -137,7 +137,8 @@ class RemoteTier(SnapshotTier, Protocol):
         ...
 
     def abort_incomplete_uploads(self, *, older_than_s: float = 0.0) -> int:
-        """Abort multipart uploads left under the prefix (started ``older_than_s`` ago); how many."""
+        """Abort multipart uploads left under the prefix: this process's own failed ones (whatever
+        their age) and those started ``older_than_s`` ago; how many. No retry inside."""
         ...
 
     def preflight(self) -> None:

@@ -68,7 +68,10 @@ class ObjectStore(Protocol):
         ...
 
     def abort_incomplete_uploads(self, prefix: str = "", *, older_than_s: float = 0.0) -> int:
-        """Abort multipart uploads under `prefix` started more than `older_than_s` ago."""
+        """Abort multipart uploads under `prefix`: those this store started and failed to abort
+        (whatever their age: no other writer owns them), then every one started more than
+        `older_than_s` ago; how many. One try per request, the first failure raised (a
+        `TransientStorageError` is for the caller's retry layer)."""
         ...
 
     def preflight(self) -> None:

@@ -55,6 +55,21 @@ TRANSIENT_CODES = {
 UNSUPPORTED_CODES = {"NotImplemented", "InvalidArgument", "InvalidRequest"}
 
 
+def upload_gone(exc: Exception) -> bool:
+    """Whether ``exc``, raised by an abort of a multipart upload, says the upload is gone.
+
+    For an abort that is success (completed or aborted meanwhile, by us or a sweep), although
+    ``NoSuchUpload`` on a part upload is transient (the file must be uploaded again).
+    """
+    from botocore.exceptions import ClientError
+
+    if not isinstance(exc, ClientError):
+        return False
+    code = exc.response.get("Error", {}).get("Code")
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    return bool(code == "NoSuchUpload" or status == 404)
+
+
 def s3_error(
     exc: Exception, op: str, where: str, *, endpoint_url: str, scrub: Callable[[str], str]
 ) -> StorageError:

@@ -221,6 +221,7 @@ class FsspecObjectStore:
                 self._fs.rm_file(path)
 
     def abort_incomplete_uploads(self, prefix: str = "", *, older_than_s: float = 0.0) -> int:
+        # No multipart uploads here: a failed write leaves nothing (its temporary is unlinked).
         return 0
 
     def preflight(self) -> None:

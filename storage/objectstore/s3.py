@@ -17,6 +17,7 @@ import collections
 import contextlib
 import hashlib
 import secrets
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -33,7 +34,7 @@ from storage.errors import (
     TransientStorageError,
 )
 from storage.objectstore.common import Progress, Writable, check_key, copy_bounded
-from storage.objectstore.errors import UNSUPPORTED_CODES, s3_error
+from storage.objectstore.errors import UNSUPPORTED_CODES, s3_error, upload_gone
 from storage.settings import StorageSettings
 
 # The logger name predates the split into one module per backend; kept so log queries still match.
@@ -103,6 +104,12 @@ class S3ObjectStore:
         # Kept only to scrub it from server-supplied messages; never logged.
         self._access_key = creds.access_key if creds is not None else None
         self._inm_supported: bool | None = None
+        # Our multipart uploads whose abort failed (the endpoint was down when the upload
+        # failed): upload id -> (key, full key). Nobody else can own them, so the next
+        # `abort_incomplete_uploads` aborts them whatever their age, also where other writers
+        # share the prefix; the caller's retry layer retries that.
+        self._abandoned: dict[str, tuple[str, str]] = {}
+        self._abandoned_lock = threading.Lock()
 
     def close(self) -> None:
         self._client.close()
@@ -271,15 +278,44 @@ class S3ObjectStore:
         )
 
     def _abort_upload(self, key: str, full: str, upload_id: str) -> None:
+        """One try to abort our failed upload; if it fails too, the upload is kept for the next
+        `abort_incomplete_uploads` (no retry here: the caller's retry layer is the only one)."""
         try:
-            with self._call("abort multipart upload", key):
+            self._abort_one(key, full, upload_id)
+        except StorageError as exc:
+            # Never mask the original failure (it is raised on from our caller's finally).
+            with self._abandoned_lock:
+                self._abandoned[upload_id] = (key, full)
+                pending = len(self._abandoned)
+            log.warning(
+                "remote.multipart_abort_failed",
+                key=key,
+                upload_id=upload_id,
+                error=str(exc),
+                pending_aborts=pending,
+            )
+            return
+        log.info("remote.multipart_aborted", key=key, upload_id=upload_id)
+
+    def _abort_one(self, key: str, full: str, upload_id: str) -> bool:
+        """Abort one upload: True if aborted, False if it was already gone; raises on failure."""
+        from botocore.exceptions import ClientError
+
+        with self._call("abort multipart upload", key):
+            try:
                 self._client.abort_multipart_upload(
                     Bucket=self.bucket, Key=full, UploadId=upload_id
                 )
-            log.info("remote.multipart_aborted", key=key)
-        except StorageError as exc:
-            # Never mask the original failure; the mirror's start-up sweep removes it later.
-            log.warning("remote.multipart_abort_failed", key=key, error=str(exc))
+            except ClientError as exc:
+                if upload_gone(exc):
+                    return False
+                raise
+        return True
+
+    def abandoned_uploads(self) -> builtins.list[tuple[str, str]]:
+        """(key, upload id) of our uploads whose abort failed and is still to be retried."""
+        with self._abandoned_lock:
+            return sorted((key, uid) for uid, (key, _full) in self._abandoned.items())
 
     def put_bytes(self, key: str, data: bytes, *, if_none_match: bool = False) -> bool:
         full = self._key(key)
@@ -433,34 +469,46 @@ class S3ObjectStore:
                 self._client.delete_object(Bucket=self.bucket, Key=full)
 
     def abort_incomplete_uploads(self, prefix: str = "", *, older_than_s: float = 0.0) -> int:
-        cutoff = time.time() - older_than_s
-        aborted = 0
-        with self._call("list multipart uploads", prefix or None):
-            pages = self._client.get_paginator("list_multipart_uploads").paginate(
-                Bucket=self.bucket, Prefix=self._root + prefix
-            )
-            uploads = [u for page in pages for u in page.get("Uploads", [])]
-        for u in uploads:
-            initiated = u.get("Initiated")
-            if older_than_s > 0 and initiated is not None and initiated.timestamp() > cutoff:
-                continue
-            key = str(u["Key"])[len(self._root) :]
-            from botocore.exceptions import ClientError
+        """Abort, under `prefix`, our own uploads whose abort failed (by id, whatever their
+        age), then every listed upload started more than `older_than_s` ago; how many.
 
-            with self._call("abort multipart upload", key):
-                try:
-                    self._client.abort_multipart_upload(
-                        Bucket=self.bucket, Key=u["Key"], UploadId=u["UploadId"]
-                    )
-                except ClientError as exc:
-                    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-                    if exc.response.get("Error", {}).get("Code") == "NoSuchUpload" or status == 404:
-                        continue  # finished or aborted meanwhile
-                    raise
-            aborted += 1
-        if aborted:
-            log.info("remote.stale_uploads_aborted", count=aborted, url=self.url)
-        return aborted
+        One try per request: the first failure is raised (the caller retries the whole pass,
+        which resumes where it stopped: what was aborted is no longer listed or remembered).
+        """
+        cutoff = time.time() - older_than_s
+        own = 0
+        stale = 0
+        try:
+            with self._abandoned_lock:
+                mine = [
+                    (uid, key, full)
+                    for uid, (key, full) in sorted(self._abandoned.items())
+                    if key.startswith(prefix)
+                ]
+            for uid, key, full in mine:
+                if self._abort_one(key, full, uid):
+                    own += 1
+                    log.info("remote.multipart_aborted", key=key, upload_id=uid, retried=True)
+                with self._abandoned_lock:
+                    self._abandoned.pop(uid, None)
+            with self._call("list multipart uploads", prefix or None):
+                pages = self._client.get_paginator("list_multipart_uploads").paginate(
+                    Bucket=self.bucket, Prefix=self._root + prefix
+                )
+                uploads = [u for page in pages for u in page.get("Uploads", [])]
+            for u in uploads:
+                initiated = u.get("Initiated")
+                if older_than_s > 0 and initiated is not None and initiated.timestamp() > cutoff:
+                    continue  # maybe another writer's live upload
+                if self._abort_one(str(u["Key"])[len(self._root) :], u["Key"], u["UploadId"]):
+                    stale += 1
+        finally:
+            # Also after a failure part-way: what was aborted is logged once.
+            if own or stale:
+                log.info(
+                    "remote.stale_uploads_aborted", count=own + stale, own=own, url=self.url
+                )
+        return own + stale
 
     def preflight(self) -> None:
         """HEAD the bucket, then write and delete a probe object under the prefix."""
