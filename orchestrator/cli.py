@@ -185,7 +185,15 @@ def build_parser() -> argparse.ArgumentParser:
     snaps = sub.add_parser("snapshots", help="list snapshots (both tiers when both are given)")
     snaps.add_argument("--checkpoint-dir", metavar="DIR")
     snaps.add_argument("--mirror", metavar="URL")
-    snaps.add_argument("--verify", action="store_true", help="check every file's checksum")
+    snaps.add_argument(
+        "--verify",
+        nargs="?",
+        const="files",
+        choices=("files", "deep"),
+        metavar="files|deep",
+        help="check every file's checksum; 'deep' also recomputes the state's content digest "
+        "from the files and compares it with the manifest's (default: sizes only)",
+    )
     snaps.add_argument("--json", action="store_true", help="a JSON list, oldest first")
 
     check = sub.add_parser(
@@ -663,11 +671,12 @@ def _snapshots(args: argparse.Namespace) -> int:
         _error("snapshots", "give --checkpoint-dir DIR, --mirror URL, or both")
         return EXIT_USAGE
     records: list[dict[str, Any]] = []
+    verify, deep = args.verify is not None, args.verify == "deep"
     if args.checkpoint_dir is not None:
         directory = _checkpoint_dir("snapshots", str(args.checkpoint_dir))
         if directory is None:
             return EXIT_USAGE
-        records.extend(snapshot_records(directory, verify=args.verify))
+        records.extend(snapshot_records(directory, verify=verify, deep=deep))
     if args.mirror is not None:
         remote = _remote("snapshots", args.mirror)
         if remote is None:
@@ -679,7 +688,9 @@ def _snapshots(args: argparse.Namespace) -> int:
             return EXIT_USAGE
         try:
             records.extend(
-                call_bounded(settings, lambda: remote_snapshot_records(remote, verify=args.verify))
+                call_bounded(
+                    settings, lambda: remote_snapshot_records(remote, verify=verify, deep=deep)
+                )
             )
         except StorageError as exc:
             _error("snapshots", f"cannot list the mirror: {error_text(exc)}")

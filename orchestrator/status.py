@@ -5,7 +5,9 @@ never delete anything, so they are safe to run against a live run. ``status`` st
 supervisor's ``run/state.json`` and refreshes what can be observed directly (heartbeat ages,
 newest snapshot, whether a supervisor still holds the lock). ``snapshots`` lists committed
 snapshots oldest first; without ``--verify`` a snapshot is ``valid`` when its manifest parses and
-every listed file has the recorded size, with ``--verify`` its checksums are checked as well.
+every listed file has the recorded size, with ``--verify`` its checksums are checked as well, and
+with ``--verify=deep`` the content digest of the state is recomputed from the files and compared
+with the manifest's too (storage.content: no torch here).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from orchestrator.mirror import call_bounded, mirror_lag
 from orchestrator.runstate import lock_is_held, read_determinism, read_heartbeats, read_state
 from orchestrator.settings import Settings
 from storage import LocalSnapshotStore, RemoteTier, SnapshotTier
+from storage.remote import RemoteSnapshotStore
 
 
 class NoRunState(Exception):
@@ -31,27 +34,37 @@ def _snapshots_dir(checkpoint_dir: str) -> str:
     return os.path.join(os.path.abspath(checkpoint_dir), "snapshots")
 
 
-def snapshot_records(checkpoint_dir: str, *, verify: bool) -> list[dict[str, Any]]:
+def snapshot_records(
+    checkpoint_dir: str, *, verify: bool, deep: bool = False
+) -> list[dict[str, Any]]:
     """One ``snapshots --json`` record per committed snapshot, oldest first.
 
     Snapshots whose manifest is missing or unreadable are included as invalid rows with their
-    ``reason``, so an operator sees them. ``verified`` tells whether checksums were checked.
+    ``reason``, so an operator sees them. ``verified`` tells whether checksums were checked,
+    ``verified_content`` whether the content digest was recomputed too (``deep``).
     """
     if not os.path.isdir(_snapshots_dir(checkpoint_dir)):
         return []
-    return _records(LocalSnapshotStore(checkpoint_dir), verify=verify)
+    store = LocalSnapshotStore(checkpoint_dir, verify_content=deep)
+    return _records(store, verify=verify or deep, deep=deep)
 
 
-def remote_snapshot_records(remote: RemoteTier, *, verify: bool) -> list[dict[str, Any]]:
+def remote_snapshot_records(
+    remote: RemoteTier, *, verify: bool, deep: bool = False
+) -> list[dict[str, Any]]:
     """``snapshots --mirror URL`` records (tier ``remote``), oldest first, same fields as local.
 
     Without ``--verify`` the manifest is read and each object's size checked; with it every
-    object is downloaded and its checksum checked (nothing is written locally).
+    object is downloaded and its checksum checked (nothing is written locally); ``deep`` also
+    recomputes the content digest from the streamed bytes.
     """
-    return _records(remote, verify=verify)
+    if isinstance(remote, RemoteSnapshotStore) and remote.verify_content != deep:
+        # The same store and prefix; only whether checksum validation includes the content.
+        remote = RemoteSnapshotStore(remote.url, store=remote.store, verify_content=deep)
+    return _records(remote, verify=verify or deep, deep=deep)
 
 
-def _records(tier: SnapshotTier, *, verify: bool) -> list[dict[str, Any]]:
+def _records(tier: SnapshotTier, *, verify: bool, deep: bool = False) -> list[dict[str, Any]]:
     """One record per listed snapshot of either tier; already-invalid rows are not re-checked."""
     out: list[dict[str, Any]] = []
     for info in tier.list():
@@ -60,6 +73,7 @@ def _records(tier: SnapshotTier, *, verify: bool) -> list[dict[str, Any]]:
         if record.get("reason") is None:
             record.pop("reason", None)
         record["verified"] = verify
+        record["verified_content"] = deep
         record["components"] = dict(checked.manifest.components) if checked.manifest else {}
         out.append(record)
     return out
@@ -258,6 +272,11 @@ def render_snapshots(records: list[dict[str, Any]]) -> str:
             f"{r['step']:>12}  {r.get('tier', '-'):<6}  {valid:<5}  {_cell(r.get('bytes')):>12}  "
             f"{digest:<23}  {detail}"
         )
-    checked = "checksums verified" if records[0].get("verified") else "sizes checked, not checksums"
+    if records[0].get("verified_content"):
+        checked = "checksums and content digests verified"
+    elif records[0].get("verified"):
+        checked = "checksums verified"
+    else:
+        checked = "sizes checked, not checksums"
     lines.append(f"({checked})")
     return "\n".join(lines)

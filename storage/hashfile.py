@@ -55,7 +55,8 @@ class HashingFile:
         self._size = 0
         self._entry: FileEntry | None = None
         self._hasher: ThreadPoolExecutor | None = None
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+        # O_EXCL already refuses any existing name, a symlink included; O_NOFOLLOW says so.
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         self.direct = direct and hasattr(os, "O_DIRECT")
         try:
             self._fd: int | None = os.open(path, flags | (os.O_DIRECT if self.direct else 0), 0o644)

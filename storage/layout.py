@@ -15,6 +15,10 @@ import stat
 SNAPSHOTS_DIR = "snapshots"
 EXPORTS_DIR = "exports"
 MANIFEST_NAME = "manifest.json"
+#: The trainer's two snapshot files: the tree (JSON) and the arena of tensor bytes. Named here so
+#: that validation can check a snapshot's content digest (storage.content) without the trainer.
+TREE_FILE = "tree.json"
+TENSORS_FILE = "tensors.bin"
 
 _STEP_WIDTH = 12
 # ASCII digits only (`\d` would accept other scripts' digits, which int() parses) and full
@@ -64,9 +68,16 @@ def exports_root(checkpoint_dir: str) -> str:
 
 
 def is_safe_filename(name: str) -> bool:
-    """Snapshot file names are plain names: no separators, no dot-dirs, nothing hidden."""
+    """Snapshot file names are plain names inside the snapshot directory.
+
+    No separators (``/``, ``\\``), so never absolute and never ``..``; no dot-dirs, nothing
+    hidden, no NUL, never the manifest itself. Whatever a manifest (local or downloaded) names
+    is checked with this before a path is built from it; a name too long for the filesystem
+    fails at open as an invalid snapshot.
+    """
     return (
-        bool(name)
+        isinstance(name, str)
+        and bool(name)
         and name not in (".", "..")
         and "/" not in name
         and "\\" not in name

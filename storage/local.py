@@ -8,6 +8,17 @@ snapshot under a committed name. Reads verify sizes and checksums against the ma
 single byte is handed to the caller (:mod:`storage.reading`). This module is the store that ties
 them together: listing, validation, selection, deletion; it re-exports the names that used to
 live here.
+
+Containment: a snapshot is only what lies inside its directory. Every name a manifest lists is a
+plain file name (:func:`storage.layout.is_safe_filename`, checked when the manifest is parsed),
+and each file must be a regular file of that directory: a symlink (wherever it points), a fifo,
+socket, device or directory under a listed name makes the snapshot invalid with a reason, and
+no read follows a link (:func:`storage.reading.open_snapshot_file`).
+
+Validation with checksums also checks the content digest of a trainer snapshot (``tree.json``
+with a ``"format"`` and ``tensors.bin``, see :mod:`storage.content`), in the same read of
+``tensors.bin``: checksums agreeing with a manifest whose ``digest`` the files do not decode to
+(an encoder bug, a tampered tree) are not a valid snapshot.
 """
 
 from __future__ import annotations
@@ -24,10 +35,11 @@ import structlog
 
 from contract.atomic import fsync_dir
 from storage import layout
+from storage.content import ContentPlan, plan_from_json
 from storage.errors import CorruptSnapshot, SnapshotNotFound, file_errors, os_error
 from storage.hashfile import DIRECT_ALIGN, HashingFile
 from storage.manifest import FileEntry, Manifest
-from storage.reading import MappedFile, read_verified
+from storage.reading import MappedFile, open_snapshot_file, read_verified
 from storage.settings import StorageSettings
 from storage.tier import LocalTier, SnapshotInfo
 from storage.writer import PhaseHook, SnapshotWriter
@@ -40,8 +52,17 @@ class LocalSnapshotStore:
 
     tier = "local"
 
-    def __init__(self, checkpoint_dir: str, *, settings: StorageSettings | None = None) -> None:
+    def __init__(
+        self,
+        checkpoint_dir: str,
+        *,
+        settings: StorageSettings | None = None,
+        verify_content: bool = True,
+    ) -> None:
         self.checkpoint_dir = os.path.abspath(checkpoint_dir)
+        #: Whether validation with checksums also checks a trainer snapshot's content digest
+        #: (False: file checksums only, what ``snapshots --verify`` reports).
+        self.verify_content = verify_content
         self.root = layout.snapshots_root(self.checkpoint_dir)
         self._settings = settings or StorageSettings.from_env()
         try:
@@ -96,7 +117,7 @@ class LocalSnapshotStore:
 
     def _load_manifest(self, step: int, path: str) -> Manifest:
         try:
-            with open(os.path.join(path, layout.MANIFEST_NAME), "rb") as f:
+            with open_snapshot_file(os.path.join(path, layout.MANIFEST_NAME), layout.MANIFEST_NAME) as f:
                 data = f.read()
         except FileNotFoundError as exc:
             raise CorruptSnapshot("manifest missing") from exc
@@ -114,7 +135,11 @@ class LocalSnapshotStore:
         return self._load_manifest(step, path)
 
     def validate(self, step: int, *, verify_checksums: bool = True) -> SnapshotInfo:
-        """Check the snapshot at `step`: manifest, then each file's size (and checksum)."""
+        """Check the snapshot at `step`: manifest, then each file's size (and checksum).
+
+        With checksums (and :attr:`verify_content`, the default) a trainer snapshot's content
+        digest is recomputed in the same read of its files and compared with the manifest's.
+        """
         path = self.path(step)
         info = SnapshotInfo(step=step, path=path, tier=self.tier, manifest=None, valid=False)
         try:
@@ -122,24 +147,66 @@ class LocalSnapshotStore:
         except (CorruptSnapshot, SnapshotNotFound) as exc:
             return replace(info, reason=str(exc))
         info = replace(info, manifest=manifest)
+        content = verify_checksums and self.verify_content
         try:
+            plan, done = self._content_plan(path, manifest) if content else (None, frozenset())
             for name, entry in manifest.files.items():
-                self._check_file(path, name, entry, verify_checksums)
+                if name in done:
+                    continue
+                if plan is not None and name == layout.TENSORS_FILE:
+                    self._check_file(path, name, entry, True, plan, manifest.digest)
+                else:
+                    self._check_file(path, name, entry, verify_checksums)
         except CorruptSnapshot as exc:
             return replace(info, reason=str(exc))
         return replace(info, valid=True)
 
-    def _check_file(self, path: str, name: str, entry: FileEntry, verify: bool) -> None:
+    def _content_plan(
+        self, path: str, manifest: Manifest
+    ) -> tuple[ContentPlan | None, frozenset[str]]:
+        """The content plan of a trainer snapshot (None for another kind) and the files read."""
+        tree_entry = manifest.files.get(layout.TREE_FILE)
+        if tree_entry is None:
+            return None, frozenset()
+        self._check_file(path, layout.TREE_FILE, tree_entry, False)
+        buf = bytearray(tree_entry.size)
+        fpath = os.path.join(path, layout.TREE_FILE)
+        read_verified(
+            fpath, layout.TREE_FILE, tree_entry, memoryview(buf), self._settings.read_chunk_bytes
+        )
+        tensors = manifest.files.get(layout.TENSORS_FILE)
+        plan = plan_from_json(bytes(buf), tensors.size if tensors is not None else 0)
+        if plan is not None and tensors is None:
+            raise CorruptSnapshot(
+                f"{layout.TREE_FILE} describes an arena but the manifest lists no "
+                f"{layout.TENSORS_FILE}"
+            )
+        return plan, frozenset({layout.TREE_FILE})
+
+    def _check_file(
+        self,
+        path: str,
+        name: str,
+        entry: FileEntry,
+        verify: bool,
+        content: ContentPlan | None = None,
+        digest: str | None = None,
+    ) -> None:
         fpath = os.path.join(path, name)
         with file_errors(name, "checking", fpath):
-            st = os.stat(fpath)
+            st = os.lstat(fpath)  # the name itself: a symlink is never followed
+        if stat.S_ISLNK(st.st_mode):
+            raise CorruptSnapshot(f"{name}: a symlink, not a file of the snapshot")
         if not stat.S_ISREG(st.st_mode):
             raise CorruptSnapshot(f"{name}: not a regular file")
         size = st.st_size
         if size != entry.size:
             raise CorruptSnapshot(f"{name}: size {size} != manifest {entry.size}")
         if verify:
-            read_verified(fpath, name, entry, None, self._settings.read_chunk_bytes)
+            read_verified(
+                fpath, name, entry, None, self._settings.read_chunk_bytes,
+                content=content, expected_digest=digest,
+            )
 
     def newest_valid(
         self,
@@ -177,18 +244,31 @@ class LocalSnapshotStore:
         )
         return manifest
 
-    def map_verifying(self, step: int, name: str, manifest: Manifest | None = None) -> MappedFile:
+    def map_verifying(
+        self,
+        step: int,
+        name: str,
+        manifest: Manifest | None = None,
+        *,
+        content: ContentPlan | None = None,
+    ) -> MappedFile:
         """Map file `name` of the snapshot and start verifying it (see :class:`MappedFile`).
 
-        Its size is checked at once; its checksum by :meth:`MappedFile.verified`, which the
-        caller must pass before trusting anything decoded from the mapping.
+        Its size is checked at once; its checksum (and, given the `content` plan of the tree
+        whose arena it is, the manifest's content digest) by :meth:`MappedFile.verified`, which
+        the caller must pass before trusting anything decoded from the mapping.
         """
         manifest = manifest if manifest is not None else self.read_manifest(step)
         entry = manifest.files.get(name)
         if entry is None:
             raise CorruptSnapshot(f"step {step}: manifest lists no file {name!r}")
         return MappedFile(
-            os.path.join(self.path(step), name), name, entry, self._settings.read_chunk_bytes
+            os.path.join(self.path(step), name),
+            name,
+            entry,
+            self._settings.read_chunk_bytes,
+            content=content,
+            expected_digest=manifest.digest,
         )
 
     def open_verified(self, step: int, name: str, manifest: Manifest | None = None) -> bytes:

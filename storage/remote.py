@@ -12,7 +12,12 @@ local one, so a snapshot is the same object (same digest, created_at, files) on 
 Uploads re-hash every local byte against the local manifest while reading (a file that rotted on
 disk is refused with `CorruptSnapshot`, never shipped). Downloads go into a local temporary
 snapshot, every file hashed while written and checked against the remote manifest before the
-local commit, so a torn or corrupt download never becomes a valid local snapshot.
+local commit, so a torn or corrupt download never becomes a valid local snapshot. A remote
+manifest is parsed like a local one: a file name that is not a plain name (``../x``, ``/abs``,
+``a/b``, NUL) makes it unreadable, so nothing is ever written outside the temporary snapshot.
+A trainer snapshot's content digest (:mod:`storage.content`) is computed from the downloaded
+bytes as they stream (``tree.json`` first) and must match the manifest's before the commit, as
+it must when validating with checksums.
 
 Retrying is not done here: transient failures surface as `TransientStorageError` and the one
 retrying layer (the supervisor's mirror) decides.
@@ -34,6 +39,7 @@ import structlog
 
 from contract.paths import RUN_DIR
 from storage import layout
+from storage.content import ContentHasher, ContentPlan, check_digest, plan_from_json
 from storage.errors import (
     CorruptSnapshot,
     ObjectNotFound,
@@ -95,8 +101,28 @@ class _HashSink:
         return n
 
 
+class _ContentSink:
+    """Passes writes through to ``inner`` while feeding them to a content digest."""
+
+    def __init__(self, inner: Any, hasher: ContentHasher) -> None:
+        self._inner = inner
+        self.hasher = hasher
+
+    def write(self, data: bytes | bytearray | memoryview, /) -> int:
+        self.hasher.update(memoryview(data).cast("B"))
+        return int(self._inner.write(data))
+
+
 def _snapshot_key(step: int, name: str) -> str:
+    if name != layout.MANIFEST_NAME and not layout.is_safe_filename(name):
+        # Manifest parsing refuses such names already; a key is never built from one.
+        raise CorruptSnapshot(f"unsafe file name {name!r} in a remote manifest"[:200])
     return f"{_SNAP}{layout.snapshot_dirname(step)}/{name}"
+
+
+def _download_order(files: Mapping[str, FileEntry]) -> builtins.list[str]:
+    """The tree first (its content plan checks the arena as it streams), then by name."""
+    return sorted(files, key=lambda n: (n != layout.TREE_FILE, n))
 
 
 class RemoteSnapshotStore:
@@ -113,7 +139,11 @@ class RemoteSnapshotStore:
         *,
         settings: StorageSettings | None = None,
         store: ObjectStore | None = None,
+        verify_content: bool = True,
     ) -> None:
+        #: Whether validation with checksums also checks a trainer snapshot's content digest
+        #: (False: object checksums only, what ``snapshots --verify`` reports).
+        self.verify_content = verify_content
         self._settings = settings or StorageSettings.from_env()
         self.store: ObjectStore = store or open_object_store(url, settings=self._settings)
         self.url = url.rstrip("/")
@@ -200,6 +230,8 @@ class RemoteSnapshotStore:
     def validate(self, step: int, *, verify_checksums: bool = True) -> SnapshotInfo:
         """Manifest, then each object's size (and, with `verify_checksums`, its sha256, streamed).
 
+        With checksums (and :attr:`verify_content`, the default) a trainer snapshot's content
+        digest is recomputed from the streamed bytes and compared with the manifest's.
         Network failures raise (`TransientStorageError`, ...): a snapshot is never declared
         invalid because the store was unreachable.
         """
@@ -211,28 +243,69 @@ class RemoteSnapshotStore:
         except (CorruptSnapshot, SnapshotNotFound) as exc:
             return replace(info, reason=str(exc))
         info = replace(info, manifest=manifest)
+        content = verify_checksums and self.verify_content
+        plan: ContentPlan | None = None
         try:
-            for name, entry in sorted(manifest.files.items()):
-                self._check_object(step, name, entry, verify_checksums)
+            for name in _download_order(manifest.files) if content else sorted(manifest.files):
+                entry = manifest.files[name]
+                data = self._check_object(
+                    step, name, entry, verify_checksums,
+                    plan if name == layout.TENSORS_FILE else None, manifest.digest,
+                )
+                if content and name == layout.TREE_FILE and data is not None:
+                    plan = self._plan(manifest, data)
         except CorruptSnapshot as exc:
             return replace(info, reason=str(exc))
         return replace(info, valid=True)
 
-    def _check_object(self, step: int, name: str, entry: FileEntry, verify: bool) -> None:
+    @staticmethod
+    def _plan(manifest: Manifest, tree_json: bytes) -> ContentPlan | None:
+        tensors = manifest.files.get(layout.TENSORS_FILE)
+        plan = plan_from_json(tree_json, tensors.size if tensors is not None else 0)
+        if plan is not None and tensors is None:
+            raise CorruptSnapshot(
+                f"{layout.TREE_FILE} describes an arena but the manifest lists no "
+                f"{layout.TENSORS_FILE}"
+            )
+        return plan
+
+    def _check_object(
+        self,
+        step: int,
+        name: str,
+        entry: FileEntry,
+        verify: bool,
+        content: ContentPlan | None = None,
+        digest: str = "",
+    ) -> bytes | None:
+        """Check one object; returns its bytes when it is the (verified) tree."""
         key = _snapshot_key(step, name)
         size = self.store.head(key)
         if size is None:
             raise CorruptSnapshot(f"{name}: missing")
         if size != entry.size:
             raise CorruptSnapshot(f"{name}: size {size} != manifest {entry.size}")
-        if verify:
-            sink = _HashSink()
+        if not verify:
+            return None
+        if name == layout.TREE_FILE:
             try:
-                self.store.get_into(key, sink, expected_size=entry.size)
+                data = self.store.get_bytes(key)
             except ObjectNotFound as exc:
                 raise CorruptSnapshot(f"{name}: missing") from exc
-            if sink.hash.hexdigest() != entry.checksum:
+            if len(data) != entry.size or hashlib.sha256(data).hexdigest() != entry.checksum:
                 raise CorruptSnapshot(f"{name}: checksum mismatch")
+            return data
+        sink = _HashSink()
+        writable: Any = sink if content is None else _ContentSink(sink, content.hasher())
+        try:
+            self.store.get_into(key, writable, expected_size=entry.size)
+        except ObjectNotFound as exc:
+            raise CorruptSnapshot(f"{name}: missing") from exc
+        if sink.hash.hexdigest() != entry.checksum:
+            raise CorruptSnapshot(f"{name}: checksum mismatch")
+        if isinstance(writable, _ContentSink):
+            check_digest(writable.hasher.hexdigest(), digest, name)
+        return None
 
     def newest_valid(
         self, *, verify_checksums: bool = False, max_step: int | None = None
@@ -371,15 +444,30 @@ class RemoteSnapshotStore:
         manifest, raw = self._read_manifest(step)
         counter = _Counter(manifest.total_bytes, progress)
         writer = local_store.begin(step)
+        plan: ContentPlan | None = None
         try:
-            for name, entry in sorted(manifest.files.items()):
+            for name in _download_order(manifest.files):
+                entry = manifest.files[name]
+                key = _snapshot_key(step, name)
+                if name == layout.TREE_FILE:
+                    # Small: held in memory to plan the content check of the arena that follows.
+                    tree = self._get_tree(step, key, entry)
+                    writer.write_bytes(name, tree)
+                    counter(len(tree))
+                    plan = self._plan(manifest, tree)
+                    continue
+                sink: ContentHasher | None = None
                 with writer.open(name) as f:
+                    target: Any = f
+                    if plan is not None and name == layout.TENSORS_FILE:
+                        target = _ContentSink(f, plan.hasher())
+                        sink = target.hasher
                     try:
-                        self.store.get_into(
-                            _snapshot_key(step, name), f, expected_size=entry.size, progress=counter
-                        )
+                        self.store.get_into(key, target, expected_size=entry.size, progress=counter)
                     except ObjectNotFound as exc:
                         raise CorruptSnapshot(f"step {step}: {name}: missing remotely") from exc
+                if sink is not None:
+                    check_digest(sink.hexdigest(), manifest.digest, f"step {step}: {name}")
             writer.commit_manifest(manifest, raw=raw)
         except BaseException:
             writer.abort()
@@ -399,6 +487,15 @@ class RemoteSnapshotStore:
             manifest=manifest,
             valid=True,
         )
+
+    def _get_tree(self, step: int, key: str, entry: FileEntry) -> bytes:
+        try:
+            data = self.store.get_bytes(key)
+        except ObjectNotFound as exc:
+            raise CorruptSnapshot(f"step {step}: {layout.TREE_FILE}: missing remotely") from exc
+        if len(data) != entry.size or hashlib.sha256(data).hexdigest() != entry.checksum:
+            raise CorruptSnapshot(f"step {step}: {layout.TREE_FILE}: checksum mismatch")
+        return data
 
     # -- deletion ---------------------------------------------------------------------------
 

@@ -42,13 +42,18 @@ import numpy as np
 import torch
 
 from contract.threads import run_in_thread
+
+# The canonical form and the tensor walk are storage's, so that validating a snapshot without
+# torch (storage.content) computes exactly the digest written here.
+from storage.content import FORMAT as FORMAT
+from storage.content import canonical_json as _dumps
+from storage.content import canonical_tree_bytes as canonical_tree_bytes
+from storage.content import tensor_records as _tensor_records
+from storage.layout import TENSORS_FILE as TENSORS_FILE
+from storage.layout import TREE_FILE as TREE_FILE
 from trainer.errors import CodecError
 
-FORMAT = "trainer-tree-v1"
 ALIGN = 64
-#: A snapshot directory's two files: the arena's raw bytes and the tree (JSON).
-TENSORS_FILE = "tensors.bin"
-TREE_FILE = "tree.json"
 
 JsonTree = Any
 
@@ -84,25 +89,6 @@ class EncodedState:
     def canonical_tree_bytes(self) -> bytes:
         """The tree part of the digest input (no offsets, no insertion orders)."""
         return canonical_tree_bytes(self.root)
-
-
-def _dumps(obj: JsonTree) -> bytes:
-    return json.dumps(
-        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
-    ).encode("ascii")
-
-
-def canonical_tree_bytes(root: JsonTree) -> bytes:
-    """Serialise ``root`` without offsets and insertion orders, for the digest."""
-    return _dumps({"format": FORMAT, "root": _canonical(root)})
-
-
-def _canonical(node: JsonTree) -> JsonTree:
-    if isinstance(node, list):
-        return [_canonical(x) for x in node]
-    if isinstance(node, dict):
-        return {k: _canonical(v) for k, v in node.items() if k not in ("offset", "order")}
-    return node
 
 
 def _align(n: int) -> int:
@@ -405,24 +391,6 @@ class Component:
     stop: int
 
 
-def _tensor_records(node: JsonTree) -> Iterator[dict[str, Any]]:
-    """The tensor and ndarray records under ``node``, in arena (encoding and decoding) order."""
-    if isinstance(node, list):
-        for item in node:
-            yield from _tensor_records(item)
-    elif isinstance(node, dict):
-        tag = node.get("t")
-        if tag in ("tensor", "ndarray"):
-            yield node
-        elif tag == "dict":
-            # Keys are plain values (never tensors); the values, then an OrderedDict's _metadata.
-            yield from _tensor_records(node.get("v", []))
-            if "meta" in node:
-                yield from _tensor_records(node["meta"])
-        elif tag == "tuple":
-            yield from _tensor_records(node.get("v", []))
-
-
 def _items(node: JsonTree) -> list[tuple[JsonTree, JsonTree, int, int]] | None:
     """A dict node's ``(encoded key, value, first slot, tensor count)``; None if not a dict node."""
     if not (isinstance(node, dict) and node.get("t") == "dict"):
@@ -639,11 +607,40 @@ def snapshot_digests(
     return arena_digests(canonical_tree_bytes(root), flat.data, slots, component_plan(root))
 
 
-def _torch_dtype(name: str) -> torch.dtype:
-    value = getattr(torch, name, None)
+def _torch_dtype(name: object) -> torch.dtype:
+    value = getattr(torch, name, None) if isinstance(name, str) else None
     if not isinstance(value, torch.dtype):
-        raise CodecError(f"unknown torch dtype {name!r}")
+        raise CodecError(f"unknown torch dtype {name!r}"[:200])
     return value
+
+
+#: The encoder refuses quantized tensors; a record naming one of these dtypes is not ours.
+_QUANTIZED = frozenset(
+    getattr(torch, n) for n in ("qint8", "quint8", "qint32", "quint4x2", "quint2x4") if hasattr(torch, n)
+)
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    if dtype in _QUANTIZED:
+        raise CodecError(f"unsupported torch dtype {dtype}")
+    try:
+        return torch.empty((), dtype=dtype).element_size()
+    except (RuntimeError, TypeError) as exc:  # quantized and other dtypes without plain storage
+        raise CodecError(f"unsupported torch dtype {dtype}") from exc
+
+
+def _shape(node: dict[str, Any]) -> list[int]:
+    """A record's shape: a list of non-negative ints, never coerced (``"3"``, ``True``, ``-1``)."""
+    shape = node.get("shape")
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        raise CodecError(f"bad shape in tensor record {_brief(node)}")
+    return shape
+
+
+def _brief(node: dict[str, Any]) -> str:
+    return repr({k: node.get(k) for k in ("t", "dtype", "shape", "offset", "nbytes")})[:200]
 
 
 class _Decoder:
@@ -663,12 +660,29 @@ class _Decoder:
         self.arena_t = torch.from_numpy(self.arena_np) if self.arena_np.size else None
         self.slots: list[TensorSlot] = []
 
-    def _region(self, node: dict[str, Any]) -> tuple[int, int]:
+    def _region(self, node: dict[str, Any], itemsize: int) -> tuple[int, int]:
+        """The record's ``(offset, nbytes)``, checked against the arena and the records before.
+
+        Regions come in arena order and never overlap (the encoder's layout), lie inside the
+        arena, and start at a multiple of the item size (a view of another alignment is a torch
+        error, not a tensor).
+        """
         offset, nbytes = node.get("offset"), node.get("nbytes")
-        if not (isinstance(offset, int) and isinstance(nbytes, int)) or offset < 0 or nbytes < 0:
-            raise CodecError(f"bad tensor record {node!r}")
+        if (
+            not (isinstance(offset, int) and isinstance(nbytes, int))
+            or isinstance(offset, bool) or isinstance(nbytes, bool)
+            or offset < 0 or nbytes < 0
+        ):
+            raise CodecError(f"bad tensor record {_brief(node)}")
         if offset + nbytes > self.arena_np.size:
-            raise CodecError(f"tensor record {node!r} lies outside the arena ({self.arena_np.size} bytes)")
+            raise CodecError(
+                f"tensor record {_brief(node)} lies outside the arena ({self.arena_np.size} bytes)"
+            )
+        floor = self.slots[-1].offset + self.slots[-1].nbytes if self.slots else 0
+        if offset < floor:
+            raise CodecError(f"tensor record {_brief(node)} overlaps the one before (ends at {floor})")
+        if offset % itemsize:
+            raise CodecError(f"tensor record {_brief(node)}: offset not aligned to its dtype")
         self.slots.append(TensorSlot(offset=offset, nbytes=nbytes))
         return offset, nbytes
 
@@ -737,12 +751,12 @@ class _Decoder:
             self._path.pop()
 
     def _tensor(self, node: dict[str, Any]) -> torch.Tensor:
-        dtype = _torch_dtype(node["dtype"])
-        shape = [int(x) for x in node["shape"]]
-        offset, nbytes = self._region(node)
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        dtype = _torch_dtype(node.get("dtype"))
+        shape = _shape(node)
+        itemsize = _element_size(dtype)
+        offset, nbytes = self._region(node, itemsize)
         if nbytes != math.prod(shape) * itemsize:
-            raise CodecError(f"tensor record {node!r}: nbytes does not match shape and dtype")
+            raise CodecError(f"tensor record {_brief(node)}: nbytes does not match shape and dtype")
         if nbytes == 0 or self.arena_t is None:
             return torch.empty(shape, dtype=dtype)
         view = self.arena_t[offset : offset + nbytes].view(dtype).view(shape)
@@ -750,16 +764,32 @@ class _Decoder:
         return view.clone() if self.copy else view
 
     def _ndarray(self, node: dict[str, Any]) -> np.ndarray[Any, Any]:
-        dtype = np.dtype(node["dtype"])
-        if dtype.hasobject or dtype.kind not in "biufc":
-            raise CodecError(f"unsupported numpy dtype {dtype}")
-        shape = tuple(int(x) for x in node["shape"])
-        offset, nbytes = self._region(node)
+        dtype = _numpy_dtype(node.get("dtype"))
+        shape = tuple(_shape(node))
+        offset, nbytes = self._region(node, 1)  # numpy views any byte offset
         if nbytes != math.prod(shape) * dtype.itemsize:
-            raise CodecError(f"ndarray record {node!r}: nbytes does not match shape and dtype")
+            raise CodecError(f"ndarray record {_brief(node)}: nbytes does not match shape and dtype")
         flat = self.arena_np[offset : offset + nbytes].view(dtype)
         out: np.ndarray[Any, Any] = flat.reshape(shape).copy()
         return out
+
+
+def _numpy_dtype(name: object) -> np.dtype[Any]:
+    if not isinstance(name, str):
+        raise CodecError(f"bad numpy dtype {name!r}"[:200])
+    try:
+        dtype = np.dtype(name)
+    except (TypeError, ValueError) as exc:
+        raise CodecError(f"bad numpy dtype {name!r}"[:200]) from exc
+    if dtype.hasobject or dtype.kind not in "biufc" or dtype.fields is not None:
+        raise CodecError(f"unsupported numpy dtype {dtype}")
+    return dtype
+
+
+#: What a malformed tree makes the decoder's own operations raise (a missing key, a value of the
+#: wrong type, an unhashable key, bad base64, a device name torch refuses, absurd nesting): all
+#: mean a tree the encoder never wrote, reported as one CodecError.
+_MALFORMED = (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError)
 
 
 def decode_tree(
@@ -777,6 +807,10 @@ def decode_tree(
     "model")``) whose tensors are views even with ``copy=True``: for parts the caller copies into
     existing tensors at once (``load_state_dict`` of a module), where a fresh copy first would
     only cost memory and page faults. The digest is None unless ``compute_digest``.
+
+    Every record is checked against the region it reads (inside the arena, in order without
+    overlap, aligned, ``nbytes`` equal to shape times item size) and any malformation is a
+    :class:`CodecError`, never a silently wrong tensor or a numpy/torch error.
     """
     if tree.get("format") != FORMAT:
         raise CodecError(f"unknown tree format {tree.get('format')!r}; expected {FORMAT!r}")
@@ -784,7 +818,19 @@ def decode_tree(
     dec = _Decoder(arena, copy=copy, borrow=borrow)
     if declared != dec.arena_np.size:
         raise CodecError(f"arena has {dec.arena_np.size} bytes but the tree declares {declared}")
-    obj = dec.decode(tree["root"])
+    if "root" not in tree:
+        raise CodecError("tree.json has no root")
+    try:
+        obj = dec.decode(tree["root"])
+    except CodecError:
+        raise
+    except _MALFORMED as exc:
+        raise CodecError(f"malformed tree: {exc!r}"[:300]) from exc
+    # The digest covers the regions the tensor walk names (storage.content); a tensor decoded
+    # from anywhere else (a record in a dict key) would be state the digest does not vouch for.
+    expected = [(r.get("offset"), r.get("nbytes")) for r in _tensor_records(tree["root"])]
+    if [(s.offset, s.nbytes) for s in dec.slots] != expected:
+        raise CodecError("the tree decodes tensors that its content digest does not cover")
     if not compute_digest:
         return obj, None
     h = hashlib.sha256(canonical_tree_bytes(tree["root"]))
@@ -808,7 +854,7 @@ def parse_tree(tree_json: bytes) -> dict[str, Any]:
     """Parse ``tree.json`` bytes (CodecError when malformed)."""
     try:
         tree = json.loads(tree_json)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise CodecError(f"tree.json is not valid JSON: {exc}") from exc
     if not isinstance(tree, dict):
         raise CodecError("tree.json does not hold an object")

@@ -4,8 +4,12 @@
 for its promotion gate; then every node offers a candidate (its supervisor's
 ``ORCH_RESUME_STEP``, or in auto mode the newest valid local snapshot) and the newest offer
 wins. Nodes that hold it read it from their own disk, decoding from the mapped file while its
-checksum runs beside them and applying nothing before it matches; when some node does not hold
-it, the lowest rank of a holding node reads it and broadcasts the bytes over the process group.
+checksum and the state's content digest run beside them and applying nothing before both match
+the manifest (checksums alone pass a tree rewritten together with them; the content digest ties
+the decoded state to the saved one). When some node does not hold it, the lowest rank of a
+holding node reads it and broadcasts the bytes over the process group, and every rank checks
+the content digest of what it received. Anything wrong is ``CorruptSnapshot``, which the
+supervisor answers by verifying every snapshot and falling back to the previous valid one.
 The manifest's world size and hyperparameters are checked (:class:`ResumePolicy`) before
 gigabytes are read, and every rank learns whether all the others succeeded.
 """
@@ -25,11 +29,13 @@ import torch.distributed as dist
 
 from contract.documents import SpareGate, read_document
 from storage import LocalSnapshotStore, Manifest
+from storage.content import content_plan
 from storage.errors import CorruptSnapshot
 from trainer import codec, preemption
 from trainer.codec import TENSORS_FILE, TREE_FILE
 from trainer.distributed import is_initialized
 from trainer.errors import (
+    CodecError,
     ConfigMismatch,
     PeerFailure,
     Preempted,
@@ -55,9 +61,9 @@ class ResumePolicy:
 
     ``allow_config_change`` (None: ``--allow-config-change``, i.e. ``ORCH_ALLOW_CONFIG_CHANGE``)
     resumes despite hyperparameters that differ from the snapshot's (logged), instead of
-    refusing with :class:`~trainer.errors.ConfigMismatch`. ``verify_digest`` recomputes the
-    content digest on load: the files are always checksum-verified; this adds a pass over the
-    state to check the codec too. ``ignore_hparams`` names hyperparameters that do not change the
+    refusing with :class:`~trainer.errors.ConfigMismatch`. The files' checksums and the
+    state's content digest are always verified on load (beside the decode); ``verify_digest``
+    adds a second digest pass over the regions the decoder actually read, on the loading thread. ``ignore_hparams`` names hyperparameters that do not change the
     trajectory (``("log_interval", "eval_interval")``): they are still recorded in every
     manifest but a difference in them (or their presence on one side only) never refuses a
     resume.
@@ -123,6 +129,14 @@ def _broadcast_bytes(buffer: np.ndarray, source: int) -> None:
             part.copy_(on_device.cpu())
         else:
             dist.broadcast(part, src=source)
+
+
+def _parse(step: int, tree_bytes: bytes) -> dict[str, Any]:
+    """``tree.json`` of a checksum-verified snapshot; unparseable is a corrupt snapshot."""
+    try:
+        return codec.parse_tree(tree_bytes)
+    except CodecError as exc:
+        raise CorruptSnapshot(f"step {step}: {exc}") from exc
 
 
 class Resumer:
@@ -283,10 +297,19 @@ class Resumer:
         # Checked before reading gigabytes of tensors.
         self._check_manifest(step, manifest)
         tree_bytes = store.open_verified(step, TREE_FILE, manifest)
-        # Decoded straight from the page cache while the checksum is computed beside it; nothing
-        # decoded is applied before the file is verified.
-        with store.map_verifying(step, TENSORS_FILE, manifest) as mapped:
-            obj, digest = self._decode(tree_bytes, mapped.array)
+        entry = manifest.files.get(TENSORS_FILE)
+        if entry is None:
+            raise CorruptSnapshot(f"step {step}: manifest lists no {TENSORS_FILE}")
+        tree = _parse(step, tree_bytes)
+        plan = content_plan(tree, entry.size)
+        # Decoded straight from the page cache while the checksum and the content digest are
+        # computed beside it; nothing decoded is applied before both match the manifest.
+        with store.map_verifying(step, TENSORS_FILE, manifest, content=plan) as mapped:
+            try:
+                obj, digest = self._decode(tree, mapped.array)
+            except CodecError as exc:
+                mapped.verified()  # a damaged file explains a failed decode best
+                raise CorruptSnapshot(f"step {step}: {exc}") from exc
             mapped.verified()
         return self._apply(step, manifest, obj, digest)
 
@@ -320,20 +343,28 @@ class Resumer:
             seconds=round(time.perf_counter() - started, 4),
         )
         self._check_manifest(step, manifest)
-        obj, digest = self._decode(tree_bytes, buffer)
+        tree = _parse(step, tree_bytes)
+        content_plan(tree, size)
+        try:
+            # Always with the digest: these bytes crossed the network after the source's checks.
+            obj, digest = self._decode(tree, buffer, compute_digest=True)
+        except CodecError as exc:
+            raise CorruptSnapshot(f"step {step}: {exc}") from exc
         del buffer
         return self._apply(step, manifest, obj, digest)
 
-    def _decode(self, tree_bytes: bytes, arena: np.ndarray) -> tuple[Any, str | None]:
+    def _decode(
+        self, tree: dict[str, Any], arena: np.ndarray, *, compute_digest: bool = False
+    ) -> tuple[Any, str | None]:
         # Copies, not views into the arena: some consumers misread views (torch.set_rng_state
         # ignores the storage offset; torch.save would write the whole buffer for each), and an
         # optimizer keeps the tensors it is given. The model's are views: Module.load_state_dict
         # copies them into the parameters at once and keeps none.
         return codec.decode_tree(
-            codec.parse_tree(tree_bytes),
+            tree,
             arena,
             copy=True,
-            compute_digest=self.policy.verify_digest,
+            compute_digest=compute_digest or self.policy.verify_digest,
             borrow=_BORROWED,
         )
 
