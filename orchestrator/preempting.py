@@ -14,6 +14,8 @@ import contextlib
 import os
 from dataclasses import dataclass
 
+import structlog
+
 from contract.codes import EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, Phase
 from contract.documents import PreemptAck, PreemptRequest, read_document, write_document
 from contract.paths import RunPaths
@@ -22,6 +24,7 @@ from orchestrator.launcher import WorkerGroup
 from orchestrator.progress import AttemptProgress
 from orchestrator.runstate import EventLog
 
+log = structlog.get_logger("orchestrator.preempting")
 
 @dataclass(frozen=True, kw_only=True)
 class Ending:
@@ -75,8 +78,14 @@ class PreemptionRequest:
     def clear_stale(self) -> None:
         """Remove a request or acknowledgement left by an earlier attempt or launch."""
         for stale in (self._paths.preempt_request, self._paths.preempt_ack):
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 os.unlink(stale)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                # A read-only run dir: harmless, since ranks obey only their own attempt's
+                # request (PreemptRequest.attempt); the supervisor must not die of it.
+                log.warning("supervisor.stale_request_kept", path=stale, error=str(exc))
 
     def begin(
         self, *, source: str, signal_name: str | None, attempt: int, step: int | None,
