@@ -11,6 +11,10 @@ Every test under tests/faults is marked ``faults`` here, so that ``make test`` r
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -42,3 +46,31 @@ def golden(tmp_path_factory: pytest.TempPathFactory) -> dict[int, str]:
     got = harness.digests(result.snapshots())
     assert max(got) == harness.STEPS, sorted(got)
     return got
+
+
+def _processes_under(root: Path) -> list[int]:
+    """Our live processes whose checkpoint dir (``ORCH_CHECKPOINT_DIR``) is under ``root``."""
+    from orchestrator.launcher import find_processes
+
+    prefix = f"ORCH_CHECKPOINT_DIR={root}".encode()
+    out = []
+    for pid in find_processes({}, present=("ORCH_CHECKPOINT_DIR",)):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if any(item.startswith(prefix) for item in f.read().split(b"\0")):
+                    out.append(pid)
+        except OSError:
+            continue
+    return out
+
+
+@pytest.fixture(autouse=True)
+def no_orphans(tmp_path: Path) -> Iterator[None]:
+    """Invariant of every fault test: no process of its runs outlives it (they are killed and
+    the test fails, naming them)."""
+    yield
+    left = _processes_under(tmp_path)
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    assert left == [], f"processes of the test's runs were left behind: {left}"
