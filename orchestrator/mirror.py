@@ -597,7 +597,7 @@ class Mirror:
             )
             return
         self._leak_suspected = False
-        if count:
+        if count or final:  # the final pass says that it ran, even when it found nothing
             self._events.emit("mirror.uploads_aborted", count=count, final=final)
 
     def _permanent(self, step: int | None, exc: BaseException) -> None:
