@@ -90,7 +90,8 @@ def _tmpfs(path: Path, size: str) -> Iterator[None]:
 def test_disk_full_fails_loudly_and_keeps_older_snapshots(tmp_path: Path) -> None:
     ckpt = tmp_path / "small"
     with _tmpfs(ckpt, "3m"):
-        result = harness.launch(ckpt, max_restarts=2)
+        # Every snapshot kept: the default keep-last-3 would fit this run in 3 MB.
+        result = harness.launch(ckpt, max_restarts=2, extra_launch=("--keep-local", "all"))
         assert result.rc == 1
         assert "space" in result.stderr.lower(), result.stderr[-3000:]
         snaps = result.snapshots()
