@@ -498,13 +498,19 @@ class Mirror:
         return pending[0]
 
     def _upload(self, step: int) -> None:
+        uploaded = False
         try:
-            self._upload_and_prune(step)
+            uploaded = self._upload_and_prune(step)
         finally:
             # Busy until retention ran too, so that flush() returns with the remote settled.
             with self._cond:
                 self._busy = None
                 self._cond.notify_all()
+        if uploaded and self._leak_suspected:
+            # The endpoint answers again (the upload got through): abort what the failed
+            # attempts may have left, now rather than at the end of a long run. Not busy: a
+            # flush waits for snapshots, not for this cleanup (the final pass redoes it).
+            self._abort_pass(deadline=None)
 
     def _fault_hook(self, step: int) -> Callable[[str], None] | None:
         faults = self._faults
@@ -512,7 +518,9 @@ class Mirror:
             return None
         return lambda name: faults.point(name, step)
 
-    def _upload_and_prune(self, step: int) -> None:
+    def _upload_and_prune(self, step: int) -> bool:
+        """Upload ``step``, then apply remote retention; whether the snapshot got there."""
+
         def attempt() -> UploadResult:
             try:
                 return self.remote.upload(self.local_store, step, on_phase=self._fault_hook(step))
@@ -529,7 +537,7 @@ class Mirror:
             )
             with self._cond:
                 self._done.add(step)
-            return
+            return False
         except SnapshotConflict as exc:
             # Another snapshot (another digest) owns this step remotely: a reused prefix. This
             # step can never be mirrored; the others still can, so nothing pauses.
@@ -538,10 +546,10 @@ class Mirror:
             )
             with self._cond:
                 self._done.add(step)
-            return
+            return False
         except StorageError as exc:
             self._permanent(step, exc)
-            return
+            return False
         seconds = float(result.seconds)
         if result.skipped:
             self._events.emit("mirror.skipped", step=step, reason="already_remote")
@@ -559,10 +567,7 @@ class Mirror:
             self._done.add(step)
             self._error = None
         self._apply_remote_retention(protect=step)
-        if self._leak_suspected:
-            # The endpoint answers again (the upload got through): abort what the failed
-            # attempts may have left, now rather than at the end of a long run.
-            self._abort_pass(deadline=None)
+        return True
 
     def _final_abort_pass(self, deadline: float) -> None:
         try:
@@ -588,7 +593,9 @@ class Mirror:
         except StorageError as exc:
             if self._closing.is_set():
                 raise _Closing() from None
-            # Left for the next pass (the final one, or the next launch's rescan).
+            # Left for the final pass (or the next launch's rescan); not retried after every
+            # upload: a permanent refusal (no abort permission) would repeat it each time.
+            self._leak_suspected = False
             self._events.emit(
                 "mirror.uploads_abort_failed",
                 error=error_text(exc),
