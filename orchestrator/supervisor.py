@@ -326,11 +326,13 @@ class Supervisor:
         self._progress.note_snapshot(self._snapshots.newest_local)
         self._audit.refresh(self._attempt)
 
-    def _settle(self) -> None:
+    def _settle(self, *, finished: bool) -> None:
         """The ranks are gone: take in their last heartbeats and snapshots."""
         self._progress.read()
         if self._progress.progressed and self._progress.resume_step is not None:
             self._snapshots.note_loaded(self._progress.resume_step)
+        if finished:
+            self._snapshots.verify_final()
         # Re-plan retention even if no snapshot appeared: the resume point is unprotected now.
         self._snapshots.replan()
         self._scan_snapshots()
@@ -338,7 +340,7 @@ class Supervisor:
     # -- after an attempt ----------------------------------------------------------------
 
     def _attempt_ended(self, code: int) -> None:
-        self._settle()
+        self._settle(finished=code == 0)
         result = self._attempt_result(code)
         decision = decide(result, self._counters, self._limits)
         self._counters = decision.counters
@@ -462,7 +464,7 @@ class Supervisor:
             return
         code, timed_out = ended
         self._group_running = False
-        self._settle()
+        self._settle(finished=False)  # preempted: within --grace, no checksum pass
         ending, acked = self._preemption.conclude(
             code, timed_out=timed_out, attempt=self._attempt,
             newest_local=self._snapshots.newest_local,
