@@ -174,6 +174,7 @@ class Mirror:
         # The final abort pass: its deadline while requested, then whether it ran to its end.
         self._leftovers_deadline: float | None = None
         self._leftovers_done = False
+        self._leftovers_given_up = False  # the waiter reported it unfinished: say nothing more
         # Worker thread only: an upload attempt failed since the last successful abort pass,
         # so one of its multipart uploads may be left on the server.
         self._leak_suspected = False
@@ -289,6 +290,10 @@ class Mirror:
                     break
                 self._cond.wait(min(remaining, 0.5))
             done = self._leftovers_done
+            if not done:
+                # Not started yet: never start it; started: its failure is reported here.
+                self._leftovers_deadline = None
+                self._leftovers_given_up = True
         self.check()
         if not done:
             # The pass (maybe a network call bounded by the store's timeouts) is abandoned: the
@@ -596,6 +601,10 @@ class Mirror:
             # Left for the final pass (or the next launch's rescan); not retried after every
             # upload: a permanent refusal (no abort permission) would repeat it each time.
             self._leak_suspected = False
+            with self._cond:
+                reported = final and self._leftovers_given_up
+            if reported:
+                return
             self._events.emit(
                 "mirror.uploads_abort_failed",
                 error=error_text(exc),
