@@ -7,6 +7,11 @@ per-component digests (`components`: name -> digest, e.g. `"model"`, `"rng/pytho
 and computed by `trainer.codec`, opaque here) and the metadata an operator needs to trust a
 resume: git commit, hyperparameters, dataset and torch versions, learning rate, metrics.
 Manifests written before `components` existed load with an empty mapping.
+
+Every file name a manifest lists is a plain name inside its snapshot
+(:func:`storage.layout.is_safe_filename`: no separator, no ``..``, not absolute, no NUL, not
+hidden); a manifest naming anything else, local or downloaded, is unreadable
+(``CorruptSnapshot``), so no path is ever built from such a name.
 """
 
 from __future__ import annotations

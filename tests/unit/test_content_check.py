@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import structlog
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -380,6 +381,15 @@ def test_remote_deep_validation_and_download_check_content(
 # -- the CLI ---------------------------------------------------------------------------------
 
 
+@pytest.fixture
+def _reset_structlog() -> Any:
+    yield
+    # cli.main() configures structlog onto this test's captured output, which pytest closes.
+    structlog.reset_defaults()
+    structlog.contextvars.clear_contextvars()
+
+
+@pytest.mark.usefixtures("_reset_structlog")
 def test_snapshots_verify_deep_reports_content_mismatch(
     store: LocalSnapshotStore, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
