@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.e2e import harness
+from tests.support.mounts import tmpfs
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -74,22 +72,9 @@ def test_changed_hyperparameters_refused(ckpt: Path) -> None:
     assert allowed.status()["resumed_from_step"] == 60
 
 
-@contextlib.contextmanager
-def _tmpfs(path: Path, size: str) -> Iterator[None]:
-    path.mkdir(parents=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    try:
-        yield
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
 def test_disk_full_fails_loudly_and_keeps_older_snapshots(tmp_path: Path) -> None:
     ckpt = tmp_path / "small"
-    with _tmpfs(ckpt, "3m"):
+    with tmpfs(ckpt, "3m"):
         # Every snapshot kept: the default keep-last-3 would fit this run in 3 MB.
         result = harness.launch(ckpt, max_restarts=2, extra_launch=("--keep-local", "all"))
         assert result.rc == 1

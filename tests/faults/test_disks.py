@@ -5,11 +5,9 @@ space is back) and a read-only remount mid-run (fatal at once: no retry can fix 
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,22 +15,9 @@ import pytest
 from contract.polling import wait_until
 from tests.e2e import harness
 from tests.faults.conftest import supervisor_traceback
+from tests.support.mounts import tmpfs
 
 pytestmark = pytest.mark.timeout(300)
-
-
-@contextlib.contextmanager
-def tmpfs(path: Path, size: str, *, options: str = "") -> Iterator[None]:
-    path.mkdir(parents=True, exist_ok=True)
-    opts = f"size={size}" + (f",{options}" if options else "")
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)],
-                             capture_output=True, text=True, check=False)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    try:
-        yield
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 def _fill(where: Path) -> Path:
@@ -55,6 +40,12 @@ def _snapshot_steps(ckpt: Path) -> list[int]:
     return sorted(int(n.split("-")[1]) for n in os.listdir(snaps) if n.startswith("step-"))
 
 
+def _wait_first_snapshot(proc: subprocess.Popen[str], ckpt: Path) -> None:
+    wait_until(lambda: _snapshot_steps(ckpt) if os.path.isdir(ckpt / "snapshots") else None,
+               timeout=120, what="the first snapshot",
+               stop_if=lambda: None if proc.poll() is None else "the run ended early")
+
+
 def test_read_only_snapshots_dir_is_refused_before_launch(tmp_path: Path) -> None:
     ckpt = tmp_path / "ckpt"
     with tmpfs(ckpt / "snapshots", "4m", options="ro"):
@@ -69,9 +60,7 @@ def test_disk_filled_by_another_process_mid_run(tmp_path: Path, golden: dict[int
     with tmpfs(ckpt, "64m"):
         proc = harness.start(ckpt, max_restarts=1, script_args=("--step-delay", "0.05"))
         try:
-            wait_until(lambda: _snapshot_steps(ckpt) if os.path.isdir(ckpt / "snapshots") else None,
-                       timeout=120, what="the first snapshot",
-                       stop_if=lambda: None if proc.poll() is None else "the run ended early")
+            _wait_first_snapshot(proc, ckpt)
             filler = _fill(ckpt)
             _out, err = proc.communicate(timeout=240)
         finally:
@@ -99,9 +88,7 @@ def test_snapshots_dir_turning_read_only_mid_run_is_fatal_at_once(tmp_path: Path
     ckpt = tmp_path / "ckpt"
     proc = harness.start(ckpt, max_restarts=3, script_args=("--step-delay", "0.05"))
     try:
-        wait_until(lambda: _snapshot_steps(ckpt) if os.path.isdir(ckpt / "snapshots") else None,
-                   timeout=120, what="the first snapshot",
-                   stop_if=lambda: None if proc.poll() is None else "the run ended early")
+        _wait_first_snapshot(proc, ckpt)
         with tmpfs(ckpt / "snapshots", "4m", options="ro"):
             _out, err = proc.communicate(timeout=240)
     finally:
