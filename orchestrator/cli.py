@@ -15,7 +15,7 @@ import os
 import re
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import Any
 
@@ -23,10 +23,11 @@ from contract.codes import EXIT_FAILED, EXIT_PREEMPTED, EXIT_USAGE, TERMINAL_PHA
 from contract.faults import FaultInjector
 from contract.logs import configure_logging
 from contract.paths import RunPaths
-from orchestrator import check_resume
+from orchestrator import check_resume, metrics, notify
 from orchestrator.clock import RealClock
 from orchestrator.config import (
     KEEP_ALL,
+    NOTIFY_KINDS,
     LaunchConfig,
     build_config,
     check_launchable,
@@ -55,6 +56,7 @@ from orchestrator.runstate import (
     EventLog,
     LockHeld,
     RunLock,
+    RunState,
     launch_identity,
     next_attempt,
     read_state,
@@ -161,6 +163,20 @@ def build_parser() -> argparse.ArgumentParser:
         "gets error files, exit codes and preemption handling without changing it"
     )
     launch.add_argument(
+        "--notify", action="append", metavar="URL", help="send alerts here (repeatable; apprise "
+        "URLs: slack://..., discord://..., msteams://..., mailto://..., pagerduty://..., "
+        "ntfy://..., json://host:port/path); never logged"
+    )
+    launch.add_argument(
+        "--notify-on", metavar="KINDS", help="comma-separated alert kinds: "
+        f"{','.join(NOTIFY_KINDS)} (default: all)"
+    )
+    launch.add_argument("--metrics-port", type=_int_arg, metavar="P", help="serve Prometheus "
+                        "/metrics on this port (0: a free one, logged)")
+    launch.add_argument("--metrics-host", metavar="HOST", help="address /metrics binds to")
+    launch.add_argument("--metrics-file", metavar="PATH", help="also write the metrics to this "
+                        "file for node_exporter's textfile collector")
+    launch.add_argument(
         "--force", action="store_true", help="launch even when the dir holds a run already done "
         "with the same script, arguments, layout and mirror (otherwise: 'already done at step "
         "N', exit 0, nothing started); the script then resumes from its final snapshot. A new "
@@ -227,6 +243,10 @@ _UNSET_MEANS = {
     "keep_remote": "none: every remote snapshot is kept",
     "keep_every": "none",
     "hang_timeout": "none: no heartbeat watchdog",
+    "notify": "none: no alerts",
+    "notify_on": "all kinds",
+    "metrics_port": "none: no /metrics server",
+    "metrics_file": "none",
     "config": "none",
     "script": "none; required, here or as script in --config",
     "script_args": "none",
@@ -354,6 +374,11 @@ _LAUNCH_KEYS = (
     "allow_config_change",
     "warm_spare",
     "wrap",
+    "notify",
+    "notify_on",
+    "metrics_port",
+    "metrics_host",
+    "metrics_file",
     "on_divergence",
     "script",
 )
@@ -528,6 +553,18 @@ def _supervise_run(
                 # Several nodes share the prefix: only abort uploads no live supervisor can own.
                 stale_upload_age_s=0.0 if config.nodes == 1 else settings.mirror_stale_upload_age_s,
             )
+        notifier = notify.attach(config, events, run_id=run_id, settings=settings)
+        run_metrics = metrics.attach(config, events, run_id=run_id, settings=settings)
+        observers: list[Callable[[RunState], None]] = []
+        if terminal is not None:
+            observers.append(ProgressLine(terminal, total=total_steps_hint(config.script_args)).update)
+        if run_metrics is not None:
+            observers.append(run_metrics.on_state)
+
+        def observe(state: RunState) -> None:
+            for observer in observers:
+                observer(state)
+
         supervisor = Supervisor(
             config=config,
             settings=settings,
@@ -546,9 +583,7 @@ def _supervise_run(
             preemptions=_previous_preemptions(paths),
             notices=poller_from_settings(settings),
             spare_factory=make_group if config.warm_spare else None,
-            observer=None if terminal is None else ProgressLine(
-                terminal, total=total_steps_hint(config.script_args)
-            ).update,
+            observer=observe if observers else None,
         )
 
         def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -568,6 +603,10 @@ def _supervise_run(
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+            # Bounded: the last alerts (gave up, finished) go out, the metrics server stops.
+            for closer in (notifier, run_metrics):
+                if closer is not None:
+                    closer.close()
     finally:
         events.close()
     if outcome.exit_code == EXIT_PREEMPTED:

@@ -13,7 +13,7 @@ import os
 import re
 import shutil
 from collections.abc import Mapping
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 import tomllib
@@ -39,6 +39,12 @@ BEST_MOVED = (
 DEFAULT_KEEP_LOCAL = 3
 #: ``--keep-local all``: keep every local snapshot.
 KEEP_ALL = "all"
+#: What ``--notify-on`` selects from (all of them by default): an attempt failed (with its root
+#: cause), the run recovered (resumed from a step, time lost), was preempted, gave up, the mirror
+#: fell behind or fails permanently, a resume diverged from the failed attempt, a hang was
+#: detected, the run finished.
+NOTIFY_KINDS = ("failure", "recovered", "preempted", "gave_up", "mirror", "diverged", "hang",
+                "finished")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -81,6 +87,16 @@ class LaunchConfig:
     #: What a resumed rank does when a re-executed step differs from the journal: ``warn``
     #: (log ``resume.diverged``, report it in ``status``, train on) or ``fail`` (fatal, exit 78).
     on_divergence: str = "warn"
+    #: Where alerts go (apprise URLs: ``slack://...``, ``json://host:port/path``, ...); they may
+    #: carry credentials, so they are never logged nor written to ``state.json``.
+    notify: tuple[str, ...] = field(default=(), repr=False)
+    #: Which alerts are sent (:data:`NOTIFY_KINDS`); None: all of them.
+    notify_on: tuple[str, ...] | None = None
+    #: Prometheus ``/metrics`` on ``metrics_host:metrics_port`` (0: a free port, logged).
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+    #: Prometheus text file for node_exporter's textfile collector, rewritten atomically.
+    metrics_file: str | None = None
 
     def __post_init__(self) -> None:
         if not self.checkpoint_dir:
@@ -135,6 +151,33 @@ class LaunchConfig:
         if self.warm_spare and self.nodes > 1:
             raise ValueError("--warm-spare is single-node only (a spare group cannot join the "
                              "other nodes' rendezvous ahead of time)")
+        self._check_observability()
+
+    def _check_observability(self) -> None:
+        urls: object = self.notify
+        if isinstance(urls, str):
+            urls = (urls,)
+        if not isinstance(urls, (list, tuple)) or not all(isinstance(u, str) and u for u in urls):
+            raise ValueError("--notify takes notification URLs (apprise: slack://..., "
+                             "json://host:port/path, mailto://...)")
+        object.__setattr__(self, "notify", tuple(urls))
+        kinds: object = self.notify_on
+        if isinstance(kinds, str):
+            kinds = tuple(k.strip() for k in kinds.split(",") if k.strip())
+        if kinds is not None:
+            if not isinstance(kinds, (list, tuple)) or not kinds:
+                raise ValueError(f"--notify-on takes a comma-separated list of {', '.join(NOTIFY_KINDS)}")
+            unknown = [k for k in kinds if k not in NOTIFY_KINDS]
+            if unknown:
+                raise ValueError(f"--notify-on: unknown {', '.join(map(str, unknown))} "
+                                 f"(choose from {', '.join(NOTIFY_KINDS)})")
+            object.__setattr__(self, "notify_on", tuple(kinds))
+        if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
+            raise ValueError(f"--metrics-port must be in [0, 65535], got {self.metrics_port}")
+        if not self.metrics_host:
+            raise ValueError("--metrics-host must name an address (default 127.0.0.1)")
+        if self.metrics_file is not None and not self.metrics_file:
+            raise ValueError("--metrics-file must be a path")
 
     @property
     def retention_active(self) -> bool:
@@ -176,6 +219,11 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "allow_config_change": (bool,),
     "warm_spare": (bool,),
     "wrap": (bool,),
+    "notify": (list, str),
+    "notify_on": (list, str),
+    "metrics_port": (int,),
+    "metrics_host": (str,),
+    "metrics_file": (str,),
     "on_divergence": (str,),
 }
 CONFIG_KEYS = frozenset(_FIELD_TYPES)

@@ -78,8 +78,13 @@ class AttemptProgress:
                 "supervisor.resumed_elsewhere", attempt=self._attempt, step=self.resume_step
             )
         self.step = newest.step if self.step is None else max(self.step, newest.step)
-        if newest.step > self._baseline():
+        if newest.step > self._baseline() and not self.progressed:
             self.progressed = True
+            # The first completed step of the attempt: where start-up, load and the wait for
+            # the group end (goodput accounting measures an incident's cost up to here).
+            self._events.emit("supervisor.progress_resumed", attempt=self._attempt,
+                              step=newest.step, resume_step=self.resume_step,
+                              step_time=newest.time)
         last = self.last_beat
         if last is None or (newest.step, newest.time) != (last.step, last.time):
             self.touch()

@@ -224,6 +224,14 @@ class EventLog:
         self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - lives as long as the log
         self._lock = threading.Lock()
         self._failing = False
+        self._subscribers: list[Callable[[dict[str, Any]], None]] = []
+
+    def subscribe(self, callback: Callable[[dict[str, Any]], None]) -> None:
+        """Also hand every event (the document written to the file) to ``callback``: alerts,
+        metrics and goodput follow the run this way. Called on the emitting thread, after the
+        line is written, so a callback must only queue or count (never block), and an error in
+        it is logged (``events.subscriber_failed``), never raised into the supervisor."""
+        self._subscribers.append(callback)
 
     def detached(self) -> bool:
         """Whether the file written to is no longer the one at the path (``run/`` removed, or
@@ -278,6 +286,11 @@ class EventLog:
                 self._failing = False
         level = "warning" if event.endswith(("failed", "gave_up", "invalid", "diverged")) else "info"
         getattr(log, level)(event, **fields)
+        for callback in self._subscribers:
+            try:
+                callback(doc)
+            except Exception as exc:  # a broken alert or metric never stops the supervisor
+                log.error("events.subscriber_failed", event=event, error=repr(exc))
 
     def close(self) -> None:
         with self._lock, contextlib.suppress(OSError):  # a full disk loses the buffered tail

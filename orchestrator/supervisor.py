@@ -341,6 +341,12 @@ class Supervisor:
 
     def _attempt_ended(self, code: int) -> None:
         self._settle(finished=code == 0)
+        beat = self._progress.last_beat
+        # What goodput accounting needs of every attempt's end: the last completed step and
+        # when a rank last reported progress (the failure happened after that).
+        self._events.emit("supervisor.attempt_ended", attempt=self._attempt, exit_code=code,
+                          step=self._progress.step, resume_step=self._progress.resume_step,
+                          last_heartbeat_at=None if beat is None else beat.time)
         result = self._attempt_result(code)
         decision = decide(result, self._counters, self._limits)
         self._counters = decision.counters

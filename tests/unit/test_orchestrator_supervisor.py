@@ -189,8 +189,12 @@ def test_fresh_start_runs_to_done(tmp_path: Path) -> None:
     assert state["pid"] == 123
     assert state["nodes"][0]["node_rank"] == 0
     assert env.names() == [
-        "supervisor.resume_selected", "supervisor.attempt_started", "supervisor.finished",
+        "supervisor.resume_selected", "supervisor.attempt_started", "supervisor.progress_resumed",
+        "supervisor.attempt_ended", "supervisor.finished",
     ]
+    ended = next(e for e in env.events() if e["event"] == "supervisor.attempt_ended")
+    assert (ended["exit_code"], ended["step"], ended["resume_step"]) == (0, 5, None)
+    assert isinstance(ended["last_heartbeat_at"], float)
 
 
 def test_crash_then_resume_from_newest_valid_snapshot(tmp_path: Path) -> None:
