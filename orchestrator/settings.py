@@ -104,6 +104,13 @@ class Settings:
     #: flush within ``--grace``, exit 75. Comma separated names without ``SIG`` (``TERM,USR1``:
     #: SLURM ``--signal``); SIGINT always stays a plain interrupt.
     preempt_signals: str = setting("ORCH_PREEMPT_SIGNALS")
+    #: Alerts (``--notify``): connect and read timeout of each request (a URL's own apprise
+    #: ``cto=``/``rto=`` wins), tries per alert and URL, the bound on sending what is left when
+    #: the run ends, and how often a persisting mirror failure is alerted again.
+    notify_timeout_s: float = setting("ORCH_NOTIFY_TIMEOUT_S")
+    notify_attempts: int = setting("ORCH_NOTIFY_ATTEMPTS")
+    notify_close_timeout_s: float = setting("ORCH_NOTIFY_CLOSE_TIMEOUT_S")
+    notify_repeat_s: float = setting("ORCH_NOTIFY_REPEAT_S")
 
     def __post_init__(self) -> None:
         for name in (
@@ -158,6 +165,13 @@ class Settings:
         if self.log_format is not None and self.log_format not in LOG_FORMATS:
             raise ValueError(f"ORCH_LOG_FORMAT must be one of {LOG_FORMATS}, got {self.log_format!r}")
         preempt_signal_numbers(self.preempt_signals)  # ValueError names a bad one
+        for name in ("notify_timeout_s", "notify_close_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{env_var(Settings, name)} must be > 0, got {getattr(self, name)}")
+        if self.notify_attempts < 1:
+            raise ValueError(f"{env_var(Settings, 'notify_attempts')} must be >= 1")
+        if self.notify_repeat_s < 0:
+            raise ValueError(f"{env_var(Settings, 'notify_repeat_s')} must be >= 0")
 
     def worker_log_format(self) -> str:
         """The log format workers are told to use: explicit, else follow the supervisor's tty."""
