@@ -50,6 +50,10 @@ class RunPaths:
         """torchrun's combined output of one attempt."""
         return os.path.join(self.logs_dir, f"attempt-{attempt}.log")
 
+    def hang_dir(self, attempt: int) -> str:
+        """Every rank's stack when the watchdog found ``attempt`` hung (orchestrator.forensics)."""
+        return os.path.join(self.logs_dir, f"hang-attempt-{attempt}")
+
     @property
     def progress_dir(self) -> str:
         return os.path.join(self.run_dir, "progress")

@@ -109,6 +109,8 @@ REGISTRY: Final[tuple[Var, ...]] = (
        "Consecutive failed attempts without progress after which launch gives up early."),
     _v("ORCH_KILL_WAIT_S", "float", 10.0, "orchestrator",
        "Bound on waiting for SIGKILLed processes to disappear."),
+    _v("ORCH_HANG_DUMP_TIMEOUT_S", "float", 10.0, "orchestrator",
+       "Bound on py-spy's dump of every rank's stack when --hang-timeout fires (0: no dump)."),
     _v("ORCH_TEE_JOIN_S", "float", 5.0, "orchestrator",
        "Bound on draining torchrun's output after it exited."),
     _v("ORCH_WATCH_INTERVAL_S", "float", 2.0, "orchestrator",

@@ -53,6 +53,8 @@ class Settings:
     crash_loop_attempts: int = setting("ORCH_CRASH_LOOP_ATTEMPTS")
     #: Bound on waiting for SIGKILLed processes to disappear.
     kill_wait_s: float = setting("ORCH_KILL_WAIT_S")
+    #: Bound on the hung ranks' stack dump before the watchdog kills them (0: none).
+    hang_dump_timeout_s: float = setting("ORCH_HANG_DUMP_TIMEOUT_S")
     #: Bound on draining torchrun's output after it exited.
     tee_join_s: float = setting("ORCH_TEE_JOIN_S")
     #: ``status --watch`` refresh period and overall bound.
@@ -136,8 +138,9 @@ class Settings:
         ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{env_var(Settings, name)} must be > 0, got {getattr(self, name)}")
-        if self.backoff_jitter_s < 0:
-            raise ValueError(f"{env_var(Settings, 'backoff_jitter_s')} must be >= 0")
+        for name in ("backoff_jitter_s", "hang_dump_timeout_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{env_var(Settings, name)} must be >= 0")
         if self.backoff_max_s < self.backoff_initial_s:
             raise ValueError(
                 f"{env_var(Settings, 'backoff_max_s')} must be >= {env_var(Settings, 'backoff_initial_s')}"

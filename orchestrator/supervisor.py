@@ -30,6 +30,7 @@ from orchestrator.bookkeeping import SnapshotBook
 from orchestrator.clock import Clock
 from orchestrator.config import LaunchConfig
 from orchestrator.failures import Failure, diagnose, reported_corrupt_snapshot
+from orchestrator.forensics import Capture, capture_stacks
 from orchestrator.launcher import WorkerGroup
 from orchestrator.mirror import Mirror, finish_mirror, mirror_lag, pending_of
 from orchestrator.notices import NoticePoller
@@ -52,6 +53,7 @@ from orchestrator.runstate import (
     RunState,
     StateFile,
     launch_identity,
+    read_heartbeats,
     restore_run_dir,
 )
 from orchestrator.settings import Settings
@@ -314,11 +316,22 @@ class Supervisor:
             fatal=False,
             source="hang",
         )
-        self._events.emit("supervisor.hang_detected", attempt=self._attempt, silent_s=silent)
+        stacks = self._capture_stacks()
+        self._events.emit("supervisor.hang_detected", attempt=self._attempt, silent_s=silent,
+                          stacks_dir=stacks.directory, stacks=stacks.summary())
         code = self._group.terminate(self._config.grace)
         self._group_running = False
         self._attempt_ended(code)
         return True
+
+    def _capture_stacks(self) -> Capture:
+        """Where each hung rank is stuck (py-spy), before the group is killed."""
+        if self._settings.hang_dump_timeout_s <= 0:
+            return Capture(directory=None, note="no stacks: ORCH_HANG_DUMP_TIMEOUT_S is 0")
+        pids = {b.rank: b.pid for b in read_heartbeats(self._paths)
+                if b.attempt == self._attempt and b.pid is not None}
+        return capture_stacks(pids, self._paths.hang_dir(self._attempt),
+                              timeout_s=self._settings.hang_dump_timeout_s)
 
     def _scan_snapshots(self) -> None:
         protect = self._progress.resume_step if self._group_running else None

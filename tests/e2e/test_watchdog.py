@@ -191,6 +191,12 @@ def test_sigstop_rank1_is_detected_by_the_watchdog_and_recovered(
     hangs = named(evs, "supervisor.hang_detected")
     assert len(hangs) == 1, hangs
     assert hangs[0]["attempt"] == first_attempt and hangs[0]["silent_s"] > HANG_TIMEOUT, hangs
+    # Forensics: every rank's stack was dumped (py-spy) before the kill, named in the event.
+    stacks = Path(hangs[0]["stacks_dir"] or "")
+    assert stacks == ckpt / "run" / "logs" / f"hang-attempt-{first_attempt}", hangs
+    assert sorted(p.name for p in stacks.iterdir()) == ["rank-0.txt", "rank-1.txt"], hangs
+    # rank 0 waits in a collective for the stopped rank 1: its stack says where
+    assert "Thread" in (stacks / "rank-0.txt").read_text(), hangs[0]["stacks"]
     failed = named(evs, "supervisor.attempt_failed")
     assert [(e["attempt"], e["source"]) for e in failed] == [(first_attempt, "hang")], failed
     assert named(evs, "supervisor.finished"), "no supervisor.finished event"

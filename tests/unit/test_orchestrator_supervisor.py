@@ -423,16 +423,32 @@ def test_root_cause_from_torchrun_log_when_no_error_file(tmp_path: Path) -> None
     assert out.failure == "rank 1 killed by SIGKILL"
 
 
-def test_hang_is_killed_and_relaunched(tmp_path: Path) -> None:
+def test_hang_is_killed_and_relaunched(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestrator import supervisor as supervisor_module
+    from orchestrator.forensics import Capture
+
+    dumped: list[tuple[dict[int, int], str, int]] = []
+
+    def capture(pids: dict[int, int], directory: str, *, timeout_s: float) -> Capture:
+        dumped.append((dict(pids), directory, len(group.terminations)))
+        return Capture(directory=directory, captured=tuple(pids))
+
+    monkeypatch.setattr(supervisor_module, "capture_stacks", capture)
+
     def script(env: Env) -> list[Attempt]:
         def one_beat(attempt: int, _resume: int | None) -> None:
             env.heartbeat(attempt, 3)
+            env.heartbeat(attempt, 3, rank=1)
         return [Attempt(0, hang=True, on_start=one_beat), Attempt(0)]
 
     sup, group, env, clock = make(tmp_path, script, hang_timeout=20.0, grace=7.0)
     out = sup.run()
     assert out.exit_code == EXIT_OK
     assert group.terminations == [7.0]
+    # Every rank's stack, before the group was terminated, into run/logs/hang-attempt-0.
+    assert dumped == [({0: 1, 1: 1}, env.paths.hang_dir(0), 0)]
+    hang = next(e for e in env.events() if e["event"] == "supervisor.hang_detected")
+    assert hang["stacks_dir"] == env.paths.hang_dir(0) and "ranks 0, 1" in hang["stacks"]
     failed = next(e for e in env.events() if e["event"] == "supervisor.attempt_failed")
     assert failed["source"] == "hang"
     assert "hang-timeout 20s" in failed["root_cause"]
