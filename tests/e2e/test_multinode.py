@@ -63,6 +63,8 @@ class Cluster:
             "--node-rank", str(node), "--rdzv-endpoint", f"127.0.0.1:{self.port}",
             "--run-id", "mn", "--checkpoint-dir", str(self.ckpt(node)),
             "--checkpoint-every", str(harness.EVERY), "--max-restarts", "3",
+            # Every snapshot stays (the tests compare emergency snapshots across nodes).
+            "--keep-local", "all",
             *(["--mirror", self.mirror] if self.mirror else []),
             harness.DIGITS, "--steps", str(steps), "--seed", "7", "--step-delay", "0.05",
         ]
