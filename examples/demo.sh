@@ -24,7 +24,8 @@ echo "== 2/3  the same run, worker rank 1 SIGKILLed right after step 137 (mid-ep
 run faulty ORCH_LOG_FORMAT=json ORCH_FAULTS=step_end@137:rank=1
 grep -h '"supervisor.attempt_failed"' "$OUT/faulty/run/events.jsonl" | head -1 || true
 echo
-orchestrator status --checkpoint-dir "$OUT/faulty"
+orchestrator status --checkpoint-dir "$OUT/faulty"   # its goodput line: time lost to the kill
+orchestrator report --checkpoint-dir "$OUT/faulty" --out "$OUT/report.html"
 echo
 orchestrator snapshots --checkpoint-dir "$OUT/faulty" --verify
 echo

@@ -23,7 +23,7 @@ from contract.codes import EXIT_FAILED, EXIT_PREEMPTED, EXIT_USAGE, TERMINAL_PHA
 from contract.faults import FaultInjector
 from contract.logs import configure_logging
 from contract.paths import RunPaths
-from orchestrator import check_resume, metrics, notify
+from orchestrator import check_resume, metrics, notify, report
 from orchestrator.clock import RealClock
 from orchestrator.config import (
     KEEP_ALL,
@@ -230,6 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--json", action="store_true", help="one JSON object")
     check.add_argument("script", metavar="SCRIPT", help="the training script")
     check.add_argument("script_args", nargs=argparse.REMAINDER, metavar="SCRIPT_ARGS")
+
+    rep = sub.add_parser("report", help="write a self-contained HTML report of a run "
+                         "(timeline, incidents, goodput, snapshots, mirror lag)")
+    rep.add_argument("--checkpoint-dir", metavar="DIR", required=True)
+    rep.add_argument("--mirror", metavar="URL", help="also list the remote tier")
+    rep.add_argument("--out", metavar="FILE.html", required=True, help="the page to write")
     return parser
 
 
@@ -301,6 +307,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _status(args)
     if args.command == "check-resume":
         return _check_resume(args)
+    if args.command == "report":
+        return report.main(args)
     return _snapshots(args)
 
 

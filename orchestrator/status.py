@@ -18,6 +18,7 @@ from typing import Any
 from contract.codes import TERMINAL_PHASE_NAMES
 from contract.documents import summarize_determinism
 from contract.paths import RunPaths
+from orchestrator import goodput
 from orchestrator.clock import Clock
 from orchestrator.mirror import call_bounded, mirror_lag
 from orchestrator.runstate import lock_is_held, read_determinism, read_heartbeats, read_state
@@ -146,6 +147,9 @@ def remote_status_document(
     for key in ("resumed_from_step", "last_failure", "mirror_error"):
         doc.setdefault(key, None)
     doc["determinism"] = merge_determinism([d.get("determinism") for d in docs])
+    # events.jsonl is not mirrored: goodput and incidents only if a state.json carries them.
+    for key in ("goodput", "incidents", "goodput_detail"):
+        doc.setdefault(key, None)
     return doc
 
 
@@ -205,6 +209,9 @@ def status_document(checkpoint_dir: str, *, clock: Clock) -> dict[str, Any]:
     for key in ("newest_remote_step", "mirror_lag_steps", "resumed_from_step", "last_failure"):
         doc.setdefault(key, None)
     doc["determinism"] = read_determinism(paths, doc.get("run_id"))
+    # Goodput and incidents from run/events.jsonl (+ rank 0's journal, snapshot manifests);
+    # a live run's open launch is counted up to now.
+    doc.update(goodput.status_fields(checkpoint_dir, now=now if alive else None))
     return doc
 
 
@@ -245,6 +252,7 @@ def render_status(doc: dict[str, Any]) -> str:
     width = max(len(k) for k in keys)
     lines = [f"{k:<{width}}  {_cell(doc.get(k))}" for k in keys]
     lines.append(f"{'determinism':<{width}}  {render_determinism(doc.get('determinism'))}")
+    lines.append(f"{'goodput':<{width}}  {goodput.render_line(doc)}")
     lines.append("nodes:")
     lines.append(f"  {'node_rank':>9}  {'phase':<12}  heartbeat_age_s")
     for node in doc.get("nodes") or []:
