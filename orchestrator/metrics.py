@@ -42,6 +42,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from contract.codes import Phase
 from contract.paths import RunPaths
+from orchestrator import goodput as accounting
 from orchestrator.clock import Clock, RealClock
 from orchestrator.config import LaunchConfig
 from orchestrator.runstate import EventLog, RunState, read_events, read_state
@@ -58,8 +59,12 @@ LABELS = ("run_id", "node_rank")
 _PHASES = tuple(p.value for p in Phase)
 _DETERMINISM_STATES = ("unchecked", "verified", "diverged")
 
-#: Where the goodput gauge reads from once goodput accounting exists: None (no gauge) until then.
-GoodputSource = Callable[[], float | None]
+#: Goodput is recomputed at most this often while running (and on every phase change): it
+#: reads the run's events, rank 0's journal and the manifests, like ``status`` does.
+GOODPUT_INTERVAL_S = 10.0
+#: Goodput of the run as of ``now`` (None: the run has ended), as :mod:`orchestrator.goodput`
+#: computes it for ``status --json``; None when unknown.
+GoodputSource = Callable[[float | None], float | None]
 #: Reads the manifest of a local snapshot: ``(created_at, bytes)``, None when unreadable.
 ManifestReader = Callable[[int], tuple[float, int] | None]
 
@@ -108,6 +113,9 @@ class RunMetrics:
         self._read_manifest = manifest_reader
         self._metrics_file = metrics_file
         self._goodput = goodput
+        self._goodput_value: float | None = None
+        self._goodput_due = 0.0
+        self._goodput_phase: str | None = None
         self._window = rate_window_s
         self._lock = threading.Lock()
         self.registry = CollectorRegistry()
@@ -190,6 +198,7 @@ class RunMetrics:
             self._take_state(state)
         except Exception as exc:
             self._failed("state", exc)
+        self._update_goodput(state)
         if self._metrics_file is not None:
             self._write_file()
 
@@ -232,6 +241,25 @@ class RunMetrics:
                 while len(samples) > 1 and samples[1][0] <= now - self._window:
                     samples.popleft()
 
+    def _update_goodput(self, state: RunState) -> None:
+        # Throttled: the accounting rereads the run's files (about 5 ms for a short run), which
+        # is too much for every observation but cheap every few seconds.
+        if self._goodput is None:
+            return
+        now = self._clock.monotonic()
+        if state.phase == self._goodput_phase and now < self._goodput_due:
+            return
+        self._goodput_phase, self._goodput_due = state.phase, now + GOODPUT_INTERVAL_S
+        ended = state.phase in (Phase.DONE.value, Phase.PREEMPTED.value, Phase.FAILED.value)
+        try:
+            # As `status` computes it: up to now while the run goes on, to its last event after.
+            value = self._goodput(None if ended else self._clock.time())
+        except Exception as exc:
+            self._failed("goodput", exc)
+            value = None
+        with self._lock:
+            self._goodput_value = value
+
     def _snapshot_of(self, step: int) -> _Snapshot:
         read = self._read_from_manifest(step)
         if read is None:
@@ -268,11 +296,12 @@ class RunMetrics:
             uploads, up_bytes, up_s = self._uploads, self._uploaded_bytes, self._upload_seconds
             up_rate, snapshot, lag_bytes = self._last_upload_rate, self._snapshot, self._lag_bytes
             samples = list(self._samples)
+            goodput = self._goodput_value
         return list(self._families(
             state, events, attempts=attempts, restarts=restarts, preemptions=preemptions,
             frontier=frontier, uploads=uploads, up_bytes=up_bytes, up_s=up_s, up_rate=up_rate,
             snapshot=snapshot, lag_bytes=lag_bytes, rate=_rate(samples, now_mono, self._window),
-            now=now,
+            goodput=goodput, now=now,
         ))
 
     def _families(
@@ -291,6 +320,7 @@ class RunMetrics:
         snapshot: _Snapshot | None,
         lag_bytes: int | None,
         rate: float | None,
+        goodput: float | None,
         now: float,
     ) -> Iterator[Metric]:
         labels = list(self._labels)
@@ -372,17 +402,8 @@ class RunMetrics:
                              "yet in the object store", lag_bytes)
             yield from gauge("orchestrator_mirror_error", "1 while the mirror has an unresolved "
                              "error", 0.0 if state.mirror_error is None else 1.0)
-        if self._goodput is not None:
-            yield from gauge("orchestrator_goodput_ratio", "Share of the run's time that made "
-                             "training progress", self._goodput_now())
-
-    def _goodput_now(self) -> float | None:
-        assert self._goodput is not None
-        try:
-            return self._goodput()
-        except Exception as exc:
-            self._failed("goodput", exc)
-            return None
+        yield from gauge("orchestrator_goodput_ratio", "Fraction of wall time spent on steps "
+                         "that count (status --json goodput)", goodput)
 
     def text(self) -> str:
         """The exposition text a scrape gets."""
@@ -476,6 +497,12 @@ def _local_manifest_reader(checkpoint_dir: str) -> ManifestReader:
     return read
 
 
+def _goodput_of(checkpoint_dir: str, now: float | None) -> float | None:
+    evidence = accounting.load_evidence(checkpoint_dir)
+    return accounting.goodput(evidence.events, now, journal=evidence.journal,
+                           snapshots=evidence.snapshots)
+
+
 def attach(
     config: LaunchConfig,
     events: EventLog,
@@ -500,9 +527,7 @@ def attach(
         clock=clock,
         manifest_reader=_local_manifest_reader(config.checkpoint_dir),
         metrics_file=config.metrics_file,
-        # Goodput accounting (orchestrator/goodput.py) does not exist yet: no gauge until it is
-        # wired in here.
-        goodput=None,
+        goodput=lambda now: _goodput_of(config.checkpoint_dir, now),
     )
     metrics.replay(read_events(paths), read_state(paths))
     if config.metrics_file is not None:

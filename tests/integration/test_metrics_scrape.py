@@ -136,6 +136,8 @@ def test_scrapes_during_a_run_with_a_restart(tmp_path: Path) -> None:
     assert final["orchestrator_attempts_total"] == 2
     assert final["orchestrator_events_total{supervisor.attempt_ended}"] == 2
     assert not list(tmp_path.glob("orch.prom.*")), "a temporary textfile was left behind"
+    # Goodput: what `status --json` says of the ended run (it rounds to 4 places).
+    assert abs(final["orchestrator_goodput_ratio"] - harness.status(ckpt)["goodput"]) < 1e-3
 
     # A new supervisor on the same dir continues the run's counters (launch --force: the run
     # is done, so it only resumes from its final snapshot).

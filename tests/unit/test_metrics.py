@@ -25,7 +25,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from contract.paths import RunPaths
-from orchestrator import metrics
+from orchestrator import goodput, metrics
 from orchestrator.config import LaunchConfig
 from orchestrator.metrics import RunMetrics
 from orchestrator.runstate import EventLog, NodeState, RunState, next_attempt, read_events
@@ -222,16 +222,36 @@ def test_goodput_gauge_only_with_a_source() -> None:
     m, _ = make()
     m.on_state(state(step=1))
     assert value(m.text(), "orchestrator_goodput_ratio") is None
-    g, _ = make(goodput=lambda: 0.75)
+    g, _ = make(goodput=lambda now: 0.75)
     g.on_state(state(step=1))
     assert value(g.text(), "orchestrator_goodput_ratio") == 0.75
+
+
+def test_goodput_is_recomputed_every_few_seconds_and_once_the_run_ends() -> None:
+    calls: list[float | None] = []
+
+    def source(now: float | None) -> float:
+        calls.append(now)
+        return 0.5 + len(calls) / 100
+
+    m, clock = make(goodput=source)
+    m.on_state(state(step=1))
+    for _ in range(9):  # within GOODPUT_INTERVAL_S: the cached value stands
+        clock.advance(1)
+        m.on_state(state(step=2))
+    assert calls == [EPOCH] and value(m.text(), "orchestrator_goodput_ratio") == 0.51
+    clock.advance(1)
+    m.on_state(state(step=3))
+    assert calls == [EPOCH, EPOCH + 10]
+    m.on_state(state(step=3, phase="done"))  # a phase change: at once, to the run's last event
+    assert calls[-1] is None and value(m.text(), "orchestrator_goodput_ratio") == 0.53
 
 
 def test_failures_never_reach_the_supervisor(caplog: pytest.LogCaptureFixture) -> None:
     def broken_manifest(step: int) -> tuple[float, int]:
         raise OSError("disk gone")
 
-    def broken_goodput() -> float:
+    def broken_goodput(now: float | None) -> float:
         raise RuntimeError("no goodput")
 
     m, _ = make(manifest_reader=broken_manifest, goodput=broken_goodput)
@@ -508,3 +528,7 @@ def test_counters_continue_across_worker_and_supervisor_relaunches(tmp_path: Pat
     assert value(text, "orchestrator_events_total", event="supervisor.started") == 2
     assert value(text, "orchestrator_phase", phase="done") == 1
     assert seen and min(seen) == 1
+    # Goodput as `status --json` computes it once the run has ended.
+    expected = goodput.status_fields(cfg.checkpoint_dir, now=None)["goodput"]
+    assert expected is not None
+    assert value(text, "orchestrator_goodput_ratio") == pytest.approx(expected, abs=1e-4)
