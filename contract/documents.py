@@ -206,6 +206,9 @@ class Heartbeat:
     resumed_from: int | None = None
     epoch: int | None = None
     pid: int | None = None
+    #: Rank 0: the last snapshot's training stall and its write time (metrics, status).
+    snapshot_stall_s: float | None = None
+    snapshot_write_s: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -225,6 +228,8 @@ class Heartbeat:
             resumed_from=_int(doc.get("resumed_from")),
             epoch=_int(doc.get("epoch")),
             pid=_int(doc.get("pid")),
+            snapshot_stall_s=_num(doc.get("snapshot_stall_s")),
+            snapshot_write_s=_num(doc.get("snapshot_write_s")),
         )
 
 

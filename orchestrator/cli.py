@@ -520,6 +520,15 @@ def _supervise_run(
     )
     clock = RealClock()
     events = EventLog(paths.events, clock=clock, run_id=run_id)
+    # Before anything is recorded as started: a --metrics-port in use or an unwritable
+    # --metrics-file is a usage error, and no notifier thread is left open by it.
+    try:
+        run_metrics = metrics.attach(config, events, run_id=run_id, settings=settings)
+    except ValueError as exc:
+        events.close()
+        _error("launch", str(exc))
+        return EXIT_USAGE
+    notifier = notify.attach(config, events, run_id=run_id, settings=settings)
     try:
         orphans = kill_orphans(paths.checkpoint_dir, settings.kill_wait_s)
         if orphans:
@@ -561,8 +570,6 @@ def _supervise_run(
                 # Several nodes share the prefix: only abort uploads no live supervisor can own.
                 stale_upload_age_s=0.0 if config.nodes == 1 else settings.mirror_stale_upload_age_s,
             )
-        notifier = notify.attach(config, events, run_id=run_id, settings=settings)
-        run_metrics = metrics.attach(config, events, run_id=run_id, settings=settings)
         observers: list[Callable[[RunState], None]] = []
         if terminal is not None:
             observers.append(ProgressLine(terminal, total=total_steps_hint(config.script_args)).update)
@@ -611,11 +618,11 @@ def _supervise_run(
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
-            # Bounded: the last alerts (gave up, finished) go out, the metrics server stops.
-            for closer in (notifier, run_metrics):
-                if closer is not None:
-                    closer.close()
     finally:
+        # Bounded: the last alerts (gave up, finished) go out, the metrics server stops.
+        for closer in (notifier, run_metrics):
+            if closer is not None:
+                closer.close()
         events.close()
     if outcome.exit_code == EXIT_PREEMPTED:
         print(f"{PROG}: preempted; relaunch the same command to resume", file=sys.stderr)

@@ -391,6 +391,11 @@ class RunMetrics:
                              None if snapshot.created_at is None else max(0.0, now - snapshot.created_at))
             yield from gauge("orchestrator_last_snapshot_bytes", "Size of the newest local "
                              "snapshot", snapshot.bytes)
+        yield from gauge("orchestrator_snapshot_stall_seconds", "Training stall of the last "
+                         "snapshot (rank 0: the in-memory copy the step waited for)",
+                         state.snapshot_stall_s)
+        yield from gauge("orchestrator_snapshot_write_seconds", "Seconds the last snapshot took "
+                         "to write and commit in the background (rank 0)", state.snapshot_write_s)
         if state.mirror_pending_steps is not None:  # a mirror is configured
             yield from gauge("orchestrator_mirror_remote_step", "Step of the newest snapshot in "
                              "the object store", state.newest_remote_step)

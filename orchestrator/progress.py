@@ -35,6 +35,9 @@ class AttemptProgress:
         self.progressed = False
         self.last_beat: Heartbeat | None = None
         self._last_activity = 0.0
+        #: Rank 0's report of the last snapshot: (training stall s, write s); kept across
+        #: attempts until a newer one arrives.
+        self.snapshot_timing: tuple[float | None, float | None] = (None, None)
 
     def begin(self, attempt: int, resume_step: int | None) -> None:
         """A new attempt starts from ``resume_step``."""
@@ -69,6 +72,9 @@ class AttemptProgress:
         if not beats:
             return
         newest = max(beats, key=lambda b: (b.step, b.time))
+        timed = [b for b in beats if b.snapshot_write_s is not None]
+        if timed:
+            self.snapshot_timing = (timed[0].snapshot_stall_s, timed[0].snapshot_write_s)
         resumed = {b.resumed_from for b in beats if b.resumed_from is not None}
         if resumed and max(resumed) != self.resume_step:
             # Multi-node: the ranks agreed on a newer snapshot than this node's own (another

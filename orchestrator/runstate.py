@@ -84,6 +84,9 @@ class RunState:
     #: What was launched (:func:`launch_identity`): a relaunch of a ``done`` run with the same
     #: identity has nothing left to do (``launch`` says "already done" and starts nothing).
     launch: dict[str, Any] | None = None
+    #: The last snapshot's training stall and write seconds, as rank 0 reported them.
+    snapshot_stall_s: float | None = None
+    snapshot_write_s: float | None = None
     #: The ranks' resume audit (:func:`read_determinism`), copied here so that ``status
     #: --mirror`` shows it too.
     determinism: dict[str, Any] = field(

@@ -542,6 +542,8 @@ class Supervisor:
             pid=self._pid,
             launch=launch_identity(self._config),
             determinism=self._audit.document,
+            snapshot_stall_s=self._progress.snapshot_timing[0],
+            snapshot_write_s=self._progress.snapshot_timing[1],
             nodes=[
                 NodeState(
                     node_rank=self._config.node_rank,
@@ -589,4 +591,7 @@ class Supervisor:
                 publish_final=publish_final,
             )
         finally:
-            self._state_file.write(self.state().to_json(), phase=None)
+            state = self.state()
+            self._state_file.write(state.to_json(), phase=None)
+            if self._observer is not None:  # the metrics' last look: the mirror after its flush
+                self._observer(state)

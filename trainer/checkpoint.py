@@ -170,6 +170,9 @@ class Checkpointer:
         #: Seconds the training thread was blocked by the latest snapshot: its synchronous part
         #: plus any wait of ``optimizer.step()`` for the deferred copy.
         self.last_stall_s = 0.0
+        #: Seconds the last snapshot took to write and commit (rank 0, writer thread); None
+        #: until one committed in this attempt.
+        self.last_write_s: float | None = None
         # The guard: the optimizer may not change parameters or its state while they are staged.
         self._guard = state.optimizer.register_step_pre_hook(self._before_optimizer_step)
         # torchrun's teardown after a lost rank ends this one at once (trainer.preemption); a
@@ -309,6 +312,8 @@ class Checkpointer:
             resumed_from=self.resumed_from,
             epoch=self.state.epoch,
             pid=os.getpid(),
+            snapshot_stall_s=self.last_stall_s if self.rank == 0 and self.last_write_s else None,
+            snapshot_write_s=self.last_write_s if self.rank == 0 else None,
         )
         try:
             write_document(self.paths.heartbeat(self.rank), beat, durable=False)
@@ -473,11 +478,13 @@ class Checkpointer:
         self.last_digest = digest
         self.last_components = components
         self.last_components_step = step
+        seconds = time.perf_counter() - started
+        self.last_write_s = seconds  # the writer thread's; read by the next heartbeat
         log.info(
             "snapshot.committed",
             step=step,
             bytes=manifest.total_bytes,
-            seconds=round(time.perf_counter() - started, 4),
+            seconds=round(seconds, 4),
             digest=digest,
         )
         self.faults.point("after_commit", step)

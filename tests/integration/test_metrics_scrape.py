@@ -132,6 +132,9 @@ def test_scrapes_during_a_run_with_a_restart(tmp_path: Path) -> None:
     assert final["orchestrator_step"] == STEPS
     assert final["orchestrator_last_snapshot_step"] == STEPS
     assert final["orchestrator_last_snapshot_bytes"] > 0
+    # rank 0's own measurements of its last snapshot, through its heartbeat
+    assert final["orchestrator_snapshot_stall_seconds"] > 0
+    assert final["orchestrator_snapshot_write_seconds"] > 0
     assert final["orchestrator_restarts_total"] == 1
     assert final["orchestrator_attempts_total"] == 2
     assert final["orchestrator_events_total{supervisor.attempt_ended}"] == 2

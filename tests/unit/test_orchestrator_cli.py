@@ -373,3 +373,19 @@ def test_status_pairs_not_alive_with_the_final_state(
     assert cli.main(["status", "--checkpoint-dir", str(ck), "--json", "--watch"]) == 0
     frames = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
     assert (frames[-1]["phase"], frames[-1]["supervisor_alive"]) == ("done", False)
+
+
+def test_metrics_port_in_use_exits_2_before_anything_starts(
+    tmp_path: Path, script: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        ck = tmp_path / "ck"
+        assert launch("--checkpoint-dir", str(ck), "--metrics-port", str(port), script) == 2
+    assert str(port) in capsys.readouterr().err
+    events = (ck / "run" / "events.jsonl")
+    assert not events.exists() or "supervisor.started" not in events.read_text()
