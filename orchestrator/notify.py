@@ -112,6 +112,8 @@ class _PendingFailure:
 
     doc: dict[str, Any]
     hang_silent_s: float | None
+    #: The hang's forensics: where every rank's stack was written, or why not.
+    hang_stacks: str | None = None
 
 
 @dataclass
@@ -197,11 +199,12 @@ class AlertBuilder:
 
     def _on_failed(self, doc: dict[str, Any]) -> None:
         hang = self._hang
-        silent = None
+        silent = stacks = None
         if hang is not None and hang.get("attempt") == doc.get("attempt"):
             silent = _num(hang.get("silent_s"))
+            stacks = hang.get("stacks") if isinstance(hang.get("stacks"), str) else None
         self._hang = None
-        self._pending = _PendingFailure(doc=doc, hang_silent_s=silent)
+        self._pending = _PendingFailure(doc=doc, hang_silent_s=silent, hang_stacks=stacks)
         self._incident = True
 
     def _verdict(self, doc: Mapping[str, Any]) -> list[Alert]:
@@ -241,6 +244,8 @@ class AlertBuilder:
         if pending.hang_silent_s is not None and "hang" in self.kinds:
             headline = (f"hang: no progress for {pending.hang_silent_s:.0f}s{at}, "
                         f"attempt {attempt} killed{tail}")
+            if pending.hang_stacks:
+                lines.append(_clip(pending.hang_stacks, MAX_CAUSE_CHARS))
             return self._alert("hang", doc, headline, lines, phase=phase)
         headline = f"attempt {attempt} failed (exit {code}){at}{tail}: {_clip(cause, 80)}"
         return self._alert("failure", doc, headline, lines, phase=phase)

@@ -116,10 +116,13 @@ def test_first_progress_of_a_fresh_run_is_no_recovery() -> None:
 
 
 def test_hang_is_one_hang_message() -> None:
-    docs = [ev("supervisor.hang_detected", attempt=0, silent_s=61.7), *failure(), backoff()]
+    stacks = "stacks of ranks 0, 1 in /ck/run/logs/hang-attempt-0"
+    docs = [ev("supervisor.hang_detected", attempt=0, silent_s=61.7, stacks=stacks,
+               stacks_dir="/ck/run/logs/hang-attempt-0"), *failure(), backoff()]
     [alert] = feed(builder(), docs)
     assert alert.kind == "hang" and "no progress for 62s" in alert.title
     assert "attempt 0 killed" in alert.title
+    assert stacks in alert.body  # the alert names where every rank's stack is
     # Without hang selected, it is an ordinary failure.
     [alert] = feed(builder(("failure",)), docs)
     assert alert.kind == "failure"
