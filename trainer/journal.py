@@ -6,8 +6,9 @@ every finite float metric, and at snapshot steps the per-component digests the c
 holds (``Checkpointer.last_components``) if any. A step without metrics leaves nothing.
 
 **Cost.** ``record()`` formats one short line and writes it with one ``write()`` on an
-``O_APPEND`` file at once (about 2 µs a step; ``python -m bench`` reports it against a run
-without the journal). Written at every step because a SIGKILLed rank's written lines survive in
+``O_APPEND`` file at once: 2.2 µs on its own, 10-15 µs inside a training loop, where the system
+call runs with cold caches (``python -m bench --legs audit``: within noise for 30 ms steps, about
+5% of a 0.3 ms step). Written at every step because a SIGKILLed rank's written lines survive in
 the page cache while anything buffered in the process does not: fast steps would otherwise
 leave the failed attempt's last steps unjournalled and the audit with nothing to compare. A torn
 last line (a machine lost mid-write) is skipped when read.

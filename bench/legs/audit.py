@@ -15,6 +15,7 @@ the last step is there, and every journalled step holds the exact loss bits the 
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Mapping
@@ -88,6 +89,8 @@ def _measure(config: core.BenchConfig, result: core.LegResult, label: str, base:
     # the exact loss bits, through the last step the loop ran.
     journalled: dict[int, str] = {}
     for path in (on.paths.journal_old(0), on.paths.journal(0)):
+        if not os.path.exists(path):  # no rotation yet
+            continue
         with open(path, "rb") as f:
             for line in f:
                 entry = parse_journal_line(line)
