@@ -26,6 +26,7 @@ import pytest
 
 from tests.support import cli as support_cli
 from tests.support.cli import cli, env, events
+from tests.support.hanging import Hanging
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -175,33 +176,6 @@ def test_give_up_sends_one_alert_with_the_root_cause(run_dir: Path, receiver: Re
     gave_up = first(run_dir, "supervisor.gave_up")
     assert f"root cause: {gave_up['root_cause']}" in doc["message"]
     assert "rank 0" in doc["message"] and "phase failed" in doc["message"]
-
-
-class Hanging:
-    """Accepts connections and never answers."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
-        self.accepted: list[float] = []
-        self.conns: list[socket.socket] = []
-        threading.Thread(target=self._run, daemon=True).start()
-
-    def _run(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.accepted.append(time.time())
-            self.conns.append(conn)
-
-    def close(self) -> None:
-        self.sock.close()
-        for c in self.conns:
-            c.close()
 
 
 def test_hung_and_refusing_endpoints_do_not_block_the_supervisor(

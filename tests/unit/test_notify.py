@@ -24,6 +24,7 @@ from orchestrator.config import NOTIFY_KINDS, LaunchConfig
 from orchestrator.notify import Alert, AlertBuilder, Destination, Notifier, redact
 from orchestrator.runstate import EventLog
 from orchestrator.settings import Settings
+from tests.support.hanging import Hanging
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -263,32 +264,6 @@ def test_queue_is_bounded_drops_the_oldest_and_says_so() -> None:
     assert [t.rsplit(" ", 1)[-1] for t in titles] == ["0", "8", "9", "10"]
     assert "(7 earlier alerts were dropped" in target.calls[1]["body"]
     assert [e["alerts"] for e in logs if e["event"] == "notify.dropped"] == [7]
-
-
-class Hanging:
-    """A TCP server that accepts connections and never answers."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
-        self.conns: list[socket.socket] = []
-        self.thread = threading.Thread(target=self._accept, daemon=True)
-        self.thread.start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.conns.append(conn)
-
-    def close(self) -> None:
-        self.sock.close()
-        for c in self.conns:
-            c.close()
 
 
 @pytest.fixture
