@@ -191,19 +191,19 @@ def test_hung_and_refusing_endpoints_do_not_block_the_supervisor(
         proc = launch(run_dir, "--notify", f"json://127.0.0.1:{hanging.port}/hook",
                       "--notify", f"json://127.0.0.1:{refused_port}/hook", "--notify",
                       receiver.url, "--max-restarts", "2", "worker.py", "kill", "12",
-                      extra={"ORCH_NOTIFY_TIMEOUT_S": "60", "ORCH_NOTIFY_CLOSE_TIMEOUT_S": "2"})
+                      extra={"ORCH_NOTIFY_TIMEOUT_S": "600", "ORCH_NOTIFY_CLOSE_TIMEOUT_S": "10"})
         wall = time.monotonic() - started
     finally:
         hanging.close()
     assert proc.returncode == 0, proc.stderr[-3000:]
     failed = first(run_dir, "supervisor.attempt_failed")
     restarted = [e for e in events(run_dir) if e["event"] == "supervisor.attempt_started"][1]
-    # The failure alert hung on its first URL from its event on; meanwhile the supervisor went
-    # on: the next attempt started after the backoff (0.1 s) and torchrun's start, not after the
-    # 60 s request timeout; the whole run ended within the 2 s close bound of it.
-    assert hanging.accepted and hanging.accepted[0] < restarted["time"]
-    assert restarted["time"] - failed["time"] < 10
-    assert wall < 40
+    # The failure alert hung on its first URL from its event on, and was still unanswered when
+    # the run ended (notify.unsent below: its 600 s request timeout never ran out); meanwhile
+    # the supervisor went on: the next attempt started, the run finished, and launch returned
+    # long before that request could have returned. No clock bound is asserted beyond that.
+    assert hanging.accepted and failed["time"] <= hanging.accepted[0] < restarted["time"]
+    assert wall < 600
     # The healthy URL got every alert, unaffected by the others.
     assert len(receiver.got) == 3
     logs = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]

@@ -256,7 +256,9 @@ def test_queue_is_bounded_drops_the_oldest_and_says_so() -> None:
         started = time.monotonic()
         for step in range(1, 11):
             n.on_event(finished(step))
-        assert time.monotonic() - started < 0.5  # never blocks the emitting thread
+        # never blocks the emitting thread (the sender is held at the gate indefinitely; the
+        # bound only separates "returned" from "waited for it", with room for a loaded machine)
+        assert time.monotonic() - started < 5.0
         gate.set()
         n.close()
     titles = [c["title"] for c in target.calls]
@@ -281,10 +283,11 @@ def test_close_is_bounded_when_the_endpoint_hangs(hanging: Hanging) -> None:
         started = time.monotonic()
         for step in range(5):
             n.on_event(finished(step))
-        assert time.monotonic() - started < 0.5
         n.close()
         took = time.monotonic() - started
-    assert took < 3.0
+    # The close bound (1 s) holds, not the 30 s request timeout: bounds far apart, so a loaded
+    # machine cannot blur them.
+    assert took < 15.0
     [unsent] = [e for e in logs if e["event"] == "notify.unsent"]
     assert unsent["in_flight"] is True and unsent["alerts"] == 4
 
@@ -297,7 +300,8 @@ def test_request_timeout_bounds_each_send(hanging: Hanging) -> None:
         started = time.monotonic()
         n.on_event(finished(1))
         n.close()
-    assert time.monotonic() - started < 3.0
+    # two attempts of 0.3 s each, not apprise's default 4 s per request (8 s)
+    assert time.monotonic() - started < 6.0
     [failed] = [e for e in logs if e["event"] == "notify.failed"]
     assert failed["attempts"] == 2
     # A URL's own rto= wins over the setting.
