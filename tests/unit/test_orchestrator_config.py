@@ -187,3 +187,19 @@ def test_settings_from_env() -> None:
 def test_bad_settings_name_the_variable(env: dict[str, str]) -> None:
     with pytest.raises(ValueError, match="ORCH_"):
         load_settings(env)
+
+
+def test_observability_from_a_config_file_and_its_validation(tmp_path: Path) -> None:
+    toml = tmp_path / "c.toml"
+    toml.write_text('notify = ["json://127.0.0.1:9/hook", "slack://T/B/C"]\n'
+                    'notify-on = "failure,gave_up"\nmetrics-port = 0\nmetrics-file = "m.prom"\n')
+    c = build_config({"checkpoint_dir": "/c", "script": "t.py"}, load_config_file(str(toml)))
+    assert c.notify == ("json://127.0.0.1:9/hook", "slack://T/B/C")
+    assert c.notify_on == ("failure", "gave_up") and c.metrics_port == 0
+    assert "slack://" not in repr(c)  # URLs carry credentials: never in a repr or a log
+    with pytest.raises(ValueError, match="--notify-on: unknown sometimes"):
+        cfg(notify_on="failure,sometimes")
+    with pytest.raises(ValueError, match="--metrics-port"):
+        cfg(metrics_port=70000)
+    with pytest.raises(ValueError, match="--notify takes"):
+        cfg(notify=("",))
