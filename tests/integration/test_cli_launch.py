@@ -120,7 +120,10 @@ def test_crash_then_success(run_dir: Path) -> None:
     failed = next(e for e in ev if e["event"] == "supervisor.attempt_failed")
     assert failed["root_cause"] == "rank 1 exited with code 3"
     assert [e["event"] for e in ev if e["event"].startswith("supervisor.attempt")] == [
-        "supervisor.attempt_started", "supervisor.attempt_failed", "supervisor.attempt_started"]
+        "supervisor.attempt_started", "supervisor.attempt_ended", "supervisor.attempt_failed",
+        "supervisor.attempt_started", "supervisor.attempt_ended"]
+    ended = [e for e in ev if e["event"] == "supervisor.attempt_ended"]
+    assert [(e["attempt"], e["exit_code"] != 0) for e in ended] == [(0, True), (1, False)]
     assert names(run_dir)[-1] == "supervisor.finished"
     logs = run_dir / "ck" / "run" / "logs"
     assert sorted(p.name for p in logs.iterdir()) == ["attempt-0.log", "attempt-1.log"]
