@@ -23,7 +23,7 @@ from contract.codes import EXIT_FAILED, EXIT_PREEMPTED, EXIT_USAGE, TERMINAL_PHA
 from contract.faults import FaultInjector
 from contract.logs import configure_logging
 from contract.paths import RunPaths
-from orchestrator import check_resume, metrics, notify, report
+from orchestrator import check_resume, report
 from orchestrator.clock import RealClock
 from orchestrator.config import (
     KEEP_ALL,
@@ -518,6 +518,10 @@ def _supervise_run(
     configure_logging(
         fmt=settings.log_format, run_id=run_id, node_rank=config.node_rank, rank=None, attempt=None
     )
+    # Imported here: apprise and prometheus_client cost ~0.1 s that status, snapshots and an
+    # "already done" relaunch do not need to pay.
+    from orchestrator import metrics, notify
+
     clock = RealClock()
     events = EventLog(paths.events, clock=clock, run_id=run_id)
     # Before anything is recorded as started: a --metrics-port in use or an unwritable
