@@ -288,13 +288,7 @@ class RemoteSnapshotStore:
         if not verify:
             return None
         if name == layout.TREE_FILE:
-            try:
-                data = self.store.get_bytes(key)
-            except ObjectNotFound as exc:
-                raise CorruptSnapshot(f"{name}: missing") from exc
-            if len(data) != entry.size or hashlib.sha256(data).hexdigest() != entry.checksum:
-                raise CorruptSnapshot(f"{name}: checksum mismatch")
-            return data
+            return self._get_tree(key, entry, label=name)
         sink = _HashSink()
         writable: Any = sink if content is None else _ContentSink(sink, content.hasher())
         try:
@@ -451,7 +445,8 @@ class RemoteSnapshotStore:
                 key = _snapshot_key(step, name)
                 if name == layout.TREE_FILE:
                     # Small: held in memory to plan the content check of the arena that follows.
-                    tree = self._get_tree(step, key, entry)
+                    tree = self._get_tree(key, entry, label=f"step {step}: {layout.TREE_FILE}",
+                                          missing="missing remotely")
                     writer.write_bytes(name, tree)
                     counter(len(tree))
                     plan = self._plan(manifest, tree)
@@ -488,13 +483,14 @@ class RemoteSnapshotStore:
             valid=True,
         )
 
-    def _get_tree(self, step: int, key: str, entry: FileEntry) -> bytes:
+    def _get_tree(self, key: str, entry: FileEntry, *, label: str, missing: str = "missing") -> bytes:
+        """``tree.json``'s bytes, verified against ``entry`` (it is small: fetched whole)."""
         try:
             data = self.store.get_bytes(key)
         except ObjectNotFound as exc:
-            raise CorruptSnapshot(f"step {step}: {layout.TREE_FILE}: missing remotely") from exc
+            raise CorruptSnapshot(f"{label}: {missing}") from exc
         if len(data) != entry.size or hashlib.sha256(data).hexdigest() != entry.checksum:
-            raise CorruptSnapshot(f"step {step}: {layout.TREE_FILE}: checksum mismatch")
+            raise CorruptSnapshot(f"{label}: checksum mismatch")
         return data
 
     # -- deletion ---------------------------------------------------------------------------
