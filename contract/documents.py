@@ -40,36 +40,21 @@ class DamagedDocument(ValueError):
     """A run-dir document that is too large, too deep or not JSON."""
 
 
-def _depth_ok(doc: Any) -> bool:
-    """Whether ``doc`` nests at most :data:`MAX_DEPTH` levels (iterative: no recursion)."""
-    stack = [(doc, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if isinstance(node, (dict, list)):
-            if depth > MAX_DEPTH:
-                return False
-            children = node.values() if isinstance(node, dict) else node
-            stack.extend((child, depth + 1) for child in children)
-    return True
-
-
 def parse_document(data: bytes) -> Any:
     """Parse run-dir JSON with limits (size, depth); :class:`DamagedDocument` otherwise.
 
-    The depth is checked on the text first (brackets outside strings), so that a document
-    nested a million levels never reaches the recursive parser.
+    The depth is checked on the text, before parsing (brackets outside strings), so that a
+    document nested a million levels never reaches the recursive parser. With no more brackets
+    in all than the limit, no nesting can exceed it, so only such texts are scanned.
     """
     if len(data) > MAX_DOCUMENT_BYTES:
         raise DamagedDocument(f"{len(data)} bytes, over the {MAX_DOCUMENT_BYTES} limit")
     if data.count(b"[") + data.count(b"{") > MAX_DEPTH and not _text_depth_ok(data):
         raise DamagedDocument(f"nested deeper than {MAX_DEPTH} levels")
     try:
-        doc = json.loads(data)
+        return json.loads(data)
     except (ValueError, RecursionError) as exc:  # ValueError: also ints over 4300 digits
         raise DamagedDocument(f"not JSON: {exc}") from None
-    if not _depth_ok(doc):
-        raise DamagedDocument(f"nested deeper than {MAX_DEPTH} levels")
-    return doc
 
 
 def _text_depth_ok(data: bytes) -> bool:
