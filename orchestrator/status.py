@@ -16,7 +16,7 @@ import os
 from typing import Any
 
 from contract.codes import TERMINAL_PHASE_NAMES
-from contract.documents import summarize_determinism
+from contract.documents import DeterminismReport, summarize_determinism
 from contract.paths import RunPaths
 from orchestrator import goodput
 from orchestrator.clock import Clock
@@ -154,21 +154,19 @@ def remote_status_document(
 
 
 def merge_determinism(audits: list[Any]) -> dict[str, Any]:
-    """Every node's ``determinism`` (each merged over its own ranks by its supervisor) as one:
-    the earliest divergence of any node, else verified through the least step any verified node
+    """Every node's ``determinism`` (each merged over its own ranks by its supervisor) as one,
+    by the same rule as the ranks' (:func:`contract.documents.summarize_determinism`): the
+    earliest divergence of any node, else verified through the least step any verified node
     checked, else ``unchecked`` (also for documents of supervisors that did not copy it)."""
-    docs = [a for a in audits if isinstance(a, dict)]
-    diverged = [a for a in docs if a.get("state") == "diverged"
-                and isinstance(a.get("first_divergence_step"), int)]
-    if diverged:
-        return dict(min(diverged, key=lambda a: a["first_divergence_step"]))
-    verified = [a for a in docs if a.get("state") == "verified"]
-    if verified:
-        steps = [a["checked_through_step"] for a in verified
-                 if isinstance(a.get("checked_through_step"), int)]
-        return {"state": "verified", "checked_through_step": min(steps) if steps else None,
-                "first_divergence_step": None}
-    return summarize_determinism([])
+    reports = []
+    for audit in audits:
+        if isinstance(audit, dict):
+            # A node's summary names a rank only when it diverged; any rank serves otherwise.
+            rank = audit.get("rank") if isinstance(audit.get("rank"), int) else 0
+            report = DeterminismReport.from_json(audit, rank=rank)
+            if report is not None:
+                reports.append(report)
+    return summarize_determinism(reports)
 
 
 def status_document(checkpoint_dir: str, *, clock: Clock) -> dict[str, Any]:
