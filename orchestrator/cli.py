@@ -72,6 +72,7 @@ from orchestrator.status import (
     NoRunState,
     remote_snapshot_records,
     remote_status_document,
+    render_determinism,
     render_snapshots,
     render_status,
     snapshot_records,
@@ -635,6 +636,13 @@ def _supervise_run(
     if outcome.state_error is not None:
         print(f"{PROG}: warning: the run's state was not recorded ({outcome.state_error}); "
               "`orchestrator status` shows an older state", file=sys.stderr)
+    audit = (read_state(paths) or {}).get("determinism")
+    if isinstance(audit, dict) and audit.get("state") == "diverged":
+        # --on-divergence warn trained on: the last word on the terminal must not hide that the
+        # result differs from an uninterrupted run (the mid-run warning scrolls away).
+        print(f"{PROG}: warning: the resumed run is not bit-identical to the failed attempt: "
+              f"{render_determinism(audit)}; `orchestrator check-resume` names the cause",
+              file=sys.stderr)
     return outcome.exit_code
 
 

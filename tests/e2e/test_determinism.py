@@ -64,6 +64,9 @@ def test_prefetched_batch_across_the_boundary_diverges(ckpt: Path) -> None:
     assert len(diverged) == 1 and diverged[0]["first_divergence_step"] == 21, diverged
     state = json.loads((ckpt / "run" / "state.json").read_text())
     assert state["determinism"]["state"] == "diverged"
+    # ...and launch's last words say it: exit 0 under warn, never silently.
+    last = result.stderr.strip().splitlines()[-1]
+    assert "not bit-identical" in last and "DIVERGED at step 21" in last, last
 
 
 def test_prefetch_with_on_divergence_fail_gives_up_at_once(ckpt: Path) -> None:
