@@ -43,6 +43,9 @@ class WorkerEnv:
     resume_mode: ResumeMode = "auto"
     resume_step: int | None = None
     allow_config_change: bool = setting("ORCH_ALLOW_CONFIG_CHANGE")
+    #: ``--allow-world-size-change`` (or ``--nodes MIN:MAX``): a snapshot written by another
+    #: number of ranks may be resumed (re-partitioned; see :mod:`trainer.reshape`).
+    allow_world_size_change: bool = setting("ORCH_ALLOW_WORLD_SIZE_CHANGE")
     #: ``--checkpoint-every`` (steps, a duration or auto; see :mod:`contract.interval`); None:
     #: the flag was not given, so the script's ``Checkpointer(every=...)`` if any, else auto.
     #: Text or an int given here is parsed by :func:`~contract.interval.parse_interval`.

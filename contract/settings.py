@@ -211,6 +211,9 @@ REGISTRY: Final[tuple[Var, ...]] = (
        "selects the newest valid one itself.", set_by="supervisor"),
     _v("ORCH_ALLOW_CONFIG_CHANGE", "bool", False, "contract",
        "--allow-config-change.", set_by="supervisor"),
+    _v("ORCH_ALLOW_WORLD_SIZE_CHANGE", "bool", False, "contract",
+       "--allow-world-size-change (implied by --nodes MIN:MAX): resume a snapshot written by "
+       "another number of ranks.", set_by="supervisor"),
     _v("ORCH_CHECKPOINT_EVERY", "str", None, "contract",
        "--checkpoint-every: steps (25; 0 = final only), a duration (90s, 10m, 1h) or auto; "
        "unset: the script's Checkpointer(every=), else auto.", set_by="supervisor"),
