@@ -298,9 +298,16 @@ class JournalStart:
     resumed_from: int
     config_hash: str | None = None
     time: float = 0.0
+    #: The group's world size (None in journals written before world-size changes existed).
+    #: Sessions of another world size are never compared with: the per-rank losses of 2 ranks
+    #: are not those of 1 (see the README's "World-size changes").
+    world_size: int | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"start": True, **asdict(self)}
+        doc = {"start": True, **asdict(self)}
+        if self.world_size is None:
+            del doc["world_size"]
+        return doc
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> JournalStart | None:
@@ -317,6 +324,7 @@ class JournalStart:
             resumed_from=resumed,
             config_hash=_str(doc.get("config_hash")),
             time=_num(doc.get("time")) or 0.0,
+            world_size=_int(doc.get("world_size")),
         )
 
 

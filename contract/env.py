@@ -46,6 +46,9 @@ class WorkerEnv:
     #: ``--allow-world-size-change`` (or ``--nodes MIN:MAX``): a snapshot written by another
     #: number of ranks may be resumed (re-partitioned; see :mod:`trainer.reshape`).
     allow_world_size_change: bool = setting("ORCH_ALLOW_WORLD_SIZE_CHANGE")
+    #: DDP on several nodes: each node's local rank 0 writes its own copy of every snapshot
+    #: (the state is replicated in memory already); False: global rank 0 only.
+    node_copies: bool = setting("ORCH_NODE_COPIES")
     #: ``--checkpoint-every`` (steps, a duration or auto; see :mod:`contract.interval`); None:
     #: the flag was not given, so the script's ``Checkpointer(every=...)`` if any, else auto.
     #: Text or an int given here is parsed by :func:`~contract.interval.parse_interval`.

@@ -211,6 +211,9 @@ REGISTRY: Final[tuple[Var, ...]] = (
        "selects the newest valid one itself.", set_by="supervisor"),
     _v("ORCH_ALLOW_CONFIG_CHANGE", "bool", False, "contract",
        "--allow-config-change.", set_by="supervisor"),
+    _v("ORCH_NODE_COPIES", "bool", True, "contract",
+       "DDP on several nodes: every node's local rank 0 writes the snapshot to its own disk "
+       "(--no-node-copies: global rank 0 only).", set_by="supervisor"),
     _v("ORCH_ALLOW_WORLD_SIZE_CHANGE", "bool", False, "contract",
        "--allow-world-size-change (implied by --nodes MIN:MAX): resume a snapshot written by "
        "another number of ranks.", set_by="supervisor"),

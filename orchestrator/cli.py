@@ -101,6 +101,13 @@ def _keep_arg(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected a count or {KEEP_ALL!r}, got {text!r}") from None
 
 
+def _nodes_arg(text: str) -> int | str:
+    """``N`` as an int, ``MIN:MAX`` as text (LaunchConfig parses and checks the range)."""
+    if ":" in text:
+        return text
+    return _int_arg(text)
+
+
 def _float_arg(text: str) -> float:
     try:
         return float(text)
@@ -115,7 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Every launch flag defaults to None so that only flags actually given override --config.
     launch = sub.add_parser("launch", help="run a training script under supervision")
-    launch.add_argument("--nodes", type=_int_arg, help="number of nodes")
+    launch.add_argument(
+        "--nodes", type=_nodes_arg, metavar="N|MIN:MAX", help="number of nodes; MIN:MAX is "
+        "torchrun's elastic range (the group re-forms with the nodes it has, and a snapshot of "
+        "another world size is resumed: implies --allow-world-size-change)"
+    )
     launch.add_argument("--nproc-per-node", type=_int_arg, help="ranks on this node")
     launch.add_argument("--node-rank", type=_int_arg, help="this node's rank")
     launch.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="c10d rendezvous endpoint")
@@ -151,6 +162,16 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument(
         "--allow-config-change", action="store_true", default=None, help="resume despite changed "
         "hyperparameters"
+    )
+    launch.add_argument(
+        "--allow-world-size-change", action="store_true", default=None, help="resume a "
+        "snapshot written by another number of ranks: the data continues sample-exactly, "
+        "re-partitioned across the new ranks (see the README, World-size changes)"
+    )
+    launch.add_argument(
+        "--node-copies", action=argparse.BooleanOptionalAction, default=None, help="DDP on "
+        "several nodes: every node writes its own copy of each snapshot to its disk, so losing "
+        "the node of rank 0 loses no snapshot (default); --no-node-copies: rank 0's node only"
     )
     launch.add_argument(
         "--warm-spare", action="store_true", default=None, help="single node: keep a second "
@@ -381,6 +402,8 @@ _LAUNCH_KEYS = (
     "grace",
     "hang_timeout",
     "allow_config_change",
+    "allow_world_size_change",
+    "node_copies",
     "warm_spare",
     "wrap",
     "notify",

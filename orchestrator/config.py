@@ -23,6 +23,7 @@ from contract.interval import Interval, parse_interval
 
 #: What a run id may look like (it names rendezvous ids, object-store prefixes and files).
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_NODE_RANGE = re.compile(r"^(\d+)(?::(\d+))?$")
 _ENDPOINT = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):(?P<port>\d{1,5})$")
 #: Why --best-metric/--best-mode are refused: the best metric is named once, by the script.
 BEST_MOVED = (
@@ -61,6 +62,8 @@ class LaunchConfig:
     checkpoint_dir: str
     script: str
     script_args: tuple[str, ...] = ()
+    #: Nodes in the group; ``"MIN:MAX"`` (torchrun's elastic range) is parsed into
+    #: ``min_nodes`` and ``nodes`` = MAX, and allows a world-size change on resume.
     nodes: int = 1
     nproc_per_node: int = 1
     node_rank: int = 0
@@ -80,6 +83,14 @@ class LaunchConfig:
     grace: float = 30.0
     hang_timeout: float | None = None
     allow_config_change: bool = False
+    #: Resume a snapshot written by another number of ranks (re-partitioned: trainer.reshape);
+    #: implied by ``--nodes MIN:MAX``.
+    allow_world_size_change: bool = False
+    #: DDP on several nodes: every node keeps its own copy of each snapshot (``--no-node-copies``:
+    #: only the node of global rank 0 does).
+    node_copies: bool = True
+    #: The low end of ``--nodes MIN:MAX`` (None: a fixed node count); never given directly.
+    min_nodes: int | None = None
     warm_spare: bool = False
     #: Run SCRIPT under ``trainer.run_script`` (``python -m trainer.script``): a module-level
     #: script without a ``main()`` gets error files, exit codes and SIGTERM handling unchanged.
@@ -103,6 +114,7 @@ class LaunchConfig:
             raise ValueError("--checkpoint-dir is required")
         if not self.script:
             raise ValueError("a training SCRIPT is required")
+        self._parse_nodes()
         if self.nodes < 1:
             raise ValueError(f"--nodes must be >= 1, got {self.nodes}")
         if self.nproc_per_node < 1:
@@ -153,6 +165,40 @@ class LaunchConfig:
                              "other nodes' rendezvous ahead of time)")
         self._check_observability()
 
+    def _parse_nodes(self) -> None:
+        """``nodes`` given as ``"MIN:MAX"`` (flag or config file): set ``min_nodes`` and MAX."""
+        nodes: object = self.nodes
+        if isinstance(nodes, str):
+            m = _NODE_RANGE.match(nodes.strip())
+            if m is None:
+                raise ValueError(f"--nodes must be N or MIN:MAX, got {nodes!r}")
+            low, high = int(m.group(1)), int(m.group(2)) if m.group(2) else None
+            if high is None:
+                object.__setattr__(self, "nodes", low)
+            else:
+                if not 1 <= low <= high:
+                    raise ValueError(f"--nodes MIN:MAX needs 1 <= MIN <= MAX, got {nodes!r}")
+                object.__setattr__(self, "nodes", high)
+                object.__setattr__(self, "min_nodes", low)
+        elif isinstance(nodes, bool) or not isinstance(nodes, int):
+            raise ValueError(f"--nodes must be N or MIN:MAX, got {nodes!r}")
+        if self.min_nodes is not None and not 1 <= self.min_nodes <= self.nodes:
+            raise ValueError(f"--nodes MIN:MAX needs 1 <= MIN <= MAX, got {self.min_nodes}:{self.nodes}")
+
+    @property
+    def nnodes(self) -> str:
+        """torchrun's ``--nnodes``: ``N``, or ``MIN:MAX`` for an elastic range."""
+        if self.min_nodes is None or self.min_nodes == self.nodes:
+            return str(self.nodes)
+        return f"{self.min_nodes}:{self.nodes}"
+
+    @property
+    def world_size_may_change(self) -> bool:
+        """``--allow-world-size-change``, or an elastic ``--nodes MIN:MAX`` range."""
+        return self.allow_world_size_change or (
+            self.min_nodes is not None and self.min_nodes < self.nodes
+        )
+
     def _check_observability(self) -> None:
         urls: object = self.notify
         if isinstance(urls, str):
@@ -200,7 +246,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "checkpoint_dir": (str,),
     "script": (str,),
     "script_args": (list,),
-    "nodes": (int,),
+    "nodes": (int, str),
     "nproc_per_node": (int,),
     "node_rank": (int,),
     "rdzv_endpoint": (str,),
@@ -217,6 +263,8 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "grace": (int, float),
     "hang_timeout": (int, float),
     "allow_config_change": (bool,),
+    "allow_world_size_change": (bool,),
+    "node_copies": (bool,),
     "warm_spare": (bool,),
     "wrap": (bool,),
     "notify": (list, str),

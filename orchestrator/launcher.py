@@ -574,7 +574,7 @@ def build_torchrun_command(config: LaunchConfig, settings: Settings, rdzv_id: st
         sys.executable,
         "-m",
         "torch.distributed.run",
-        f"--nnodes={config.nodes}",
+        f"--nnodes={config.nnodes}",
         f"--nproc-per-node={config.nproc_per_node}",
     ]
     if config.nodes == 1:
@@ -620,6 +620,8 @@ def build_worker_env(
         else "fresh",
         resume_step=None if spare_gate is not None else resume_step,
         allow_config_change=config.allow_config_change,
+        allow_world_size_change=config.world_size_may_change,
+        node_copies=config.node_copies,
         # None: the script's own interval (an inherited value is dropped by apply()).
         checkpoint_every=config.checkpoint_every,
         pg_timeout_s=settings.pg_timeout_s,

@@ -146,6 +146,7 @@ class Checkpointer:
         self.journal = Journal(
             self.paths, rank=self.rank, run_id=self.run_id, attempt=self.settings.attempt,
             config_hash=self.provenance.config_hash, on_divergence=self.settings.on_divergence,
+            world_size=self.world_size,
         )
         self.exporter = Exporter(
             best, state=state, writer=self.writer, directory=self.exports_dir,

@@ -79,7 +79,9 @@ class WorldSizeMismatch(FatalTrainerError):
         self.current = current
         super().__init__(
             f"snapshot step {step} was written with world size {saved} but this group has "
-            f"world size {current}; resuming with a different world size is not supported"
+            f"world size {current}; relaunch with {saved} ranks, or with "
+            f"--allow-world-size-change (ORCH_ALLOW_WORLD_SIZE_CHANGE=1) to re-partition it "
+            f"(the README's 'World-size changes' says what stays bit-exact)"
         )
 
 

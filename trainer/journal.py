@@ -21,7 +21,7 @@ shorter.
 
 **Comparison.** ``begin(S)`` (from ``Checkpointer.resume()``, ``S`` = the snapshot step, 0 for a
 fresh start) reads both generations and keeps, for each step after ``S``, the latest entry of a
-session with the same run id and config hash; the highest such step is the *frontier* of the
+session with the same run id, config hash and world size; the highest such step is the *frontier* of the
 failed attempt(s). Every re-executed step up to the frontier is compared exactly with it (each
 fingerprint name both sides have, and component digests when both sides have them). The first
 mismatch logs ``resume.diverged`` as a warning and writes a ``diverged`` report
@@ -139,8 +139,10 @@ class Journal:
         config_hash: str | None,
         on_divergence: str = "warn",
         limit: int = JOURNAL_LIMIT,
+        world_size: int | None = None,
     ) -> None:
         self.paths = paths
+        self.world_size = world_size
         self.rank = rank
         self.run_id = run_id
         self.attempt = attempt
@@ -171,7 +173,8 @@ class Journal:
         self._checking = self.frontier is not None
         self.compared = 0
         start = JournalStart(run_id=self.run_id, attempt=self.attempt, rank=self.rank,
-                             resumed_from=resumed_from, config_hash=self.config_hash, time=time.time())
+                             resumed_from=resumed_from, config_hash=self.config_hash, time=time.time(),
+                             world_size=self.world_size)
         self._start_line = _DUMPS(start.to_json()) + "\n"
         self._open()
         self._write(self._start_line)
@@ -200,7 +203,8 @@ class Journal:
                 record = parse_journal_line(raw)
                 if isinstance(record, JournalStart):
                     matching = (record.run_id == self.run_id and record.rank == self.rank
-                                and record.config_hash == self.config_hash)
+                                and record.config_hash == self.config_hash
+                                and record.world_size == self.world_size)
                 elif isinstance(record, JournalEntry) and matching and record.step > resumed_from:
                     expected[record.step] = record
         return expected, lines

@@ -43,6 +43,7 @@ from trainer.errors import (
     UsageError,
     WorldSizeMismatch,
 )
+from trainer.reshape import rank_state_for
 from trainer.settings import WorkerSettings
 from trainer.state import TrainingState
 
@@ -279,7 +280,15 @@ class Resumer:
     def _check_manifest(self, step: int, manifest: Manifest) -> None:
         """Refuse a snapshot of another world size or (unless allowed) other hyperparameters."""
         if manifest.world_size != self.host.world_size:
-            raise WorldSizeMismatch(step, manifest.world_size, self.host.world_size)
+            if not self.host.settings.allow_world_size_change:
+                raise WorldSizeMismatch(step, manifest.world_size, self.host.world_size)
+            if self.host.rank == 0:
+                log.warning(
+                    "resume.world_size_changed",
+                    step=step,
+                    saved_world_size=manifest.world_size,
+                    world_size=self.host.world_size,
+                )
         saved = manifest.metadata.get("hparams")
         differences = diff_hparams(
             saved if isinstance(saved, dict) else {}, self.host.hparams,
@@ -376,11 +385,18 @@ class Resumer:
         if not isinstance(obj, dict) or not {"shared", "ranks", "world_size"} <= obj.keys():
             raise CorruptSnapshot(f"step {step}: tree.json does not hold a training state")
         host = self.host
-        if obj["world_size"] != host.world_size:
-            raise WorldSizeMismatch(step, int(obj["world_size"]), host.world_size)
-        mine = obj["ranks"].get(host.rank)
-        if mine is None:
+        saved_world = int(obj["world_size"])
+        if saved_world != manifest.world_size:
+            raise CorruptSnapshot(
+                f"step {step}: tree.json holds {saved_world} ranks, the manifest {manifest.world_size}"
+            )
+        if saved_world == host.world_size and host.rank not in obj["ranks"]:
             raise CorruptSnapshot(f"step {step}: no per-rank state for rank {host.rank}")
+        # Another world size passed _check_manifest only when allowed; the rules are reshape's.
+        mine = rank_state_for(
+            obj["ranks"], saved_world_size=saved_world, rank=host.rank,
+            world_size=host.world_size, step=step,
+        )
         host.state.load_shared_state_dict(obj["shared"])
         host.state.load_rank_state_dict(mine)
         if host.state.step != step or int(mine["step"]) != step:
