@@ -156,7 +156,8 @@ class PreemptAck:
     attempt: int
     time: float
     digest: str | None = None
-    #: Set on nodes other than rank 0's: the snapshot itself is on that rank's node.
+    #: The rank whose node holds the committed snapshot: this node's own writer (node copies),
+    #: or 0 on a node that keeps no copy (``--no-node-copies``). None in older acks.
     snapshot_rank: int | None = None
 
     def to_json(self) -> dict[str, Any]:

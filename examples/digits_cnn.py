@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import gzip
 import importlib.util
+import json
 import os
 import time
 from typing import Any
@@ -37,19 +38,24 @@ DATASET_VERSION = "sklearn-digits-1797-v1"
 VAL_SIZE = 297
 
 
-class Digits(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+class Digits(Dataset[tuple[torch.Tensor, ...]]):
     """The digits images (1x8x8 in [0, 1]) with an optional random one-pixel shift."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, seed: int, augment: bool) -> None:
+    def __init__(
+        self, images: torch.Tensor, labels: torch.Tensor, *, seed: int, augment: bool,
+        with_index: bool = False,
+    ) -> None:
         self.images = images
         self.labels = labels
         self.seed = seed
         self.augment = augment
+        #: Also return the sample index (``--record-samples``), as a third batch element.
+        self.with_index = with_index
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def __getitem__(self, key: trainer.SampleKey) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, key: trainer.SampleKey) -> tuple[torch.Tensor, ...]:
         image = self.images[key.sample]
         if self.augment:
             # Augmentation randomness comes from (seed, epoch, index), never from a worker's RNG,
@@ -57,6 +63,8 @@ class Digits(Dataset[tuple[torch.Tensor, torch.Tensor]]):
             g = trainer.sample_generator(self.seed, key.epoch, key.sample)
             dx, dy = (int(v) for v in torch.randint(-1, 2, (2,), generator=g))
             image = torch.roll(image, shifts=(dy, dx), dims=(1, 2))
+        if self.with_index:
+            return image, self.labels[key.sample], torch.tensor(key.sample)
         return image, self.labels[key.sample]
 
 
@@ -121,6 +129,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--batch-size", type=int, default=32, help="per rank")
+    p.add_argument("--global-batch-size", type=int, default=None,
+                   help="batch over all ranks, divided by the world size (instead of "
+                   "--batch-size): the trajectory then does not depend on the number of ranks, "
+                   "so a world-size change keeps every step's samples")
+    p.add_argument("--record-samples", metavar="DIR", default=None,
+                   help="each rank appends {step, epoch, samples} per completed step to "
+                   "DIR/rank-<R>.jsonl (which dataset indices it trained on)")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--warmup", type=int, default=20)
@@ -140,6 +155,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.steps < 1 or args.batch_size < 1 or args.eval_every < 1 or args.warmup < 1:
         p.error("--steps, --batch-size, --eval-every and --warmup must be >= 1")
+    if args.global_batch_size is not None and args.global_batch_size < 1:
+        p.error("--global-batch-size must be >= 1")
     if args.step_delay < 0:
         p.error("--step-delay must be >= 0")
     if args.warmup >= args.steps:
@@ -219,14 +236,32 @@ def main(argv: list[str] | None = None) -> None:
 
     train_x, train_y, val_x, val_y = load_split(args.seed)
     val_x, val_y = val_x.to(ctx.device), val_y.to(ctx.device)
-    dataset = Digits(train_x, train_y, seed=args.seed, augment=not args.no_augment)
+    recording = args.record_samples is not None
+    dataset = Digits(
+        train_x, train_y, seed=args.seed, augment=not args.no_augment, with_index=recording
+    )
     sampler = trainer.ResumableDistributedSampler(
         len(dataset), num_replicas=ctx.world_size, rank=ctx.rank, seed=args.seed
     )
+    batch_size = args.batch_size
+    if args.global_batch_size is not None:
+        # The global batch is kept whatever the world size; the README's World-size changes.
+        if args.global_batch_size % ctx.world_size:
+            raise trainer.UsageError(
+                f"--global-batch-size {args.global_batch_size} is not divisible by the world "
+                f"size {ctx.world_size}"
+            )
+        batch_size = args.global_batch_size // ctx.world_size
     loader = trainer.ResumableLoader(
-        dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=args.workers,
         drop_last=True, with_epoch=True,
     )
+    samples_log = None
+    if recording:
+        os.makedirs(args.record_samples, exist_ok=True)
+        samples_log = open(  # noqa: SIM115 -- open for the whole run, closed at its end
+            os.path.join(args.record_samples, f"rank-{ctx.rank}.jsonl"), "a", encoding="utf-8"
+        )
 
     ddp: nn.Module = DistributedDataParallel(model) if ctx.world_size > 1 else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -247,9 +282,13 @@ def main(argv: list[str] | None = None) -> None:
         metadata={"dataset_version": DATASET_VERSION},
     )
     # Everything that changes the training trajectory; not where or how often it is saved.
-    excluded = ("checkpoint_dir", "checkpoint_every", "workers", "step_delay")
+    excluded = ("checkpoint_dir", "checkpoint_every", "workers", "step_delay", "record_samples")
     hparams = {k: v for k, v in vars(args).items() if k not in excluded}
-    hparams["world_size"] = ctx.world_size
+    if args.global_batch_size is None:
+        # A per-rank batch makes the global batch, hence the trajectory, depend on it.
+        hparams["world_size"] = ctx.world_size
+    else:
+        del hparams["batch_size"]
     ckpt = trainer.Checkpointer(
         state, checkpoint_dir=args.checkpoint_dir, every=every, hparams=hparams,
         best=trainer.BestPolicy(metric="val_acc", mode="max"),  # also what --keep-best ranks by
@@ -263,8 +302,8 @@ def main(argv: list[str] | None = None) -> None:
     stop = start > 0 and args.patience > 0 and stopper.bad_evals >= args.patience
     while step < args.steps and not stop:
         step += 1
-        images, labels = next(batches)
-        images, labels = images.to(ctx.device), labels.to(ctx.device)
+        batch = next(batches)
+        images, labels = batch[0].to(ctx.device), batch[1].to(ctx.device)
         with amp:
             loss = F.cross_entropy(ddp(images), labels)
         optimizer.zero_grad(set_to_none=True)
@@ -279,10 +318,17 @@ def main(argv: list[str] | None = None) -> None:
             stop = stopper.update(metrics["val_acc"])
             log.info("train.eval", step=step, epoch=loader.epoch, loss=round(metrics["loss"], 4),
                      val_acc=metrics["val_acc"], lr=optimizer.param_groups[0]["lr"])
+        if samples_log is not None:
+            # Before step_done: a preemption ends the process inside it, with this step saved.
+            record = {"step": step, "epoch": loader.epoch, "samples": batch[2].tolist()}
+            samples_log.write(json.dumps(record) + "\n")
+            samples_log.flush()
         ckpt.step_done(step, metrics)
         if args.step_delay:
             time.sleep(args.step_delay)  # pacing for external fault tests, not synchronisation
     ckpt.finish()
+    if samples_log is not None:
+        samples_log.close()
     log.info("train.done", step=step, seconds=round(time.perf_counter() - started, 3),
              best_val_acc=state.best_metric, digest=ckpt.last_digest)
 

@@ -13,6 +13,7 @@ for a snapshot. ``finish()`` takes the final snapshot and writes ``exports/last.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -152,6 +153,12 @@ class Checkpointer:
             best, state=state, writer=self.writer, directory=self.exports_dir,
             run_id=self.run_id, rank=self.rank,
         )
+        #: Whether this rank writes snapshots to its node's disk: global rank 0, and with
+        #: ``ORCH_NODE_COPIES`` (DDP on several nodes) every node's local rank 0 whose
+        #: checkpoint dir is not shared with a lower-ranked writer. Settled at the first
+        #: snapshot (a collective; see :meth:`_settle_writers`).
+        self.writes = self.rank == 0
+        self._writers: tuple[int, ...] | None = None
         self.last_snapshot_step: int | None = None
         self.resumed_from: int | None = None
         self.last_digest: str | None = None
@@ -217,7 +224,7 @@ class Checkpointer:
         if step <= self.state.step and self.state.step != 0:
             raise UsageError(f"step_done({step}) after step {self.state.step}: steps must increase")
         self.state.step = step
-        if self.rank == 0:
+        if self.writes:
             self.writer.raise_if_failed()
         if metrics:
             self._last_metrics = {str(k): json_metric(v) for k, v in metrics.items()}
@@ -249,7 +256,7 @@ class Checkpointer:
             started = time.monotonic()
             self.snapshot()
             self._interval_origin, self._stall_measured = started, True
-        elif self.rank == 0 and self._snapshot_job is None:
+        elif self.writes and self._snapshot_job is None:
             self._reserve_arena()
         # After the snapshot: its component digests (when the checkpointer has them) go with
         # this step's fingerprint; a divergence with --on-divergence fail raises here.
@@ -313,8 +320,8 @@ class Checkpointer:
             resumed_from=self.resumed_from,
             epoch=self.state.epoch,
             pid=os.getpid(),
-            snapshot_stall_s=self.last_stall_s if self.rank == 0 and self.last_write_s else None,
-            snapshot_write_s=self.last_write_s if self.rank == 0 else None,
+            snapshot_stall_s=self.last_stall_s if self.writes and self.last_write_s else None,
+            snapshot_write_s=self.last_write_s if self.writes else None,
         )
         try:
             write_document(self.paths.heartbeat(self.rank), beat, durable=False)
@@ -334,12 +341,13 @@ class Checkpointer:
         step = self.state.step
         started = time.perf_counter()
         self._settle_staging()
-        gathered = self._gather_rank_states()
+        writers = self._settle_writers()
+        gathered = self._gather_rank_states(everywhere=len(writers) > 1)
         self.last_snapshot_step = step
-        if self.rank != 0:
+        if not self.writes:
             return
         if gathered is None:
-            raise SnapshotError("rank 0 received no per-rank states")
+            raise SnapshotError(f"rank {self.rank} received no per-rank states")
         steps = [int(g["step"]) for g in gathered]
         if any(s != step for s in steps):
             raise SnapshotError(f"ranks reached different steps at snapshot time: {steps}")
@@ -415,13 +423,60 @@ class Checkpointer:
         arena = self.arena
         self._snapshot_job = self.writer.submit(lambda: arena.reserve(encoded), label="reserve")
 
-    def _gather_rank_states(self) -> list[dict[str, Any]] | None:
+    def _gather_rank_states(self, *, everywhere: bool = False) -> list[dict[str, Any]] | None:
+        """Every rank's per-rank state, on rank 0 (None elsewhere), or on every rank."""
         rank_state = self.state.rank_state_dict()
         if not (is_initialized() and self.world_size > 1):
             return [rank_state]
+        if everywhere:
+            # Node copies: each writing node needs the whole list (a few KB per rank).
+            every: list[Any] = [None] * self.world_size
+            dist.all_gather_object(every, rank_state)
+            return every
         gathered: list[Any] | None = [None] * self.world_size if self.rank == 0 else None
         dist.gather_object(rank_state, gathered, dst=0)
         return gathered
+
+    def _settle_writers(self) -> tuple[int, ...]:
+        """The ranks that write snapshots (collective, once per Checkpointer; see ``writes``).
+
+        With node copies, each node's local rank 0 drops a probe file into its checkpoint dir
+        and, after everyone did, looks for the others' probes: a dir shared between nodes (NFS)
+        shows several, and only the lowest of those ranks writes there, so two processes never
+        commit the same step into one directory.
+        """
+        if self._writers is not None:
+            return self._writers
+        settings = self.settings
+        multinode = settings.local_world_size < self.world_size
+        if not (is_initialized() and multinode and settings.node_copies):
+            self._writers = (0,)
+            self.writes = self.rank == 0
+            return self._writers
+        probes = os.path.join(self.paths.run_dir, "copy-probes")
+        mine = os.path.join(probes, f"{settings.launch_token or 'probe'}-{self.rank}")
+        if settings.local_rank == 0:
+            os.makedirs(probes, exist_ok=True)
+            with open(mine, "w"):
+                pass
+        dist.barrier()
+        prefix = f"{settings.launch_token or 'probe'}-"
+        shared_with: list[int] = []
+        if settings.local_rank == 0:
+            for name in os.listdir(probes):
+                if name.startswith(prefix) and name[len(prefix):].isdigit():
+                    shared_with.append(int(name[len(prefix):]))
+        candidate = settings.local_rank == 0 and min(shared_with, default=self.rank) == self.rank
+        decisions: list[Any] = [None] * self.world_size
+        dist.all_gather_object(decisions, candidate)
+        if settings.local_rank == 0:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(mine)
+        self._writers = tuple(r for r, writes in enumerate(decisions) if writes)
+        self.writes = self.rank in self._writers
+        if self.rank == 0:
+            log.info("snapshot.node_copies", writers=list(self._writers))
+        return self._writers
 
     def live_digest(self) -> str | None:
         """Digest a snapshot taken now would record (collective; the value on rank 0, else None).
@@ -503,9 +558,10 @@ class Checkpointer:
         self._heartbeat()
         if self.last_snapshot_step != step:
             self.snapshot()
-        if self.rank == 0:
+        if self.writes:
             self.writer.wait()
-            self.exporter.export_last(step, self._last_metrics, self.last_digest)
+            if self.rank == 0:
+                self.exporter.export_last(step, self._last_metrics, self.last_digest)
             self.writer.close()
         if is_initialized() and self.world_size > 1:
             dist.barrier()

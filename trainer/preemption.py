@@ -127,6 +127,8 @@ class StopHost(Protocol):
     paths: RunPaths
     rank: int
     world_size: int
+    #: Whether this rank writes snapshots (global rank 0; a node copy's local rank 0).
+    writes: bool
     writer: BackgroundWriter
     last_snapshot_step: int | None
     last_digest: str | None
@@ -189,16 +191,19 @@ def stop(host: StopHost, step: int, *, heartbeat: Callable[[], None]) -> NoRetur
     if host.last_snapshot_step != step:
         host.snapshot()
     settings = host.settings
-    if host.rank == 0:
-        host.writer.wait()  # the emergency snapshot is committed (or its error re-raised)
-        ack = PreemptAck(step=step, attempt=settings.attempt, time=time.time(), digest=host.last_digest)
+    writes = host.writes
+    if writes:
+        host.writer.wait()  # this node's copy is committed (or its error re-raised)
+        ack = PreemptAck(step=step, attempt=settings.attempt, time=time.time(),
+                         digest=host.last_digest, snapshot_rank=host.rank)
         write_document(host.paths.preempt_ack, ack, durable=True)
-    # No rank exits before rank 0 committed: torchrun stops the whole group on the first exit.
+    # No rank exits before every writer committed: torchrun stops the whole group on the first
+    # exit.
     if is_initialized() and host.world_size > 1:
         dist.barrier()
-        if host.rank != 0 and settings.local_rank == 0:
-            # Every node's supervisor waits for an ack in its own checkpoint dir; the
-            # snapshot itself is on rank 0's node (and its mirror).
+        if not writes and settings.local_rank == 0:
+            # Every node's supervisor waits for an ack in its own checkpoint dir; this node
+            # holds no copy (--no-node-copies): the snapshot is on rank 0's node and its mirror.
             ack = PreemptAck(
                 step=step,
                 attempt=settings.attempt,
