@@ -244,9 +244,32 @@ def test_one_node_preempted_the_other_waits_then_both_finish(
     assert codes == {0: 0, 1: 0}, cluster.stderr()
     got = _all_digests(cluster)
     assert stop_step in got, (stop_step, sorted(got))  # the emergency snapshot, no lost step
+    # Node copies: the node without rank 0 holds the emergency snapshot on its own disk too.
+    assert stop_step in harness.digests(harness.snapshots(cluster.ckpt(victim)))
     for step, digest in got.items():
         if step in golden:
             assert digest == golden[step], f"snapshot {step} differs from the golden run"
     assert got[harness.STEPS] == golden[harness.STEPS]
     assert harness.status(cluster.ckpt(victim))["resumed_from_step"] == stop_step
+    _no_orphans(cluster)
+
+
+def test_rank0_node_lost_without_mirror_resumes_from_the_other_nodes_copy(
+    golden: dict[int, str], cluster: Cluster
+) -> None:
+    """No mirror: every node wrote its own copy, so losing rank 0's node loses no snapshot."""
+    cluster.start(0)
+    cluster.start(1)
+    wait_until(lambda: cluster.step() >= 50, timeout=180, what="step 50")
+    victim = cluster.node_of_rank0()
+    survivor = 1 - victim
+    copies = harness.digests(harness.snapshots(cluster.ckpt(survivor)))
+    originals = harness.digests(harness.snapshots(cluster.ckpt(victim)))
+    assert {20, 40} <= set(copies), sorted(copies)
+    for step, digest in copies.items():
+        assert originals.get(step, digest) == digest == golden[step], step
+    _replace_node_and_finish(cluster, victim, golden)
+    fresh = harness.status(cluster.ckpt(victim))
+    assert fresh["phase"] == "done" and fresh["resumed_from_step"] is not None
+    assert fresh["resumed_from_step"] >= 40
     _no_orphans(cluster)

@@ -203,3 +203,27 @@ def test_observability_from_a_config_file_and_its_validation(tmp_path: Path) -> 
         cfg(metrics_port=70000)
     with pytest.raises(ValueError, match="--notify takes"):
         cfg(notify=("",))
+
+
+@pytest.mark.parametrize(
+    ("given", "nodes", "low", "nnodes", "may_change"),
+    [(2, 2, None, "2", False), ("3", 3, None, "3", False), ("1:4", 4, 1, "1:4", True),
+     ("2:2", 2, 2, "2", False)],
+)
+def test_nodes_range(given: Any, nodes: int, low: int | None, nnodes: str, may_change: bool) -> None:
+    c = cfg(nodes=given, rdzv_endpoint="h:1")
+    assert (c.nodes, c.min_nodes, c.nnodes, c.world_size_may_change) == (nodes, low, nnodes, may_change)
+    assert cfg(allow_world_size_change=True).world_size_may_change
+
+
+@pytest.mark.parametrize("bad", ["0:2", "3:2", "a:b", "1:", ":2", "1:2:3", 2.5, True])
+def test_bad_nodes_range_names_the_flag(bad: Any) -> None:
+    with pytest.raises(ValueError, match="--nodes"):
+        cfg(nodes=bad, rdzv_endpoint="h:1")
+
+
+def test_world_size_flags_from_a_config_file(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('nodes = "1:2"\nnode-copies = false\nrdzv-endpoint = "h:1"\n')
+    c = build_config({"checkpoint_dir": "/c", "script": "t.py"}, load_config_file(str(path)))
+    assert (c.nodes, c.min_nodes, c.node_copies, c.world_size_may_change) == (2, 1, False, True)

@@ -164,3 +164,14 @@ def test_lossy_echo_never_blocks_the_tee() -> None:
         echo.write(b"x" * 1000)  # returns at once even though the stream is stuck
     assert echo.dropped_bytes >= 90_000
     gate.set()
+
+
+def test_world_size_and_node_copies_reach_torchrun_and_the_workers() -> None:
+    c = cfg(nodes="1:3", rdzv_endpoint="h:29400", node_copies=False)
+    assert "--nnodes=1:3" in build_torchrun_command(c, Settings(), "r")
+    env = build_worker_env(base={}, config=c, settings=Settings(), run_id="r", attempt=0,
+                           resume_step=None, token="t")
+    assert env["ORCH_ALLOW_WORLD_SIZE_CHANGE"] == "1" and env["ORCH_NODE_COPIES"] == "0"
+    env = build_worker_env(base={}, config=cfg(), settings=Settings(), run_id="r", attempt=0,
+                           resume_step=None, token="t")
+    assert env["ORCH_ALLOW_WORLD_SIZE_CHANGE"] == "0" and env["ORCH_NODE_COPIES"] == "1"

@@ -289,3 +289,21 @@ def test_fast_line_format_is_plain_json() -> None:
 
     for fp in ({"loss": (0.1).hex()}, {'a"b': "nan", "é\n": (-0.0).hex()}, {}):
         assert json.loads(_fp_json(fp)) == fp
+
+
+def test_sessions_of_another_world_size_are_not_compared(tmp_path: Path) -> None:
+    """A resume on another number of ranks re-partitions the data: other losses, no audit."""
+    first = _journal(tmp_path, world_size=2)
+    first.begin(0)
+    for step in range(1, 6):
+        first.record(step, {"loss": 1.0 / step})
+    first.close()
+    same = _journal(tmp_path, attempt=1, world_size=2)
+    same.begin(2)
+    assert same.frontier == 5
+    same.close()
+    other = _journal(tmp_path, attempt=2, world_size=1)
+    other.begin(2)
+    assert other.frontier is None
+    other.record(3, {"loss": 7.0})  # would diverge if compared
+    assert report(tmp_path) is None
