@@ -41,6 +41,7 @@ from storage.hashfile import DIRECT_ALIGN, HashingFile
 from storage.manifest import FileEntry, Manifest
 from storage.reading import MappedFile, open_snapshot_file, read_verified
 from storage.settings import StorageSettings
+from storage.sharded import is_sharded, validate_local
 from storage.tier import LocalTier, SnapshotInfo
 from storage.writer import PhaseHook, SnapshotWriter
 
@@ -148,6 +149,13 @@ class LocalSnapshotStore:
             return replace(info, reason=str(exc))
         info = replace(info, manifest=manifest)
         content = verify_checksums and self.verify_content
+        if content and is_sharded(manifest):
+            # Every shard file, the index and the sharding-independent digest (storage.sharded).
+            try:
+                validate_local(path, manifest, self._settings.read_chunk_bytes)
+            except CorruptSnapshot as exc:
+                return replace(info, reason=str(exc))
+            return replace(info, valid=True)
         try:
             plan, done = self._content_plan(path, manifest) if content else (None, frozenset())
             for name, entry in manifest.files.items():

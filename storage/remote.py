@@ -51,6 +51,7 @@ from storage.local import LocalSnapshotStore
 from storage.manifest import FileEntry, Manifest
 from storage.objectstore import ObjectStore, open_object_store
 from storage.settings import StorageSettings
+from storage.sharded import arena_digest_expected, is_sharded, validate_files
 from storage.tier import RemoteTier, SnapshotInfo, TransferProgress, UploadResult
 
 log = structlog.get_logger("storage.remote")
@@ -244,6 +245,12 @@ class RemoteSnapshotStore:
             return replace(info, reason=str(exc))
         info = replace(info, manifest=manifest)
         content = verify_checksums and self.verify_content
+        if content and is_sharded(manifest):
+            try:
+                self._validate_sharded(step, manifest)
+            except CorruptSnapshot as exc:
+                return replace(info, reason=str(exc))
+            return replace(info, valid=True)
         plan: ContentPlan | None = None
         try:
             for name in _download_order(manifest.files) if content else sorted(manifest.files):
@@ -257,6 +264,22 @@ class RemoteSnapshotStore:
         except CorruptSnapshot as exc:
             return replace(info, reason=str(exc))
         return replace(info, valid=True)
+
+    def _validate_sharded(self, step: int, manifest: Manifest) -> None:
+        """Every object of a sharded snapshot streamed through storage.sharded's validator."""
+
+        def read_small(name: str) -> bytes:
+            return self._get_tree(_snapshot_key(step, name), manifest.files[name], label=name)
+
+        def stream(name: str, sink: Any) -> None:
+            entry = manifest.files[name]
+            self._check_object(step, name, entry, False)  # presence and size first
+            try:
+                self.store.get_into(_snapshot_key(step, name), sink, expected_size=entry.size)
+            except ObjectNotFound as exc:
+                raise CorruptSnapshot(f"{name}: missing") from exc
+
+        validate_files(manifest, read_small, stream)
 
     @staticmethod
     def _plan(manifest: Manifest, tree_json: bytes) -> ContentPlan | None:
@@ -462,7 +485,7 @@ class RemoteSnapshotStore:
                     except ObjectNotFound as exc:
                         raise CorruptSnapshot(f"step {step}: {name}: missing remotely") from exc
                 if sink is not None:
-                    check_digest(sink.hexdigest(), manifest.digest, f"step {step}: {name}")
+                    check_digest(sink.hexdigest(), arena_digest_expected(manifest), f"step {step}: {name}")
             writer.commit_manifest(manifest, raw=raw)
         except BaseException:
             writer.abort()

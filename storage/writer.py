@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import stat
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -30,6 +31,20 @@ PhaseHook = Callable[[str], None]
 """Called with a fault-injection phase name (``after_files``, ``before_rename``) during commit."""
 
 
+class _Adopted:
+    """A file another process wrote into the temporary directory (:meth:`SnapshotWriter.adopt`):
+    closing it only returns its reported entry; discarding it leaves it to the abort's rmtree."""
+
+    def __init__(self, entry: FileEntry) -> None:
+        self._entry = entry
+
+    def close(self) -> FileEntry:
+        return self._entry
+
+    def discard(self) -> None:
+        pass
+
+
 class SnapshotWriter:
     """Writes one snapshot into a temporary directory and commits it atomically.
 
@@ -46,7 +61,8 @@ class SnapshotWriter:
        bytes, not yet its directory entry. A write or fsync that fails aborts the whole writer
        at once (step 4: its space is freed) and raises :class:`DiskFull` or
        :class:`StorageError`. A crash leaves a temporary directory of whole and partial files,
-       never anything under a committed name.
+       never anything under a committed name. ``adopt(name, entry)`` lists a file another
+       process (a rank of a sharded snapshot) wrote into the temporary directory itself.
     3. ``commit(...)`` (the manifest is made here) or ``commit_manifest(manifest)`` (one made
        elsewhere, e.g. a download, first checked against every written file's size and checksum
        and against the set of names), exactly once:
@@ -87,7 +103,7 @@ class SnapshotWriter:
         self._settings = settings
         self._on_phase = on_phase
         self.tmp_path = os.path.join(root, layout.temp_dirname(step))
-        self._files: dict[str, HashingFile] = {}
+        self._files: dict[str, HashingFile | _Adopted] = {}
         self._done = False
         try:
             os.mkdir(self.tmp_path)
@@ -115,6 +131,31 @@ class SnapshotWriter:
         )
         self._files[name] = f
         return f
+
+    def adopt(self, name: str, entry: FileEntry) -> None:
+        """List file ``name``, written into :attr:`tmp_path` by another process, in the manifest.
+
+        For sharded snapshots: every rank writes its own shard file (hashed while written,
+        fsynced on close) into this directory and reports its size and sha256. The file must be
+        a regular file (not a link) of exactly ``entry.size`` bytes; its checksum is *trusted*
+        from the report rather than recomputed, since re-reading every rank's shards here would
+        serialise the whole snapshot through one process (validation recomputes it from the
+        committed files). Call before the commit; the commit fsyncs the directory entries.
+        """
+        if self._done:
+            raise StorageError("snapshot writer already committed or aborted")
+        if not layout.is_safe_filename(name):
+            raise ValueError(f"invalid snapshot file name {name!r}")
+        if name in self._files:
+            raise ValueError(f"snapshot file {name!r} written twice")
+        fpath = os.path.join(self.tmp_path, name)
+        try:
+            st = os.lstat(fpath)
+        except OSError as exc:
+            raise CorruptSnapshot(f"{name}: reported by its writer but not found ({exc.strerror})") from exc
+        if not stat.S_ISREG(st.st_mode) or st.st_size != entry.size:
+            raise CorruptSnapshot(f"{name}: size {st.st_size} != reported {entry.size} (or not a file)")
+        self._files[name] = _Adopted(entry)
 
     def write_bytes(self, name: str, data: bytes | bytearray | memoryview) -> FileEntry:
         with self.open(name) as f:

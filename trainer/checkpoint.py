@@ -44,6 +44,7 @@ from trainer.journal import Journal
 from trainer.provenance import Provenance
 from trainer.resume import ResumePolicy, Resumer
 from trainer.settings import STAGING_MODES, StagingMode, WorkerSettings
+from trainer.sharded import ShardedSnapshots, uses_dtensors
 from trainer.staging import DeferredStaging, deferrable_slots
 from trainer.state import TrainingState
 from trainer.writer import BackgroundWriter, Job
@@ -193,6 +194,11 @@ class Checkpointer:
                 checkpointer._drain_for_teardown()
 
         preemption.on_teardown(drain)
+        #: FSDP2 / DTensor models: sharded snapshots, every rank writing its own shards
+        #: (trainer.sharded), which then takes snapshot(), live_digest() and the resume.
+        self.sharding = ShardedSnapshots(self) if uses_dtensors(state.unwrapped_model) else None
+        if self.sharding is not None:
+            self.writes = True  # every rank's writer thread writes (and must be waited for)
 
     # -- resume ---------------------------------------------------------------------------
 
@@ -338,6 +344,8 @@ class Checkpointer:
 
     def snapshot(self) -> None:
         """Take a snapshot of the current step (collective: every rank must call it)."""
+        if self.sharding is not None:
+            return self.sharding.snapshot()
         step = self.state.step
         started = time.perf_counter()
         self._settle_staging()
@@ -418,6 +426,8 @@ class Checkpointer:
 
     def _reserve_arena(self) -> None:
         """Allocate the staging arena in the background before the first snapshot needs it."""
+        if self.sharding is not None:
+            return  # its buffers are sized by each rank's shards at the first snapshot
         encoded = codec.encode(self.state.snapshot_object([self.state.rank_state_dict()] * self.world_size))
         encoded.sources = []
         arena = self.arena
@@ -483,6 +493,8 @@ class Checkpointer:
 
         For correctness gates: compare it with the manifest digest of another run.
         """
+        if self.sharding is not None:
+            return self.sharding.live_digest()
         gathered = self._gather_rank_states()
         if gathered is None:
             return None

@@ -193,7 +193,11 @@ class Resumer:
         error: BaseException | None = None
         digest = ""
         try:
-            digest = self._load(step) if source is None else self._load_broadcast(step, source)
+            sharding = getattr(self.host, "sharding", None)  # FSDP2: trainer.sharded loads
+            if sharding is not None:
+                digest = sharding.load(self, step, source)
+            else:
+                digest = self._load(step) if source is None else self._load_broadcast(step, source)
         except Exception as exc:  # re-raised below after every rank learned the outcome
             error = exc
         self._agree(error, f"loading snapshot step {step}")
