@@ -23,6 +23,7 @@ LEGS: dict[str, str] = {
     "mirror": "bench.legs.mirror",
     "resume": "bench.legs.resume",
     "lost": "bench.legs.lost",
+    "fsdp": "bench.legs.fsdp",
 }
 
 
