@@ -133,6 +133,9 @@ REGISTRY: Final[tuple[Var, ...]] = (
        "Multi-node: multipart uploads older than this are aborted when a mirror starts."),
     _v("ORCH_RDZV_JOIN_TIMEOUT_S", "int", 600, "orchestrator",
        "Multi-node: how long an attempt waits in the rendezvous for the other nodes."),
+    _v("ORCH_RDZV_LAST_CALL_S", "int", 30, "orchestrator",
+       "--nodes MIN:MAX: once MIN nodes joined, how long the rendezvous still waits for more "
+       "(torchrun's c10d last_call_timeout)."),
     _v("ORCH_RDZV_CLOSED_RETRIES", "int", 10, "orchestrator",
        "Multi-node: relaunches after a closed rendezvous that spend no restart."),
     _v("ORCH_MIRROR_PREFLIGHT_ATTEMPTS", "int", 3, "orchestrator",

@@ -585,7 +585,9 @@ def build_torchrun_command(config: LaunchConfig, settings: Settings, rdzv_id: st
             "--rdzv-backend=c10d",
             f"--rdzv-endpoint={config.rdzv_endpoint}",
             f"--rdzv-id={rdzv_id}",
-            f"--rdzv-conf=join_timeout={settings.rdzv_join_timeout_s}",
+            f"--rdzv-conf=join_timeout={settings.rdzv_join_timeout_s}"
+            + ("" if config.nnodes == str(config.nodes)
+               else f",last_call_timeout={settings.rdzv_last_call_s}"),
             f"--node-rank={config.node_rank}",
         ]
     cmd += ["--max-restarts=0", f"--monitor-interval={settings.monitor_interval_s:g}"]

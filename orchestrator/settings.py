@@ -79,6 +79,9 @@ class Settings:
     #: Multi-node only: torchrun's c10d ``join_timeout``: how long an attempt waits for the
     #: other nodes (a replacement node being scheduled) before it fails.
     rdzv_join_timeout_s: int = setting("ORCH_RDZV_JOIN_TIMEOUT_S")
+    #: ``--nodes MIN:MAX`` only: c10d's ``last_call_timeout``, how long a rendezvous that has
+    #: MIN nodes still waits for the others before the group forms without them.
+    rdzv_last_call_s: int = setting("ORCH_RDZV_LAST_CALL_S")
     #: Multi-node only: consecutive relaunches after a closed rendezvous (another node's failed
     #: attempt still tearing down) that spend no restart; after that they count as failures.
     rdzv_closed_retries: int = setting("ORCH_RDZV_CLOSED_RETRIES")
@@ -133,6 +136,7 @@ class Settings:
             "state_mirror_interval_s",
             "mirror_stale_upload_age_s",
             "rdzv_join_timeout_s",
+            "rdzv_last_call_s",
             "notice_interval_s",
             "notice_timeout_s",
         ):

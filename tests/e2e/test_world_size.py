@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 from collections import Counter
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 import pytest
 
 from contract.polling import wait_until
+from orchestrator.launcher import find_processes, kill_and_wait
 from tests.e2e import harness
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
@@ -61,6 +63,13 @@ def _preempt(ckpt: Path, samples: Path, nproc: int, past: int) -> int:
     st = harness.status(ckpt)
     assert st["phase"] == "preempted", st
     return int(st["step"])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
 
 
 def _records(samples: Path, rank: int) -> list[dict[str, Any]]:
@@ -106,6 +115,11 @@ def test_ddp_two_one_two_ranks_sees_every_sample_once_per_epoch(tmp_path: Path) 
             per_step.setdefault(step, []).extend(rec["samples"])
             assert epochs.setdefault(step, rec["epoch"]) == rec["epoch"]
     assert sorted(per_step) == list(range(1, STEPS + 1))
+    _check_epochs(per_step, epochs)
+
+
+def _check_epochs(per_step: dict[int, list[int]], epochs: dict[int, int]) -> None:
+    """Each step trained on GLOBAL_BATCH distinct samples; each epoch on each sample once."""
     for step, batch in per_step.items():
         # The global batch is kept: each step trains on GLOBAL_BATCH distinct samples.
         assert len(batch) == GLOBAL_BATCH and len(set(batch)) == GLOBAL_BATCH, step
@@ -122,3 +136,86 @@ def test_ddp_two_one_two_ranks_sees_every_sample_once_per_epoch(tmp_path: Path) 
         )
     # The partial last epoch repeats nothing either.
     assert max(by_epoch[full].values()) == 1
+
+
+def test_elastic_nodes_range_continues_on_the_surviving_node(tmp_path: Path) -> None:
+    """``--nodes 1:2``: rank 0's node is lost for good (no mirror); the other node re-forms the
+    group alone (one rank), resumes its own copy of the newest snapshot (node copies) on the
+    smaller world size without any flag, and finishes; the data stays sample-exact."""
+    port = _free_port()
+    samples = tmp_path / "samples"
+    env = harness.base_env(ORCH_RDZV_JOIN_TIMEOUT_S="90", ORCH_RDZV_LAST_CALL_S="2")
+    procs: dict[int, subprocess.Popen[str]] = {}
+
+    def ckpt(node: int) -> Path:
+        return tmp_path / f"node-{node}"
+
+    def start(node: int) -> None:
+        args = [
+            *harness.ORCH, "launch", "--nodes", "1:2", "--nproc-per-node", "1",
+            "--node-rank", str(node), "--rdzv-endpoint", f"127.0.0.1:{port}", "--run-id", "el",
+            "--checkpoint-dir", str(ckpt(node)), "--checkpoint-every", "10",
+            "--max-restarts", "3", "--keep-local", "all",
+            harness.DIGITS, "--steps", str(STEPS), "--seed", "7",
+            "--global-batch-size", str(GLOBAL_BATCH), "--record-samples", str(samples),
+            "--eval-every", "30", "--step-delay", "0.05",
+        ]
+        log = (tmp_path / f"node-{node}.stderr").open("w")
+        procs[node] = subprocess.Popen(
+            args, env=env, cwd=harness.REPO, text=True, stdout=subprocess.DEVNULL, stderr=log,
+            start_new_session=True,
+        )
+
+    def logs() -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in tmp_path.glob("*.stderr"))
+
+    try:
+        start(0)
+        start(1)
+
+        def rank0_past(step: int) -> tuple[int] | None:
+            """(node of rank 0,) once rank 0 completed ``step`` (a tuple: node 0 is falsy)."""
+            for node in (0, 1):
+                p = harness.progress(ckpt(node), 0)
+                if p is not None and p["step"] >= step:
+                    return (node,)
+            return None
+
+        (victim,) = wait_until(lambda: rank0_past(25), timeout=240, what="rank 0 past step 25")
+        survivor = 1 - victim
+        os.killpg(procs[victim].pid, signal.SIGKILL)
+        procs[victim].wait(timeout=30)
+        kill_and_wait(find_processes({"ORCH_CHECKPOINT_DIR": str(ckpt(victim))}), 10)
+        assert procs[survivor].wait(timeout=300) == 0, logs()
+        st = harness.status(ckpt(survivor))
+        assert st["phase"] == "done" and st["step"] == STEPS, st
+        resumed = st["resumed_from_step"]
+        assert resumed is not None and resumed >= 20, st
+        final = [s for s in harness.snapshots(ckpt(survivor)) if s["step"] == STEPS]
+        assert final and final[0]["valid"]
+        manifest = json.loads(
+            (Path(final[0]["path"]) / "manifest.json").read_text()
+        )
+        assert manifest["world_size"] == 1
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
+        for node in (0, 1):
+            kill_and_wait(find_processes({"ORCH_CHECKPOINT_DIR": str(ckpt(node))}), 10)
+
+    # Up to the resume point both ranks' first records; after it only the survivor's, which
+    # is rank 0 of the 1-rank group (its last record of each replayed step counts).
+    per_step: dict[int, list[int]] = {}
+    epochs: dict[int, int] = {}
+    for rank in (0, 1):
+        for rec in _records(samples, rank):
+            step = rec["step"]
+            if step <= resumed:
+                per_step.setdefault(step, []).extend(rec["samples"])
+            elif rank == 0:
+                per_step[step] = list(rec["samples"])  # a later record replaces a lost one
+            epochs[step] = rec["epoch"]
+    assert sorted(per_step) == list(range(1, STEPS + 1))
+    _check_epochs(per_step, epochs)
