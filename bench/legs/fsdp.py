@@ -10,9 +10,11 @@ side by side in the same runs:
 1. **stall**: the training thread blocked by one snapshot (slowest rank), ours against
    ``dcp.async_save`` of the ``get_state_dict`` model + optimizer state (its stall counts the
    ``get_state_dict`` call a user makes at every save), interleaved, first save of each excluded;
+   beside them every rank copying its shards' bytes at once (the copy limit);
 2. **write**: bytes of the snapshot over the seconds from staged to committed with every rank
    writing, against ``dd oflag=direct conv=fdatasync`` run on every rank in parallel writing as
-   many bytes (the disk's limit for this pattern) and a synchronous ``dcp.save``;
+   many bytes (the disk's limit for this pattern) and a synchronous ``dcp.save``; beside them
+   every rank hashing its share with sha256 at once (what verified bytes cost the CPUs);
 3. **resume with resharding**: a 2-rank snapshot resumed on 1 rank (and on 2) by
    ``Checkpointer.resume()`` (``allow_world_size_change``) against ``dcp.load`` +
    ``set_state_dict`` of the DCP checkpoint of the same step onto the same model, page cache
@@ -105,7 +107,8 @@ def run(config: core.BenchConfig, size_bytes: int) -> core.LegResult:
     _gates(result, saved["gates"])
     s = saved["samples"]
     for key, unit in (("ours_stall_s", "s"), ("dcp_async_save_stall_s", "s"), ("ours_MBps", "MB/s"),
-                      ("dd_MBps", "MB/s"), ("dcp_save_MBps", "MB/s"), ("ours_writer_MBps", "MB/s")):
+                      ("dd_MBps", "MB/s"), ("dcp_save_MBps", "MB/s"), ("ours_writer_MBps", "MB/s"),
+                      ("copy_limit_s", "s"), ("sha256_MBps", "MB/s")):
         result.values[key] = _stat(s[key], unit)
 
     resumes: dict[int, dict[str, Any]] = {}
@@ -137,6 +140,8 @@ def run(config: core.BenchConfig, size_bytes: int) -> core.LegResult:
         dcp_checkpoint_bytes=saved["dcp_bytes"],
         resume_2rank_vs_dcp_load=round(core.ratio(v[f"ours_resume_{RANKS}rank_s"], v[f"dcp_load_{RANKS}rank_s"]), 3),
         write_vs_dcp_save=round(core.ratio(v["ours_MBps"], v["dcp_save_MBps"]), 3),
+        stall_vs_copy=round(core.ratio(v["ours_stall_s"], v["copy_limit_s"]), 3),
+        write_vs_sha256=round(core.ratio(v["ours_MBps"], v["sha256_MBps"]), 3),
         backend="nccl" if "CUDA_VISIBLE_DEVICES" not in env else "gloo",
     )
     result.notes.append(
@@ -145,7 +150,10 @@ def run(config: core.BenchConfig, size_bytes: int) -> core.LegResult:
         f"tool excluded, {2} training steps between a save and its wait; dcp.async_save on its own gloo "
         "group with a reused DefaultStager (pinned/async staging only on CUDA), its stall counts "
         "get_state_dict; write: ours from snapshot() returning to the manifest committed (rank 0), "
-        "ours_writer_MBps is rank 0's writer thread alone; dd bs=8M oflag=direct conv=fdatasync, one per "
+        "ours_writer_MBps is rank 0's writer thread alone; copy_limit_s: every rank copying its shards' "
+        "bytes at once (memcpy between touched buffers); sha256_MBps: every rank hashing its share of the "
+        "snapshot's bytes at once, one sha256 pass (ours hashes every byte twice when writing: the file "
+        "checksum and the sharding-independent block digest); dd bs=8M oflag=direct conv=fdatasync, one per "
         "rank in parallel, each writing the snapshot's bytes / ranks; resume: page cache of both "
         "checkpoints dropped (fadvise) before each load, ours verifies every checksum and the digest "
         "before applying, dcp.load verifies nothing")

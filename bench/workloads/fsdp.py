@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 import shutil
@@ -33,10 +34,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 
 import trainer
 from bench import core
@@ -123,6 +126,26 @@ def dir_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(root, f)) for root, _d, files in os.walk(path) for f in files)
 
 
+def local_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of this rank's shards of the model + optimizer state (what its snapshot copies)."""
+    total = 0
+    for t in core.iter_tensors(dcp_state(model, optimizer)):
+        local = t.to_local() if isinstance(t, DTensor) else t
+        total += local.numel() * local.element_size()
+    return total
+
+
+def copy_seconds(nbytes: int) -> float:
+    """One copy of ``nbytes`` between two touched host buffers (the stall's hardware limit)."""
+    return core.memcpy_seconds(nbytes, repeats=1).median
+
+
+def sha256_seconds(nbytes: int) -> float:
+    """One sha256 over ``nbytes`` (the hash every byte of a verified write or load needs)."""
+    buf = np.ones(nbytes, dtype=np.uint8)
+    return core.timed(lambda: hashlib.sha256(buf.data).digest())
+
+
 def dd(path: str, nbytes: int) -> float:
     """Seconds of ``dd if=/dev/zero bs=8M oflag=direct conv=fdatasync`` writing ``nbytes``."""
     count = max(1, -(-nbytes // DD_BLOCK))
@@ -203,7 +226,7 @@ def run_save(args: argparse.Namespace, world: World) -> dict[str, Any]:
     out: dict[str, Any] = {"state_bytes": nbytes, "world_size": world.size, "gates": []}
     samples: dict[str, list[float]] = {k: [] for k in (
         "ours_stall_s", "dcp_async_save_stall_s", "ours_MBps", "ours_writer_MBps", "dd_MBps",
-        "dcp_save_MBps")}
+        "dcp_save_MBps", "copy_limit_s", "sha256_MBps")}
     snapshot_bytes: list[int] = []
 
     def gate(what: str, expected: str | None, actual: str | None) -> None:
@@ -242,6 +265,10 @@ def run_save(args: argparse.Namespace, world: World) -> dict[str, Any]:
             samples["dcp_async_save_stall_s"].append(stall)
         dcp.delete(saved)
 
+    mine = local_bytes(model, optimizer)
+    for _ in range(args.repeats):  # every rank copying its shards at once
+        samples["copy_limit_s"].append(world.timed(functools.partial(copy_seconds, mine)))
+
     # 1. Stall, interleaved (order reversed every round); round 0 is a warm-up for both.
     for i in range(args.repeats + 1):
         for fn in (ours_stall, dcp_stall) if i % 2 == 0 else (dcp_stall, ours_stall):
@@ -270,6 +297,7 @@ def run_save(args: argparse.Namespace, world: World) -> dict[str, Any]:
         dd_s = world.timed(functools.partial(dd, os.path.join(dd_dir, f"rank-{world.rank}.bin"), per_rank))
         dd_bytes = world.size * max(1, -(-per_rank // DD_BLOCK)) * DD_BLOCK
         dcp_s = world.timed(functools.partial(dcp.save, model, optimizer, saved))
+        hash_s = world.timed(functools.partial(sha256_seconds, per_rank))
         dcp_total = dir_bytes(dcp.path(saved)) if world.rank == 0 else 0
         dcp.delete(saved)
         if i == 0:
@@ -280,6 +308,7 @@ def run_save(args: argparse.Namespace, world: World) -> dict[str, Any]:
             samples["ours_writer_MBps"].append(total / core.MB / writer_s if writer_s else 0.0)
             samples["dd_MBps"].append(dd_bytes / core.MB / dd_s)
             samples["dcp_save_MBps"].append(dcp_total / core.MB / dcp_s)
+            samples["sha256_MBps"].append(world.size * per_rank / core.MB / hash_s)
 
     # 3. One snapshot of each tool at the same step, kept for the resume runs.
     train()

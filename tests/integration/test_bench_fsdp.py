@@ -34,7 +34,8 @@ def test_fsdp_leg_runs_and_gates(tmp_path: Path) -> None:
     assert leg["leg"] == "fsdp" and leg["size"] == "2M"
     assert leg["size_bytes"] > 0
     for name in ("ours_stall_s", "dcp_async_save_stall_s", "ours_MBps", "dd_MBps", "dcp_save_MBps",
-                 "ours_resume_1rank_s", "dcp_load_1rank_s", "ours_resume_2rank_s", "dcp_load_2rank_s"):
+                 "ours_resume_1rank_s", "dcp_load_1rank_s", "ours_resume_2rank_s", "dcp_load_2rank_s",
+                 "copy_limit_s", "sha256_MBps"):
         value = leg["values"][name]
         assert value["n"] == 1 and value["median"] > 0, (name, value)
     targets = {t["name"]: t for t in leg["targets"]}
