@@ -159,6 +159,9 @@ class Checkpointer:
         #: checkpoint dir is not shared with a lower-ranked writer. Settled at the first
         #: snapshot (a collective; see :meth:`_settle_writers`).
         self.writes = self.rank == 0
+        #: Whether this rank's own commit puts a complete snapshot on its node's disk (rank 0,
+        #: a node copy's writer); a shard writer (FSDP) writes but rank 0 commits.
+        self.commits = self.rank == 0
         self._writers: tuple[int, ...] | None = None
         self.last_snapshot_step: int | None = None
         self.resumed_from: int | None = None
@@ -461,7 +464,7 @@ class Checkpointer:
         multinode = settings.local_world_size < self.world_size
         if not (is_initialized() and multinode and settings.node_copies):
             self._writers = (0,)
-            self.writes = self.rank == 0
+            self.writes = self.commits = self.rank == 0
             return self._writers
         probes = os.path.join(self.paths.run_dir, "copy-probes")
         mine = os.path.join(probes, f"{settings.launch_token or 'probe'}-{self.rank}")
@@ -483,7 +486,7 @@ class Checkpointer:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(mine)
         self._writers = tuple(r for r, writes in enumerate(decisions) if writes)
-        self.writes = self.rank in self._writers
+        self.writes = self.commits = self.rank in self._writers
         if self.rank == 0:
             log.info("snapshot.node_copies", writers=list(self._writers))
         return self._writers

@@ -127,8 +127,10 @@ class StopHost(Protocol):
     paths: RunPaths
     rank: int
     world_size: int
-    #: Whether this rank writes snapshots (global rank 0; a node copy's local rank 0).
+    #: Whether this rank writes snapshots (global rank 0; a node copy's local rank 0; every
+    #: rank of a sharded snapshot) and whether its commit completes one on this node.
     writes: bool
+    commits: bool
     writer: BackgroundWriter
     last_snapshot_step: int | None
     last_digest: str | None
@@ -191,9 +193,9 @@ def stop(host: StopHost, step: int, *, heartbeat: Callable[[], None]) -> NoRetur
     if host.last_snapshot_step != step:
         host.snapshot()
     settings = host.settings
-    writes = host.writes
-    if writes:
-        host.writer.wait()  # this node's copy is committed (or its error re-raised)
+    if host.writes:
+        host.writer.wait()  # this rank's part is written (a committer's copy is committed)
+    if host.commits:
         ack = PreemptAck(step=step, attempt=settings.attempt, time=time.time(),
                          digest=host.last_digest, snapshot_rank=host.rank)
         write_document(host.paths.preempt_ack, ack, durable=True)
@@ -201,7 +203,7 @@ def stop(host: StopHost, step: int, *, heartbeat: Callable[[], None]) -> NoRetur
     # exit.
     if is_initialized() and host.world_size > 1:
         dist.barrier()
-        if not writes and settings.local_rank == 0:
+        if not host.commits and settings.local_rank == 0:
             # Every node's supervisor waits for an ack in its own checkpoint dir; this node
             # holds no copy (--no-node-copies): the snapshot is on rank 0's node and its mirror.
             ack = PreemptAck(
