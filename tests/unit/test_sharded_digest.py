@@ -4,6 +4,7 @@ torch-free validation rejects a missing, truncated or altered shard file (storag
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -50,7 +51,7 @@ def test_chunk_contributions_reassemble_to_the_whole_tensor_digest(block: int) -
         for parts in (1, 2, 3, 5):
             bounds = _split_points(total, parts, rng)
             digests = []
-            for lo, hi in zip(bounds, bounds[1:], strict=False):
+            for lo, hi in itertools.pairwise(bounds):
                 h = ChunkHasher(lo, hi - lo, total, block=block)
                 pos = lo
                 while pos < hi:  # fed in random pieces
@@ -128,7 +129,7 @@ def _write_sharded(store: LocalSnapshotStore, step: int, obj: dict[str, Any], sp
         row = len(full) // rows if rows else 0
         bounds = _split_points(rows, splits, rng)
         chunks = []
-        for r, (lo, hi) in enumerate(zip(bounds, bounds[1:], strict=False)):
+        for r, (lo, hi) in enumerate(itertools.pairwise(bounds)):
             if hi == lo:
                 continue
             image = images[r]
@@ -240,12 +241,14 @@ def test_validation_rejects_a_bit_flip(tmp_path: Any) -> None:
 def test_validation_recomputes_the_digest_not_only_checksums(tmp_path: Any) -> None:
     """A shard altered together with its manifest checksum passes the checksums, not the digest."""
     store, path = _shard(tmp_path)
-    data = bytearray(open(path, "rb").read())
+    with open(path, "rb") as f:
+        data = bytearray(f.read())
     data[len(data) // 2] ^= 0x01
     with open(path, "wb") as f:
         f.write(data)
     manifest_path = os.path.join(store.path(4), "manifest.json")
-    doc = json.loads(open(manifest_path, "rb").read())
+    with open(manifest_path, "rb") as f:
+        doc = json.loads(f.read())
     doc["files"][os.path.basename(path)]["checksum"] = hashlib.sha256(data).hexdigest()
     with open(manifest_path, "w") as f:
         json.dump(doc, f)
@@ -265,4 +268,4 @@ def test_validation_imports_no_torch() -> None:
 def test_numpy_free_of_alignment_assumptions() -> None:
     # hash_whole over a numpy view equals over bytes (memoryview casts of other formats).
     a = np.arange(1000, dtype=np.float32)
-    assert hash_whole(memoryview(a).cast("B")) == hash_whole(a.tobytes())
+    assert hash_whole(a.data.cast("B")) == hash_whole(a.tobytes())
