@@ -65,6 +65,8 @@ class SnapshotInfo:
             "path": self.path,
             "epoch": self.manifest.epoch if self.manifest else None,
             "run_id": self.manifest.run_id if self.manifest else None,
+            # Which world size wrote it: a resume on another one needs --allow-world-size-change.
+            "world_size": self.manifest.world_size if self.manifest else None,
             "metrics": dict(self.manifest.metadata.get("metrics") or {}) if self.manifest else {},
         }
 
