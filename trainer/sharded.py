@@ -31,6 +31,7 @@ import hashlib
 import math
 import os
 import time
+from concurrent import futures
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -56,6 +57,7 @@ from torch.distributed.checkpoint.storage import StorageReader
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.futures import Future
 
+from contract.threads import run_in_thread
 from storage.content import check_digest, content_plan
 from storage.errors import CorruptSnapshot
 from storage.hashfile import HashingFile
@@ -441,23 +443,16 @@ class ShardedSnapshots:
                 raise SnapshotError(f"rank 0 could not start snapshot {step}: {head[0][1]}")
             name = shard_file_name(rank)
             entry: FileEntry | None = None
-            if enc.chunks:
-                view = buf.numpy().data
-                if rank == 0 and writer is not None:
-                    with writer.open(name, direct=True) as f:
-                        f.write(view)
-                    entry = f.close()
-                else:
-                    hf = HashingFile(os.path.join(head[0][1], name), self._chunk_bytes, direct=True)
-                    try:
-                        hf.write(view)
-                    except BaseException:
-                        hf.discard()
-                        raise
-                    entry = hf.close()
+            # The digest contributions are hashed beside the file write and its checksum
+            # (hashlib and os.write release the GIL).
+            digester = run_in_thread(lambda: _chunk_digests(buf, enc.chunks), name="trainer-shard-digest")
+            try:
+                entry = self._write_file(writer, head[0][1], name, buf) if enc.chunks else None
+            finally:
+                futures.wait([digester])  # it reads the staging buffer: never leave under it
             report = ("ok", name if entry else None, entry, [
                 (c.key, c.chunk(name), d.to_wire()) for c, (_k, d) in
-                zip(enc.chunks, _chunk_digests(buf, enc.chunks), strict=True)
+                zip(enc.chunks, digester.result(), strict=True)
             ], [(c.key, c.dtype, c.shape) for c in enc.chunks])
         except BaseException as exc:
             if error is None:
@@ -504,6 +499,22 @@ class ShardedSnapshots:
             log.warning("snapshot.sharded_failed_on_rank0", step=step, error=outcome[0][1])
         if rank == 0:
             ckpt.faults.point("after_commit", step)
+
+    def _write_file(self, writer: Any, tmp_path: str, name: str, buf: torch.Tensor) -> FileEntry:
+        """Write this rank's staged shard file; rank 0 through its writer, others beside it."""
+        view = buf.numpy().data
+        if writer is not None:
+            with writer.open(name, direct=True) as f:
+                f.write(view)
+            entry: FileEntry = f.close()
+            return entry
+        hf = HashingFile(os.path.join(tmp_path, name), self._chunk_bytes, direct=True)
+        try:
+            hf.write(view)
+        except BaseException:
+            hf.discard()
+            raise
+        return hf.close()
 
     def _commit(
         self,
