@@ -350,10 +350,14 @@ def run_resume(args: argparse.Namespace, world: World) -> dict[str, Any]:
     gates: list[dict[str, Any]] = []
     resumed: list[int] = []
 
+    errors: list[str] = []
+
     def ours_load() -> None:
         ckpt = checkpointer(state, saved["ours_dir"], args.size, world_size_change=True)
         try:
             resumed.append(ckpt.resume())
+        except Exception as exc:  # reported as "ours unavailable", never as a time
+            errors.append(f"{type(exc).__name__}: {exc}")
         finally:
             ckpt.close()
 
@@ -379,7 +383,8 @@ def run_resume(args: argparse.Namespace, world: World) -> dict[str, Any]:
                               "actual": full_digest(model, optimizer, world.rank)})
             else:
                 full_digest(model, optimizer, world.rank)  # collective
-    return {"world_size": world.size, "samples": samples, "gates": gates, "resumed_from": resumed}
+    return {"world_size": world.size, "samples": samples, "gates": gates, "resumed_from": resumed,
+            "ours_errors": errors}
 
 
 def main(argv: list[str] | None = None) -> None:
