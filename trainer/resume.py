@@ -31,6 +31,7 @@ from contract.documents import SpareGate, read_document
 from storage import LocalSnapshotStore, Manifest
 from storage.content import content_plan
 from storage.errors import CorruptSnapshot
+from storage.sharded import is_sharded
 from trainer import codec, preemption
 from trainer.codec import TENSORS_FILE, TREE_FILE
 from trainer.distributed import is_initialized
@@ -309,6 +310,10 @@ class Resumer:
         manifest = store.read_manifest(step)
         # Checked before reading gigabytes of tensors.
         self._check_manifest(step, manifest)
+        if is_sharded(manifest):  # its digest is not the codec's: never call it corrupt here
+            from trainer.errors import StateMismatch
+
+            raise StateMismatch(f"step {step} is a sharded (FSDP2) snapshot; this model has no DTensors")
         tree_bytes = store.open_verified(step, TREE_FILE, manifest)
         entry = manifest.files.get(TENSORS_FILE)
         if entry is None:
