@@ -12,7 +12,9 @@ golden digests too.
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import socket
 import subprocess
 from pathlib import Path
@@ -20,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from contract.polling import wait_until
 from orchestrator.launcher import find_processes, kill_and_wait
 from tests.e2e import harness
 
@@ -31,11 +34,16 @@ SCRIPT = (LM, "--fsdp", "--size", "tiny", "--steps", str(STEPS), "--warmup", "4"
           "--batch-size", "4", "--log-every", "5")
 
 
+def _args(ckpt: Path, *extra: str) -> list[str]:
+    return [*harness.ORCH, "launch", "--nproc-per-node", "2", "--checkpoint-dir", str(ckpt),
+            "--checkpoint-every", str(EVERY), "--max-restarts", "3", "--keep-local", "all",
+            *SCRIPT, *extra]
+
+
 def _launch(ckpt: Path, *, faults: str | None = None, timeout: float = 200) -> harness.Result:
-    args = [*harness.ORCH, "launch", "--nproc-per-node", "2", "--checkpoint-dir", str(ckpt),
-            "--checkpoint-every", str(EVERY), "--max-restarts", "3", "--keep-local", "all", *SCRIPT]
     env = harness.base_env(**({"ORCH_FAULTS": faults} if faults else {}))
-    p = subprocess.run(args, env=env, cwd=harness.REPO, capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run(_args(ckpt), env=env, cwd=harness.REPO, capture_output=True, text=True,
+                       timeout=timeout)
     return harness.Result(p.returncode, p.stdout, p.stderr, ckpt)
 
 
@@ -63,6 +71,29 @@ def test_killed_rank_resumes_bit_identical(
     status = result.status()
     assert status["restarts"] >= 1
     assert status["resumed_from_step"] == resumed_from
+
+
+def test_sigterm_takes_a_sharded_emergency_snapshot_and_resumes(golden: Any, tmp_path: Path) -> None:
+    _ckpt, digests = golden
+    ckpt = tmp_path / "ck"
+    proc = subprocess.Popen(
+        _args(ckpt, "--step-delay", "0.1"), env=harness.base_env(), cwd=harness.REPO, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+    )
+    try:
+        wait_until(lambda: (p := harness.progress(ckpt, 0)) and p["step"] >= 7 and p,
+                   timeout=180, what="rank 0 to pass step 7")
+        os.kill(proc.pid, signal.SIGTERM)
+        _out, err = proc.communicate(timeout=120)
+    finally:
+        harness.kill_group(proc)
+    assert proc.returncode == 75, err[-4000:]
+    last = max(int(b["step"]) for b in (harness.progress(ckpt, r) for r in (0, 1)) if b is not None)
+    snaps = harness.digests(harness.snapshots(ckpt))
+    assert max(snaps) == last  # zero completed steps lost
+    again = _launch(ckpt)
+    harness.assert_matches_golden(again, digests, off_schedule=(last,))
+    assert again.status()["resumed_from_step"] == last
 
 
 def _free_port() -> int:
