@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument(
         "--node-copies", action=argparse.BooleanOptionalAction, default=None, help="DDP on "
         "several nodes: every node writes its own copy of each snapshot to its disk, so losing "
-        "the node of rank 0 loses no snapshot (default); --no-node-copies: rank 0's node only"
+        "the node of rank 0 loses no snapshot (default: on); --no-node-copies: rank 0's node only"
     )
     launch.add_argument(
         "--warm-spare", action="store_true", default=None, help="single node: keep a second "

@@ -268,6 +268,11 @@ def test_rank0_node_lost_without_mirror_resumes_from_the_other_nodes_copy(
     assert {20, 40} <= set(copies), sorted(copies)
     for step, digest in copies.items():
         assert originals.get(step, digest) == digest == golden[step], step
+    # Byte-identical copies (same files, sizes and checksums): either node's upload of a step
+    # is the other's, so two mirrors never disagree about a step's objects.
+    name = "snapshots/step-000000000020/manifest.json"
+    files = [json.loads((cluster.ckpt(n) / name).read_text())["files"] for n in (0, 1)]
+    assert files[0] == files[1]
     _replace_node_and_finish(cluster, victim, golden)
     fresh = harness.status(cluster.ckpt(victim))
     assert fresh["phase"] == "done" and fresh["resumed_from_step"] is not None
