@@ -632,10 +632,49 @@ class ShardedSnapshots:
         """Restore the sharded snapshot ``step`` (collective); return its manifest digest.
 
         ``source`` None: every rank reads the files it needs from its node's disk; else rank
-        ``source`` reads every file and broadcasts it, and each rank checks the checksums.
+        ``source`` reads every file and broadcasts it, and each rank checks the checksums. Every
+        file a rank needs is read and verified *before* the DCP load, and all ranks agree on the
+        outcome first (resumer._agree), so a damaged file is a ``CorruptSnapshot`` on the rank
+        that found it (``PeerFailure`` elsewhere), which the supervisor answers with a fallback,
+        never an error wrapped by DCP nor a rank left alone in a collective.
         """
         ckpt = self.ckpt
         started = time.perf_counter()
+        error: Exception | None = None
+        prepared: _Prepared | None = None
+        try:
+            prepared = self._prepare(resumer, step, source)
+        except Exception as exc:  # every rank learns it before the DCP load's collectives
+            error = exc
+        resumer._agree(error, f"reading sharded snapshot step {step}")
+        if prepared is None:
+            raise SnapshotError(f"step {step}: nothing prepared")  # unreachable: _agree raised
+        manifest, files, tree, obj, live, scratch, index, arena_np = prepared
+        from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
+
+        reader = ShardReader(index, files)
+        dcp_load(scratch, storage_reader=reader, no_dist=not (is_initialized() and ckpt.world_size > 1))
+        # The digest of what was loaded, over every rank's scratch shards, before applying.
+        loaded = _swap_sources(live, scratch)
+        verdict: list[Any] = [None]
+        try:
+            digest = self._collective_digest(loaded, tree["root"], memoryview(arena_np.data))
+            verdict[0] = ("ok", digest)
+        except Exception as exc:  # rank 0's assembly (a missing chunk): every rank must hear it
+            verdict[0] = ("error", f"{type(exc).__name__}: {exc}")
+        if is_initialized() and ckpt.world_size > 1:
+            dist.broadcast_object_list(verdict, src=0)
+        if verdict[0][0] != "ok":
+            raise CorruptSnapshot(f"step {step}: digest of the loaded state: {verdict[0][1]}")
+        check_digest(str(verdict[0][1]), manifest.digest, f"step {step}: loaded sharded state")
+        self._apply(step, manifest, obj, scratch)
+        log.info("resume.sharded_loaded", step=step, files_read=sorted(files.read),
+                 seconds=round(time.perf_counter() - started, 4), saved_world_size=manifest.world_size)
+        return manifest.digest
+
+    def _prepare(self, resumer: Resumer, step: int, source: int | None) -> _Prepared:
+        """Manifest, tree, index and every file this rank will read, verified; the targets."""
+        ckpt = self.ckpt
         files: _Files
         if source is None:
             manifest = ckpt.store.read_manifest(step)
@@ -686,21 +725,13 @@ class ShardedSnapshots:
                     f"{target.dtype}{list(target.shape)}"
                 )
             scratch[key] = torch.empty_like(target.detach())
-        from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
-
-        reader = ShardReader(index, files)
-        dcp_load(scratch, storage_reader=reader, no_dist=not (is_initialized() and ckpt.world_size > 1))
-        # The digest of what was loaded, over every rank's scratch shards, before applying.
-        loaded = _swap_sources(live, scratch)
-        digest = self._collective_digest(loaded, tree["root"], memoryview(arena_np.data))
-        agreed: list[Any] = [digest]
-        if is_initialized() and ckpt.world_size > 1:
-            dist.broadcast_object_list(agreed, src=0)
-        check_digest(str(agreed[0]), manifest.digest, f"step {step}: loaded sharded state")
-        self._apply(step, manifest, obj, scratch)
-        log.info("resume.sharded_loaded", step=step, files_read=sorted(files.read),
-                 seconds=round(time.perf_counter() - started, 4), saved_world_size=manifest.world_size)
-        return manifest.digest
+            # Read (and sha256-verify) now every file holding rows this rank will load.
+            lo, hi = _rows_needed(target)
+            for chunk in entry.chunks:
+                rows = (chunk.offsets[0], chunk.offsets[0] + chunk.sizes[0]) if entry.shape else (0, 1)
+                if chunk.nbytes and rows[0] < hi and lo < rows[1]:
+                    files.get(chunk.file)
+        return manifest, files, tree, obj, live, scratch, index, arena_np
 
     def _apply(self, step: int, manifest: Manifest, obj: dict[str, Any], scratch: dict[str, torch.Tensor]) -> None:
         ckpt = self.ckpt
@@ -757,6 +788,23 @@ def _swap_sources(live: _Encoded, scratch: dict[str, torch.Tensor]) -> _Encoded:
             local = local.narrow(0, 0, c.sizes[0])
         chunks.append(_LocalChunk(**{**c.__dict__, "source": local}))
     return _Encoded(encoded=live.encoded, chunks=chunks, file_nbytes=live.file_nbytes, tensors=live.tensors)
+
+
+_Prepared = tuple[Manifest, "_Files", dict[str, Any], dict[str, Any], _Encoded, dict[str, torch.Tensor],
+                  dict[str, IndexEntry], np.ndarray]
+
+
+def _rows_needed(t: torch.Tensor) -> tuple[int, int]:
+    """The rows ``[lo, hi)`` of the full tensor a load target on this rank receives."""
+    shape = tuple(t.shape)
+    if not shape:
+        return 0, 1
+    if isinstance(t, DTensor) and isinstance(t.placements[0], Shard):
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        local_shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+        return int(offset[0]), int(offset[0]) + int(local_shape[0])
+    return 0, shape[0]
 
 
 class _Placeholder:
@@ -866,6 +914,7 @@ def _broadcast_files(ckpt: Checkpointer, step: int, source: int) -> tuple[Manife
         raise SnapshotError(f"rank {source} failed reading step {step}: {header[0][1]}")
     manifest = Manifest.from_json(header[0][1])
     received: dict[str, memoryview] = {}
+    damaged: list[str] = []
     for name in sorted(manifest.files):
         entry = manifest.files[name]
         buf = np.empty(entry.size, dtype=np.uint8)
@@ -873,9 +922,13 @@ def _broadcast_files(ckpt: Checkpointer, step: int, source: int) -> tuple[Manife
             buf[:] = np.frombuffer(local[name], dtype=np.uint8)
         if entry.size:
             _broadcast_bytes(buf, source)
+        # Checked after every broadcast of the loop: a receiver that stopped early would leave
+        # the source alone in the next one.
         if ckpt.rank != source and hashlib.sha256(buf.data).hexdigest() != entry.checksum:
-            raise CorruptSnapshot(f"step {step}: {name}: checksum mismatch after the broadcast")
+            damaged.append(name)
         received[name] = memoryview(buf.data)
+    if damaged:
+        raise CorruptSnapshot(f"step {step}: checksum mismatch after the broadcast: {damaged}")
     return manifest, _MemoryFiles(received)
 
 

@@ -116,3 +116,25 @@ def test_a_damaged_shard_falls_back_to_the_previous_snapshot(
     assert resumed["resumed_from"] == 8
     assert resumed["resume_digest"] == digests[8]
     assert resumed["final_digest"] == digests[12]
+
+
+def test_damage_found_while_loading_is_corrupt_snapshot(golden: Any, tmp_path: Path) -> None:
+    """The supervisor named the step (a relaunch checks sizes only): the rank that reads the
+    damaged shard fails with CorruptSnapshot before anything is applied, its peer with
+    PeerFailure, none hangs in the DCP load (the supervisor then falls back)."""
+    ckpt, _report, _digests = golden
+    copy = _copy_without(ckpt, tmp_path / "ck")
+    shard = copy / "snapshots" / "step-000000000012" / shard_file_name(1)
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    p = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         JOB, "--steps", str(STEPS), "--every", str(EVERY)],
+        env=harness.base_env(ORCH_CHECKPOINT_DIR=str(copy), ORCH_RESUME_STEP="12"),
+        cwd=harness.REPO, capture_output=True, text=True, timeout=180,
+    )
+    assert p.returncode != 0
+    errors = [json.loads(f.read_text()) for f in (copy / "run" / "errors").rglob("rank-*.json")]
+    kinds = {e["type"] for e in errors}
+    assert kinds <= {"CorruptSnapshot", "PeerFailure"} and "CorruptSnapshot" in kinds, errors
