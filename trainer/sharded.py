@@ -391,7 +391,7 @@ class ShardedSnapshots:
         arena: torch.Tensor | None = None
         if ckpt.rank == 0:
             arena = ckpt.arena.stage(enc.encoded)
-        enc.encoded.sources = []
+        enc.encoded.sources, enc.tensors = [], []  # the writer needs only the staged bytes
         stall = time.perf_counter() - started
         ckpt.last_stall_s = stall
         log.info("snapshot.sharded_staged", step=step, stall_s=round(stall, 6),
