@@ -21,7 +21,6 @@ import argparse
 import contextlib
 import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -289,15 +288,6 @@ def main(argv: list[str] | None = None) -> None:
     ckpt.finish()
     log.info("train.done", steps=args.steps, seconds=round(time.perf_counter() - started, 3),
              digest=ckpt.last_digest)
-    if args.fsdp:
-        # Everything is committed. Interpreter finalisation after FSDP2 on gloo aborts about one
-        # exit in five here ("terminate called without an active exception", SIGABRT; a bare
-        # fully_shard script too), which would turn a finished run into a failed attempt.
-        ckpt.close()
-        trainer.distributed.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
 
 
 if __name__ == "__main__":

@@ -202,6 +202,7 @@ class Checkpointer:
         self.sharding = ShardedSnapshots(self) if uses_dtensors(state.unwrapped_model) else None
         if self.sharding is not None:
             self.writes = True  # every rank's writer thread writes (and must be waited for)
+            self.exporter.collective = True  # exports gather the full weights
 
     # -- resume ---------------------------------------------------------------------------
 
@@ -575,8 +576,10 @@ class Checkpointer:
             self.snapshot()
         if self.writes:
             self.writer.wait()
-            if self.rank == 0:
-                self.exporter.export_last(step, self._last_metrics, self.last_digest)
+        if self.rank == 0 or self.exporter.collective:
+            # Sharded: every rank takes part in gathering the full weights; rank 0 writes.
+            self.exporter.export_last(step, self._last_metrics, self.last_digest)
+        if self.writes:
             self.writer.close()
         if is_initialized() and self.world_size > 1:
             dist.barrier()

@@ -23,6 +23,7 @@ from typing import Any, Literal
 import numpy as np
 import structlog
 import torch
+from torch.distributed.tensor import DTensor
 
 from contract.atomic import atomic_write_json, fsync_dir
 from trainer.errors import UsageError
@@ -131,6 +132,9 @@ class Exporter:
         self.rank = rank
         self._buffers: dict[str, torch.Tensor] | None = None
         self._job: Job | None = None
+        #: Sharded (FSDP2) weights: exporting gathers every DTensor to its full tensor, a
+        #: collective, so every rank takes part and rank 0 writes (set by the Checkpointer).
+        self.collective = False
 
     def track(self, step: int, metrics: Mapping[str, Any], recorded: Mapping[str, Any]) -> None:
         """Update the best value from ``metrics``; on rank 0 export the weights if it improved.
@@ -148,16 +152,17 @@ class Exporter:
             return
         self.state.best_metric = value
         log.info("best.improved", step=step, metric=policy.metric, value=value)
-        if self.rank == 0:
+        if self.rank == 0 or self.collective:
             self._export_best(policy, step, value, dict(recorded))
 
     def _weights(self, policy: BestPolicy) -> tuple[str, dict[str, torch.Tensor]]:
+        """The exported weights (full tensors; on every rank a collective when sharded)."""
         ema = self.state.ema
         if policy.source == "ema" and ema is not None:
             inner = getattr(ema, "module", None)
             sd = inner.state_dict() if isinstance(inner, torch.nn.Module) else ema.state_dict()
-            return "ema", {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
-        return "model", dict(self.state.unwrapped_model.state_dict())
+            return "ema", _full(sd)
+        return "model", _full(self.state.unwrapped_model.state_dict())
 
     def _export_best(self, policy: BestPolicy, step: int, value: float, metrics: dict[str, Any]) -> None:
         if self._job is not None:
@@ -165,6 +170,8 @@ class Exporter:
             self._job.wait()
             self.writer.raise_if_failed()
         source, weights = self._weights(policy)
+        if self.rank != 0:
+            return  # a sharded model's other ranks took part in the gather only
         buffers = self._buffers
         if buffers is None or buffers.keys() != weights.keys() or any(
             buffers[k].shape != v.shape or buffers[k].dtype != v.dtype for k, v in weights.items()
@@ -192,11 +199,15 @@ class Exporter:
         self._job = self.writer.submit(job, label=f"best@{step}")
 
     def export_last(self, step: int, metrics: Mapping[str, Any], digest: str | None) -> str:
-        """Write ``exports/last.pt`` from the live model (rank 0, after the final snapshot)."""
-        weights = {
-            k: v.detach().to("cpu", copy=True)
-            for k, v in self.state.unwrapped_model.state_dict().items()
-        }
+        """Write ``exports/last.pt`` from the live model (rank 0, after the final snapshot).
+
+        Sharded: every rank calls it (the full tensors are gathered); only rank 0 writes, the
+        others return ``""``.
+        """
+        full = _full(self.state.unwrapped_model.state_dict())
+        if self.rank != 0:
+            return ""
+        weights = {k: v.detach().to("cpu", copy=True) for k, v in full.items()}
         path = write_weights_export(
             self.directory,
             "last",
@@ -205,3 +216,18 @@ class Exporter:
         )
         log.info("export.last_written", step=step, path=path)
         return path
+
+
+def _full(state_dict: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The tensors of ``state_dict`` with every DTensor gathered to its full tensor.
+
+    ``full_tensor()`` is a collective: under FSDP2 every rank walks the same (ordered) dict.
+    Exports hold the weights as the model computes with them, whatever the sharding.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if isinstance(value, DTensor):
+            value = value.full_tensor()
+        if isinstance(value, torch.Tensor):
+            out[key] = value
+    return out

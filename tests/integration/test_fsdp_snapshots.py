@@ -138,3 +138,23 @@ def test_damage_found_while_loading_is_corrupt_snapshot(golden: Any, tmp_path: P
     errors = [json.loads(f.read_text()) for f in (copy / "run" / "errors").rglob("rank-*.json")]
     kinds = {e["type"] for e in errors}
     assert kinds <= {"CorruptSnapshot", "PeerFailure"} and "CorruptSnapshot" in kinds, errors
+
+
+def test_the_weights_export_holds_the_full_tensors(golden: Any, tmp_path: Path) -> None:
+    """exports/last.pt of a sharded run holds every weight whole (gathered), as the model
+    computes with it, not rank 0's shard; the same weights on 1 rank give the same file."""
+    import torch
+
+    ckpt, _report, _digests = golden
+    weights = torch.load(ckpt / "exports" / "last.pt", weights_only=True)
+    shapes = {k: tuple(v.shape) for k, v in weights.items()}
+    assert shapes == {"0.weight": (37, 13), "0.bias": (37,), "2.weight": (5, 37), "2.bias": (5,)}
+    # Resumed at the final step on one rank (nothing left to train), finish() exports again,
+    # from a 1-rank mesh where every tensor is local and whole: the same weights.
+    one = shutil.copytree(ckpt, tmp_path / "one")
+    (one / "exports" / "last.pt").unlink()
+    run_job(one, 1, ORCH_ALLOW_WORLD_SIZE_CHANGE="1")
+    again = torch.load(one / "exports" / "last.pt", weights_only=True)
+    assert again.keys() == weights.keys()
+    for key, value in weights.items():
+        assert torch.equal(again[key], value), key

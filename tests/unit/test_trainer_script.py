@@ -126,3 +126,46 @@ def test_torchrun_runs_a_module_level_script_on_every_rank(tmp_path: Path) -> No
     outs = [json.loads((tmp_path / f"out-{r}.json").read_text()) for r in range(2)]
     assert [o["rank"] for o in outs] == ["0", "1"]
     assert all(o["argv"] == [str(script), "ok"] and o["name"] == "__main__" for o in outs)
+
+
+GROUP_SCRIPT = textwrap.dedent("""
+    import atexit
+    import os
+    import socket
+
+    import torch.distributed as dist
+
+    import trainer
+
+    out = os.environ["OUT_DIR"]
+
+    def main():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        atexit.register(lambda: open(os.path.join(out, "atexit"), "w").write("ran"))
+        log = open(os.path.join(out, "unclosed.txt"), "w")  # never closed, never flushed
+        log.write("last line\\n")
+        globals()["log"] = log
+        if os.environ.get("KIND") == "preempted":
+            raise trainer.Preempted(3)
+
+    trainer.run(main)
+""")
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("kind", "code"), [("ok", 0), ("preempted", EXIT_PREEMPTED)])
+def test_a_rank_with_a_process_group_exits_cleanly_keeping_atexit_and_open_files(
+    tmp_path: Path, kind: str, code: int
+) -> None:
+    """The rank ends without interpreter finalisation (gloo's teardown can SIGABRT there), yet
+    atexit handlers run and files the script left open keep what it wrote."""
+    script = tmp_path / "group.py"
+    script.write_text(GROUP_SCRIPT)
+    p = subprocess.run([sys.executable, str(script)], env={**_env(tmp_path), "KIND": kind},
+                       cwd=REPO, capture_output=True, text=True, timeout=50)
+    assert p.returncode == code, p.stderr[-2000:]
+    assert (tmp_path / "atexit").read_text() == "ran"
+    assert (tmp_path / "unclosed.txt").read_text() == "last line\n"
