@@ -115,12 +115,7 @@ class SnapshotWriter:
 
         ``direct``: write with O_DIRECT when the settings allow it (for large, aligned buffers).
         """
-        if self._done:
-            raise StorageError("snapshot writer already committed or aborted")
-        if not layout.is_safe_filename(name):
-            raise ValueError(f"invalid snapshot file name {name!r}")
-        if name in self._files:
-            raise ValueError(f"snapshot file {name!r} written twice")
+        self._check_new(name)
         # A failed write (disk full, I/O error) aborts the whole snapshot at once, so the space
         # of the partial snapshot is freed even if the caller forgets to call abort().
         f = HashingFile(
@@ -132,6 +127,15 @@ class SnapshotWriter:
         self._files[name] = f
         return f
 
+    def _check_new(self, name: str) -> None:
+        """A file may be added: the writer is open, the name safe and not used yet."""
+        if self._done:
+            raise StorageError("snapshot writer already committed or aborted")
+        if not layout.is_safe_filename(name):
+            raise ValueError(f"invalid snapshot file name {name!r}")
+        if name in self._files:
+            raise ValueError(f"snapshot file {name!r} written twice")
+
     def adopt(self, name: str, entry: FileEntry) -> None:
         """List file ``name``, written into :attr:`tmp_path` by another process, in the manifest.
 
@@ -142,12 +146,7 @@ class SnapshotWriter:
         serialise the whole snapshot through one process (validation recomputes it from the
         committed files). Call before the commit; the commit fsyncs the directory entries.
         """
-        if self._done:
-            raise StorageError("snapshot writer already committed or aborted")
-        if not layout.is_safe_filename(name):
-            raise ValueError(f"invalid snapshot file name {name!r}")
-        if name in self._files:
-            raise ValueError(f"snapshot file {name!r} written twice")
+        self._check_new(name)
         fpath = os.path.join(self.tmp_path, name)
         try:
             st = os.lstat(fpath)

@@ -264,6 +264,14 @@ def state_digest(obj: Any) -> str:
 _PAGE = 4096
 
 
+def page_aligned_empty(size: int, *, pin_memory: bool = False) -> torch.Tensor:
+    """An uninitialised ``uint8`` buffer of ``size`` bytes starting on a page boundary, so the
+    writer can hand it to O_DIRECT without a bounce buffer."""
+    raw = torch.empty(size + _PAGE, dtype=torch.uint8, pin_memory=pin_memory)
+    start = -raw.data_ptr() % _PAGE
+    return raw[start : start + size]
+
+
 class StagingArena:
     """A reusable staging buffer: copies a state's tensors into one aligned uint8 arena.
 
@@ -290,11 +298,8 @@ class StagingArena:
         layout = encoded.layout_key()
         size = encoded.arena_nbytes
         if self._buffer is None or self._buffer.numel() != size:
-            # empty, not zeros: only the padding needs zeroing, done below. Page-aligned, so the
-            # writer can hand it to O_DIRECT without a bounce buffer.
-            raw = torch.empty(size + _PAGE, dtype=torch.uint8, pin_memory=self.pin_memory)
-            start = -raw.data_ptr() % _PAGE
-            self._buffer = raw[start : start + size]
+            # empty, not zeros: only the padding needs zeroing, done below.
+            self._buffer = page_aligned_empty(size, pin_memory=self.pin_memory)
             self.allocations += 1
             self._layout = None
         if layout != self._layout:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -133,7 +133,7 @@ def _broadcast_bytes(buffer: np.ndarray, source: int) -> None:
             dist.broadcast(part, src=source)
 
 
-def _parse(step: int, tree_bytes: bytes) -> dict[str, Any]:
+def parse_snapshot_tree(step: int, tree_bytes: bytes) -> dict[str, Any]:
     """``tree.json`` of a checksum-verified snapshot; unparseable is a corrupt snapshot."""
     try:
         return codec.parse_tree(tree_bytes)
@@ -318,7 +318,7 @@ class Resumer:
         entry = manifest.files.get(TENSORS_FILE)
         if entry is None:
             raise CorruptSnapshot(f"step {step}: manifest lists no {TENSORS_FILE}")
-        tree = _parse(step, tree_bytes)
+        tree = parse_snapshot_tree(step, tree_bytes)
         plan = content_plan(tree, entry.size)
         # Decoded straight from the page cache while the checksum and the content digest are
         # computed beside it; nothing decoded is applied before both match the manifest.
@@ -361,7 +361,7 @@ class Resumer:
             seconds=round(time.perf_counter() - started, 4),
         )
         self._check_manifest(step, manifest)
-        tree = _parse(step, tree_bytes)
+        tree = parse_snapshot_tree(step, tree_bytes)
         content_plan(tree, size)
         try:
             # Always with the digest: these bytes crossed the network after the source's checks.
@@ -391,25 +391,38 @@ class Resumer:
             raise CorruptSnapshot(
                 f"step {step}: content digest {digest} differs from manifest {manifest.digest}"
             )
-        if not isinstance(obj, dict) or not {"shared", "ranks", "world_size"} <= obj.keys():
-            raise CorruptSnapshot(f"step {step}: tree.json does not hold a training state")
-        host = self.host
-        saved_world = int(obj["world_size"])
-        if saved_world != manifest.world_size:
-            raise CorruptSnapshot(
-                f"step {step}: tree.json holds {saved_world} ranks, the manifest {manifest.world_size}"
-            )
-        if saved_world == host.world_size and host.rank not in obj["ranks"]:
-            raise CorruptSnapshot(f"step {step}: no per-rank state for rank {host.rank}")
-        # Another world size passed _check_manifest only when allowed; the rules are reshape's.
-        mine = rank_state_for(
-            obj["ranks"], saved_world_size=saved_world, rank=host.rank,
-            world_size=host.world_size, step=step,
-        )
-        host.state.load_shared_state_dict(obj["shared"])
-        host.state.load_rank_state_dict(mine)
-        if host.state.step != step or int(mine["step"]) != step:
-            raise CorruptSnapshot(
-                f"snapshot directory step {step} holds state of step {host.state.step}"
-            )
+        apply_state(self.host, step, manifest, obj)
         return manifest.digest
+
+
+def apply_state(
+    host: ResumeHost,
+    step: int,
+    manifest: Manifest,
+    obj: Any,
+    *,
+    model_and_optimizer: Callable[[Any, Any], None] | None = None,
+) -> None:
+    """Apply a verified snapshot object (``TrainingState.snapshot_object``) on this rank.
+
+    The shared state, then this rank's per-rank state: its own, or after a world-size change
+    (allowed by ``_check_manifest``) the one :func:`trainer.reshape.rank_state_for` builds.
+    ``model_and_optimizer`` loads those two instead of their ``load_state_dict`` (sharded).
+    """
+    if not isinstance(obj, dict) or not {"shared", "ranks", "world_size"} <= obj.keys():
+        raise CorruptSnapshot(f"step {step}: tree.json does not hold a training state")
+    saved_world = int(obj["world_size"])
+    if saved_world != manifest.world_size:
+        raise CorruptSnapshot(
+            f"step {step}: tree.json holds {saved_world} ranks, the manifest {manifest.world_size}"
+        )
+    if saved_world == host.world_size and host.rank not in obj["ranks"]:
+        raise CorruptSnapshot(f"step {step}: no per-rank state for rank {host.rank}")
+    mine = rank_state_for(
+        obj["ranks"], saved_world_size=saved_world, rank=host.rank,
+        world_size=host.world_size, step=step,
+    )
+    host.state.load_shared_state_dict(obj["shared"], model_and_optimizer=model_and_optimizer)
+    host.state.load_rank_state_dict(mine)
+    if host.state.step != step or int(mine["step"]) != step:
+        raise CorruptSnapshot(f"snapshot directory step {step} holds state of step {host.state.step}")

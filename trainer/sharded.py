@@ -87,6 +87,7 @@ from storage.sharded import (
 from trainer import codec
 from trainer.distributed import is_initialized
 from trainer.errors import CodecError, SnapshotError, StateMismatch, UsageError
+from trainer.resume import apply_state, parse_snapshot_tree
 
 if TYPE_CHECKING:
     from trainer.checkpoint import Checkpointer
@@ -98,7 +99,6 @@ log = structlog.get_logger("trainer.sharded")
 #: goes through the shards (a plain tensor, e.g. Adam's ``step``, as one chunk written by rank 0).
 _ROUTED = ("$[shared][model][", "$[shared][optimizer][", "$[shared][ema][")
 _ALIGN = 64
-_PAGE = 4096
 
 
 def uses_dtensors(model: torch.nn.Module) -> bool:
@@ -247,9 +247,7 @@ class ShardStaging:
         size = enc.file_nbytes
         layout = tuple((c.file_offset, c.nbytes) for c in enc.chunks)
         if self._buffer is None or self._buffer.numel() != size:
-            raw = torch.empty(size + _PAGE, dtype=torch.uint8, pin_memory=self.pin_memory)
-            start = -raw.data_ptr() % _PAGE
-            self._buffer = raw[start : start + size]
+            self._buffer = codec.page_aligned_empty(size, pin_memory=self.pin_memory)
             self.allocations += 1
             self._layout = None
         buf = self._buffer
@@ -693,7 +691,7 @@ class ShardedSnapshots:
         tree_bytes = files.get(TREE_FILE)
         index = parse_index(bytes(files.get(SHARD_INDEX_FILE)))
         arena_bytes = files.get(TENSORS_FILE)
-        tree = _parse(step, bytes(tree_bytes))
+        tree = parse_snapshot_tree(step, bytes(tree_bytes))
         plan = content_plan(tree, len(arena_bytes))
         check_digest(plan.digest_of(arena_bytes), arena_digest_expected(manifest), TENSORS_FILE)
         arena_np = np.frombuffer(arena_bytes, dtype=np.uint8) if len(arena_bytes) else np.zeros(0, np.uint8)
@@ -737,45 +735,13 @@ class ShardedSnapshots:
         ckpt = self.ckpt
         state = ckpt.state
         shared = _fill(obj["shared"], scratch)
-        # The same checks as TrainingState.load_shared_state_dict, whose model/optimizer part
-        # is replaced by set_state_dict here.
-        for name in ("scheduler", "scaler", "ema"):
-            mine = getattr(state, name)
-            if (shared.get(name) is None) != (mine is None):
-                raise StateMismatch(f"snapshot and TrainingState disagree on whether {name} is registered")
-        saved_extras = shared.get("extras") or {}
-        if set(saved_extras) != set(state.extras):
-            raise StateMismatch(f"snapshot extras {sorted(saved_extras)} differ from registered {sorted(state.extras)}")
-        set_state_dict(state.model, state.optimizer, model_state_dict=shared["model"],
-                       optim_state_dict=shared["optimizer"])
-        if state.scheduler is not None:
-            state.scheduler.load_state_dict(shared["scheduler"])
-        if state.scaler is not None:
-            state.scaler.load_state_dict(shared["scaler"])
-        if state.ema is not None:
-            state.ema.load_state_dict(shared["ema"])
-        for name, extra in state.extras.items():
-            extra.load_state_dict(saved_extras[name])
-        progress = shared["progress"]
-        state.step = int(progress["step"])
-        state.epoch = int(progress["epoch"])
-        best = progress.get("best_metric")
-        state.best_metric = None if best is None else float(best)
-        saved_world = int(obj["world_size"])
-        if saved_world != manifest.world_size:
-            raise CorruptSnapshot(f"step {step}: tree.json holds {saved_world} ranks, the manifest {manifest.world_size}")
-        if saved_world == ckpt.world_size:
-            mine = obj["ranks"].get(ckpt.rank)
-            if mine is None:
-                raise CorruptSnapshot(f"step {step}: no per-rank state for rank {ckpt.rank}")
-        else:
-            from trainer.reshape import rank_state_for
 
-            mine = rank_state_for(obj["ranks"], saved_world_size=saved_world, rank=ckpt.rank,
-                                  world_size=ckpt.world_size, step=step)
-        state.load_rank_state_dict(mine)
-        if state.step != step or int(mine["step"]) != step:
-            raise CorruptSnapshot(f"snapshot directory step {step} holds state of step {state.step}")
+        def model_and_optimizer(model: Any, optimizer: Any) -> None:
+            set_state_dict(state.model, state.optimizer, model_state_dict=model,
+                           optim_state_dict=optimizer)
+
+        apply_state(ckpt, step, manifest, {**obj, "shared": shared},
+                    model_and_optimizer=model_and_optimizer)
 
 
 def _swap_sources(live: _Encoded, scratch: dict[str, torch.Tensor]) -> _Encoded:
@@ -837,13 +803,6 @@ def _fill(node: Any, scratch: dict[str, torch.Tensor]) -> Any:
     if isinstance(node, tuple):
         return tuple(_fill(v, scratch) for v in node)
     return node
-
-
-def _parse(step: int, data: bytes) -> dict[str, Any]:
-    try:
-        return codec.parse_tree(data)
-    except CodecError as exc:
-        raise CorruptSnapshot(f"step {step}: {exc}") from exc
 
 
 # -- files and the DCP reader ---------------------------------------------------------------------

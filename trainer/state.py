@@ -12,6 +12,7 @@ and the objects registered with ``per_rank=``), gathered from every rank and sto
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -191,8 +192,17 @@ class TrainingState:
             }
         return state
 
-    def load_shared_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the shared part; refuse a snapshot whose components differ from this state's."""
+    def load_shared_state_dict(
+        self,
+        state: dict[str, Any],
+        *,
+        model_and_optimizer: Callable[[Any, Any], None] | None = None,
+    ) -> None:
+        """Restore the shared part; refuse a snapshot whose components differ from this state's.
+
+        ``model_and_optimizer(model_state, optimizer_state)`` replaces the plain
+        ``load_state_dict`` of the model and optimizer (sharded states: ``set_state_dict``).
+        """
         for name in ("scheduler", "scaler", "ema"):
             mine = getattr(self, name)
             if (state.get(name) is None) != (mine is None):
@@ -206,8 +216,11 @@ class TrainingState:
             raise StateMismatch(
                 f"snapshot extras {sorted(saved_extras)} differ from registered {sorted(self.extras)}"
             )
-        self.unwrapped_model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if model_and_optimizer is not None:
+            model_and_optimizer(state["model"], state["optimizer"])
+        else:
+            self.unwrapped_model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None:
