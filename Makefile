@@ -4,7 +4,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test test-fast lint
+.PHONY: install demo test test-fast lint gpu-check
 
 $(BIN)/orchestrator: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -30,3 +30,10 @@ test: install lint
 # (tests/faults, marked `faults`). About 3 min on 2 cores.
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not e2e and not faults"
+
+# The CUDA paths on a GPU machine (needs a CUDA build of torch): digits fp16+GradScaler killed and
+# resumed bit-identically, pinned staging, the --device cuda bench legs; < 8 min on one GPU.
+# Results in $(GPU_CHECK_OUT) (summary.json, summary.md). Exit 69 at once where CUDA is unusable.
+GPU_CHECK_OUT ?= bench/results/gpu-check
+gpu-check: install
+	$(BIN)/python -m bench.gpu_check --out $(GPU_CHECK_OUT)

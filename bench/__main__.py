@@ -15,7 +15,7 @@ from typing import Any
 
 import structlog
 
-from bench import core, legs, report
+from bench import core, curves, legs, report
 
 DEFAULT_SIZES = "100M,1G"
 QUICK_SIZES = "100M"
@@ -31,12 +31,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"comma-separated subset of: {', '.join(legs.LEGS)}")
     p.add_argument("--repeats", type=int, default=None, help="samples per measurement (default 5, quick 3)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--part-concurrency", default="",
+                   help="mirror leg: also time our upload with each of these parts in flight "
+                        "(comma-separated, e.g. 1,4,8; default: no sweep)")
     p.add_argument("--workdir", default=None,
                    help="scratch directory on the disk under test (default: a temp dir under ./.bench)")
     p.add_argument("--json", dest="json_path", default="bench-results.json")
     p.add_argument("--markdown", dest="md_path", default=None,
                    help="default: the JSON path with .md")
+    p.add_argument("--chart", dest="png_path", default=None,
+                   help="the scaling curves' PNG (default: the JSON path with .png; written when "
+                        "the run has two sizes or a part-concurrency sweep)")
     return p.parse_args(argv)
+
+
+def parse_ints(text: str) -> tuple[int, ...]:
+    """``"1,4,8"`` -> ``(1, 4, 8)``; ValueError naming the bad item."""
+    out = []
+    for item in text.split(","):
+        if item.strip():
+            try:
+                out.append(int(item))
+            except ValueError:
+                raise ValueError(f"bad integer {item.strip()!r} in {text!r}") from None
+    return tuple(out)
 
 
 def quiet_logs() -> None:
@@ -62,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             workdir=tempfile.mkdtemp(prefix="run-", dir=base),
             device=args.device,
             legs=selected,
+            part_concurrency=parse_ints(args.part_concurrency),
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -73,13 +92,23 @@ def main(argv: list[str] | None = None) -> int:
         "device": config.device,
         "repeats": config.repeats,
         "sizes": list(sizes),
+        "part_concurrency": list(config.part_concurrency),
+        "load_before": [round(x, 2) for x in os.getloadavg()],
         "legs": [],
         "errors": [],
+        "skipped": [],
     }
     failed = False
     for name in config.legs:
         fn = legs.load(name)
         for size in sizes:
+            reason = core.memory_skip(name, size, core.mem_available())
+            if reason is not None:
+                doc["skipped"].append({"leg": name, "size": core.size_label(size), "size_bytes": size,
+                                       "reason": reason})
+                print(f"[bench] {name} {core.size_label(size)} skipped: {reason}", file=sys.stderr, flush=True)
+                core.write_json(args.json_path, doc)
+                continue
             print(f"[bench] {name} {core.size_label(size)} ...", file=sys.stderr, flush=True)
             started = time.perf_counter()
             try:
@@ -96,12 +125,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[bench] {name} {result.size}: {verdict} ({result.seconds:.1f} s)", file=sys.stderr, flush=True)
             core.write_json(args.json_path, doc)  # partial results survive an interrupted run
     doc["all_met"] = not failed and all(leg["met"] for leg in doc["legs"])
+    doc["load_after"] = [round(x, 2) for x in os.getloadavg()]
     core.write_json(args.json_path, doc)
     md_path = args.md_path or os.path.splitext(args.json_path)[0] + ".md"
+    png_path = args.png_path or os.path.splitext(args.json_path)[0] + ".png"
+    chart = curves.write_chart(doc, png_path)  # None when there is no curve to draw
+    text = report.markdown(doc, chart=os.path.relpath(chart, os.path.dirname(md_path) or ".") if chart else None)
     with open(md_path, "w") as f:
-        f.write(report.markdown(doc))
-    print(report.markdown(doc))
-    print(f"[bench] wrote {args.json_path} and {md_path}", file=sys.stderr)
+        f.write(text)
+    print(text)
+    print(f"[bench] wrote {args.json_path}, {md_path}{' and ' + chart if chart else ''}", file=sys.stderr)
     return 1 if failed else 0
 
 

@@ -379,6 +379,51 @@ def machine() -> dict[str, Any]:
     return info
 
 
+def mem_available() -> int:
+    """``MemAvailable`` of ``/proc/meminfo`` in bytes (0 if unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+#: Peak resident memory of one leg at one state size: (fixed bytes, bytes per byte of state).
+#: Estimated from what each leg holds at once (state + gradients, staging arena, the peers'
+#: copies, the read-back state); resume's is its largest job's (``bench.legs.resume._FOOTPRINT``).
+FOOTPRINT: dict[str, tuple[float, float]] = {
+    "stall": (0.5e9, 5.0),
+    "write": (0.5e9, 4.0),
+    "overhead": (0.5e9, 3.5),
+    "audit": (0.5e9, 4.0),
+    "mirror": (0.5e9, 3.0),
+    "resume": (1.2e9, 7.7),
+    "lost": (1.2e9, 7.7),
+    "fsdp": (1.0e9, 6.0),
+}
+#: Share of ``MemAvailable`` a leg may plan to use (the machine runs other things too).
+MEMORY_BUDGET = 0.85
+
+
+def memory_skip(leg: str, size_bytes: int, available: int) -> str | None:
+    """Why ``leg`` at ``size_bytes`` must not run with ``available`` bytes free, or None if it fits.
+
+    A leg that would not fit is skipped with this reason recorded, never started: an
+    out-of-memory kill would lose the whole run's results, not just that leg's.
+    """
+    if available <= 0:
+        return None  # unknown (not Linux): run it, as before
+    fixed, per_byte = FOOTPRINT.get(leg, (0.5e9, 5.0))
+    need = fixed + per_byte * size_bytes
+    if need <= MEMORY_BUDGET * available:
+        return None
+    return (f"needs about {need / 2**30:.1f} GiB ({fixed / 1e9:g} GB + {per_byte:g} x state), "
+            f"{MEMORY_BUDGET:.0%} of MemAvailable is {MEMORY_BUDGET * available / 2**30:.1f} GiB")
+
+
 def write_json(path: str, doc: Mapping[str, Any]) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -397,6 +442,8 @@ class BenchConfig:
     workdir: str
     device: str
     legs: tuple[str, ...]
+    #: The mirror leg's sweep of our upload's parts in flight (``--part-concurrency``); empty: none.
+    part_concurrency: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.sizes or any(s <= 0 for s in self.sizes):
@@ -409,6 +456,8 @@ class BenchConfig:
             raise ValueError("device 'cuda' asked for but torch sees no GPU")
         if not self.legs:
             raise ValueError("no legs selected")
+        if any(c < 1 for c in self.part_concurrency):
+            raise ValueError(f"part concurrency must be >= 1, got {self.part_concurrency}")
 
     def scratch(self, name: str) -> str:
         """A fresh directory under the work dir for one leg (emptied first)."""

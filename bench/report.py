@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from bench import curves
 from bench.core import fmt
 
 
@@ -12,14 +13,24 @@ def _stat(v: Mapping[str, Any]) -> str:
     return f"{fmt(v['median'])} [{fmt(v['min'])}-{fmt(v['max'])}] {v['unit']}"
 
 
-def markdown(doc: Mapping[str, Any]) -> str:
-    """Markdown for a run document as written by ``python -m bench --json``."""
+def markdown(doc: Mapping[str, Any], *, chart: str | None = None) -> str:
+    """Markdown for a run document as written by ``python -m bench --json``; ``chart``: the
+    relative path of its scaling-curves PNG, linked with the curves' table."""
     m = doc["machine"]
     lines = [
         f"Command: `{doc['command']}`  ",
         f"Machine: {m.get('gpu') or 'no GPU'}; {m['cpu']}, {m['cores']} cores, "
         f"{(m.get('memory_bytes') or 0) / 2**30:.0f} GiB; torch {m['torch']}; device `{doc['device']}`  ",
         f"Date: {doc['date']}; repeats per measurement: {doc['repeats']} (medians, [min-max]).",
+    ]
+    if doc.get("load_before") is not None:
+        lines[-1] += "  "
+        lines.append(f"Load average (1/5/15 min) before: {doc['load_before']}, after: "
+                     f"{doc.get('load_after', 'n/a')} (a shared machine: other jobs ran beside the bench).")
+    for skip in doc.get("skipped", []):
+        lines[-1] += "  " if not lines[-1].endswith("  ") else ""
+        lines.append(f"Skipped: {skip['leg']} {skip['size']}: {skip['reason']}.  ")
+    lines += [
         "",
         "| leg | size | target | value | bound | met |",
         "|---|---|---|---|---|---|",
@@ -47,4 +58,10 @@ def markdown(doc: Mapping[str, Any]) -> str:
             lines.append(f"  - {name}: {v}")
         for note in leg["notes"]:
             lines.append(f"  - note: {note}")
+    scaling = curves.table(doc)
+    if scaling or chart:
+        lines += ["", "## Scaling curves", ""]
+        if chart:
+            lines += [f"![scaling curves]({chart})", ""]
+        lines += scaling
     return "\n".join(lines) + "\n"

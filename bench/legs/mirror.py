@@ -578,6 +578,12 @@ def run(config: core.BenchConfig, size_bytes: int) -> core.LegResult:
             for tool in names:
                 result.values[f"{tool}_MBps"] = core.Stat(unit="MB/s", samples=tuple(samples[tool]))
             tools.data = None
+            for parts in config.part_concurrency:  # --part-concurrency: ours with N parts in flight
+                sweep = f"ours_c{parts}"
+                tools.cpu[sweep] = []  # kept apart from the main comparison's CPU figures
+                with _environ({"ORCH_REMOTE_CONCURRENCY": str(parts)}):
+                    result.values[f"{sweep}_MBps"] = core.Stat(unit="MB/s", samples=tuple(
+                        tools.ours(sweep) for _ in range(config.repeats)))
             _slowdown(config, srv, snap, tools, result)
             storage = StorageSettings.from_env()
             result.scalars.update({
