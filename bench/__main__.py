@@ -100,7 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     }
     failed = False
     for name in config.legs:
-        fn = legs.load(name)
+        try:
+            fn = legs.load(name)
+        except Exception as exc:  # a leg that cannot even be imported must not lose the others
+            failed = True
+            doc["errors"].append({"leg": name, "size": None, "error": f"import: {type(exc).__name__}: {exc}",
+                                  "traceback": traceback.format_exc()})
+            print(f"[bench] {name} cannot be loaded: {exc}", file=sys.stderr, flush=True)
+            continue
         for size in sizes:
             reason = core.memory_skip(name, size, core.mem_available())
             if reason is not None:
