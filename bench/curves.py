@@ -188,15 +188,33 @@ def write_chart(doc: Mapping[str, Any], path: str) -> str | None:
     return path
 
 
+def merge(doc: Mapping[str, Any], other: Mapping[str, Any]) -> dict[str, Any]:
+    """``doc`` with ``other``'s legs, skips and errors added and its command listed under
+    ``also``: one set of curves from runs made apart (same machine, different sizes)."""
+    out = dict(doc)
+    for key in ("legs", "skipped", "errors"):
+        out[key] = [*doc.get(key, []), *other.get(key, [])]
+    out["also"] = [*doc.get("also", []), {"command": other.get("command"), "date": other.get("date"),
+                                          "load_before": other.get("load_before"),
+                                          "load_after": other.get("load_after")}]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.curves", description=__doc__.splitlines()[0])
     p.add_argument("json_path")
+    p.add_argument("more", nargs="*",
+                   help="further runs (e.g. a 4G leg run apart) whose legs and skips join the curves")
     p.add_argument("--out", default=None, help="default: the JSON path with .png")
     p.add_argument("--markdown", default=None,
                    help="also rewrite this run's markdown report (bench.report) with the chart linked")
     args = p.parse_args(argv)
     with open(args.json_path) as f:
         doc = json.load(f)
+    for extra in args.more:
+        with open(extra) as f:
+            other = json.load(f)
+        doc = merge(doc, other)
     out = args.out or args.json_path.rsplit(".", 1)[0] + ".png"
     written = write_chart(doc, out)
     if args.markdown:

@@ -27,6 +27,10 @@ def markdown(doc: Mapping[str, Any], *, chart: str | None = None) -> str:
         lines[-1] += "  "
         lines.append(f"Load average (1/5/15 min) before: {doc['load_before']}, after: "
                      f"{doc.get('load_after', 'n/a')} (a shared machine: other jobs ran beside the bench).")
+    for also in doc.get("also", []):
+        lines[-1] += "" if lines[-1].endswith("  ") else "  "
+        lines.append(f"Also from: `{also['command']}` on {also['date']} (load before {also.get('load_before')}, "
+                     f"after {also.get('load_after')}).  ")
     for skip in doc.get("skipped", []):
         lines[-1] += "  " if not lines[-1].endswith("  ") else ""
         lines.append(f"Skipped: {skip['leg']} {skip['size']}: {skip['reason']}.  ")

@@ -83,3 +83,15 @@ def test_main_skips_what_does_not_fit(tmp_path: Path, monkeypatch: pytest.Monkey
     assert d["skipped"][0]["leg"] == "stall" and d["part_concurrency"] == [1, 4]
     assert "Skipped: stall 4G" in (tmp_path / "r.md").read_text()
     assert bench_main.main(["--part-concurrency", "1,x", "--json", str(out)]) == 2
+
+
+def test_merge_runs_made_apart(tmp_path: Path) -> None:
+    big = {**doc(), "command": "python -m bench --sizes 4G", "skipped": [],
+           "legs": [leg("stall", "4G", 4 * core.GB, ours_s=stat(0.4))]}
+    merged = curves.merge(doc(), big)
+    assert curves.time_series(merged)["stall (ours)"][-1] == (4.0, 0.4)
+    assert "Also from: `python -m bench --sizes 4G`" in report.markdown(merged)
+    (tmp_path / "a.json").write_text(json.dumps(doc()))
+    (tmp_path / "b.json").write_text(json.dumps(big))
+    assert curves.main([str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--markdown", str(tmp_path / "a.md")]) == 0
+    assert (tmp_path / "a.png").exists() and "![scaling curves](a.png)" in (tmp_path / "a.md").read_text()
