@@ -140,6 +140,17 @@ REGISTRY: Final[tuple[Var, ...]] = (
        "Multi-node: relaunches after a closed rendezvous that spend no restart."),
     _v("ORCH_MIRROR_PREFLIGHT_ATTEMPTS", "int", 3, "orchestrator",
        "Tries of the launch preflight (and of each restore step) against a failing endpoint."),
+    _v("ORCH_MIRROR_NICE", "bool", True, "orchestrator",
+       "Mirror: its upload and hashing threads run at nice 19 and the lowest best-effort I/O "
+       "priority (Linux, per thread; refused quietly where not allowed)."),
+    _v("ORCH_MIRROR_MAX_MBPS", "str", None, "orchestrator",
+       "Mirror: cap on the bytes it sends, in MB/s (10^6 bytes), shared by all its upload "
+       "threads; auto: adapt the cap to the training step rate (halve it while steps/s is more "
+       "than 5% below the idle rate, +25% per window otherwise); unset: unlimited."),
+    _v("ORCH_MIRROR_AUTO_MIN_MBPS", "float", 4.0, "orchestrator",
+       "Mirror, ORCH_MIRROR_MAX_MBPS=auto: the cap never goes below this (uploads progress)."),
+    _v("ORCH_MIRROR_AUTO_WINDOW_S", "float", 5.0, "orchestrator",
+       "Mirror, ORCH_MIRROR_MAX_MBPS=auto: the window over which step rates are compared."),
     _v("ORCH_LOG_FORMAT", "str", None, "orchestrator",
        "json or console; unset: console on a terminal, else json. Passed on to the workers."),
     _v("ORCH_NOTICE_SOURCES", "str", "", "orchestrator",

@@ -26,6 +26,14 @@ without blocking. One worker thread does all the network work:
    writer); with several nodes only those this process started and could not abort, plus
    those older than ``stale_upload_age_s`` (never another node's live upload).
 
+How it shares the machine with training (:mod:`orchestrator.throttle`): with ``ORCH_MIRROR_NICE``
+(default on) the worker thread and every part-upload thread it starts run at nice 19 and the
+lowest best-effort I/O priority; ``ORCH_MIRROR_MAX_MBPS`` caps the bytes sent per second (one
+token bucket shared by all part threads, taken in 64 KiB chunks as the HTTP layer reads the
+body, interrupted at once by :meth:`Mirror.close`); ``auto`` lets :class:`~orchestrator.
+throttle.AutoCap` set that cap from the step rate the supervisor passes in
+(:meth:`Mirror.note_progress`), each change reported as ``mirror.throttled``.
+
 Transient errors (timeouts, resets, 5xx) are retried with tenacity: exponential backoff with
 jitter, each network call bounded by the object store's own timeouts, no overall limit while the
 run lives, interrupted at once by :meth:`Mirror.close`. A permanent error (403, missing bucket)
@@ -54,6 +62,7 @@ from tenacity import (
 from contract.faults import FaultInjector
 from contract.logs import redact
 from orchestrator.settings import Settings
+from orchestrator.throttle import MB, AutoCap, Interrupted, TokenBucket, lower_thread_priority
 from storage import LocalSnapshotStore, RetentionPolicy, plan_retention
 from storage.errors import (
     CorruptSnapshot,
@@ -131,6 +140,22 @@ def call_bounded(settings: Settings, fn: Callable[[], T], *, attempts: int | Non
     return retrying(fn)
 
 
+class MirrorPacing:
+    """The :class:`storage.objectstore.Pacing` the mirror hands to its uploads."""
+
+    def __init__(self, bucket: TokenBucket, *, nice: bool, lower: Callable[[], None]) -> None:
+        self.bucket = bucket
+        self._nice = nice
+        self._lower = lower
+
+    def thread_started(self) -> None:
+        if self._nice:
+            self._lower()
+
+    def take(self, nbytes: int, /) -> None:
+        self.bucket.take(nbytes)
+
+
 class Mirror:
     """Uploads committed local snapshots to a remote tier from one background thread."""
 
@@ -146,6 +171,7 @@ class Mirror:
         monotonic: Callable[[], float] = time.monotonic,
         faults: FaultInjector | None = None,
         stale_upload_age_s: float = 0.0,
+        lower_priority: Callable[[], None] = lower_thread_priority,
     ) -> None:
         self.remote = remote
         self._stale_upload_age_s = stale_upload_age_s
@@ -159,6 +185,19 @@ class Mirror:
         self._cond = threading.Condition()
         self._closing = threading.Event()
         self._thread: threading.Thread | None = None
+        cap = settings.mirror_cap()
+        #: The bandwidth cap (bytes/s; None: unlimited), shared by every upload thread.
+        self.bucket = TokenBucket(
+            cap * MB if isinstance(cap, float) else None, wait=self._closing.wait
+        )
+        self.pacing = MirrorPacing(self.bucket, nice=settings.mirror_nice, lower=lower_priority)
+        #: ORCH_MIRROR_MAX_MBPS=auto: fed by note_progress() (the supervisor's thread only).
+        self.auto: AutoCap | None = None
+        if cap == "auto":
+            self.auto = AutoCap(
+                min_bps=settings.mirror_auto_min_mbps * MB,
+                window_s=settings.mirror_auto_window_s,
+            )
         # Everything below is guarded by self._cond.
         self._local: tuple[int, ...] = ()
         self._remote: set[int] = set()
@@ -198,6 +237,42 @@ class Mirror:
             if steps != self._local:
                 self._local = steps
                 self._cond.notify_all()
+
+    def note_progress(self, step: int, step_time: float) -> None:
+        """The training's newest heartbeat (step, its wall time), on every supervisor poll.
+
+        With ``ORCH_MIRROR_MAX_MBPS=auto`` it drives the cap; otherwise it does nothing.
+        """
+        auto = self.auto
+        if auto is None:
+            return
+        with self._cond:
+            uploading = self._busy is not None
+        decision = auto.observe(
+            self._monotonic(), step, step_time, uploading=uploading, sent_bytes=self.bucket.granted
+        )
+        if decision is None or decision.action == "baseline":
+            return
+        self.bucket.set_rate(decision.cap_bps)
+        self._events.emit(
+            "mirror.throttled",
+            action=decision.action,
+            cap_mb_per_s=None if decision.cap_bps is None else round(decision.cap_bps / MB, 2),
+            steps_per_s=round(decision.steps_per_s, 3),
+            idle_steps_per_s=None
+            if decision.baseline_steps_per_s is None
+            else round(decision.baseline_steps_per_s, 3),
+        )
+
+    def lift_cap(self) -> None:
+        """Training has stopped (end of run, preemption): upload what is left at full speed.
+
+        Called from the supervisor's thread (the only caller of :meth:`note_progress`).
+        """
+        self.auto = None
+        if self.bucket.rate_bps is not None:
+            self.bucket.set_rate(None)
+            self._events.emit("mirror.throttled", action="lift_final", cap_mb_per_s=None)
 
     def publish_state(self, doc: Mapping[str, Any]) -> None:
         """Mirror this run-state document (the latest one wins if several are waiting)."""
@@ -335,6 +410,7 @@ class Mirror:
 
     def _main(self) -> None:
         try:
+            self.pacing.thread_started()  # this thread reads and hashes every byte it uploads
             self._rescan()
             while True:
                 job = self._next_job()
@@ -347,7 +423,7 @@ class Mirror:
                     self._final_abort_pass(value)
                 else:
                     self._upload(value)
-        except _Closing:
+        except (_Closing, Interrupted):  # Interrupted: a capped send cut short by close()
             return
         except BaseException as exc:
             log.error("mirror.crashed", error=error_text(exc))
@@ -528,7 +604,9 @@ class Mirror:
 
         def attempt() -> UploadResult:
             try:
-                return self.remote.upload(self.local_store, step, on_phase=self._fault_hook(step))
+                return self.remote.upload(
+                    self.local_store, step, on_phase=self._fault_hook(step), pacing=self.pacing
+                )
             except StorageError:
                 self._leak_suspected = True
                 raise
@@ -678,6 +756,7 @@ def finish_mirror(
     it ended; the exit code never depends on it.
     """
     started = time.monotonic()
+    mirror.lift_cap()  # training no longer runs: the cap protects nothing now
     events.emit("mirror.flushing", pending_steps=mirror.pending_steps(), timeout_s=timeout_s)
     caught_up = mirror.flush(timeout_s, abort=abort)
     if caught_up:

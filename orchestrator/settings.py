@@ -87,6 +87,15 @@ class Settings:
     rdzv_closed_retries: int = setting("ORCH_RDZV_CLOSED_RETRIES")
     #: Tries of the launch preflight (and of each restore step) against a failing endpoint.
     mirror_preflight_attempts: int = setting("ORCH_MIRROR_PREFLIGHT_ATTEMPTS")
+    #: Mirror threads (upload, hashing, part workers) at nice 19 and the lowest best-effort
+    #: I/O priority (orchestrator.throttle.lower_thread_priority).
+    mirror_nice: bool = setting("ORCH_MIRROR_NICE")
+    #: Mirror bandwidth cap: MB/s, ``auto`` (orchestrator.throttle.AutoCap) or None (unlimited);
+    #: read it through :meth:`mirror_cap`.
+    mirror_max_mbps: str | None = setting("ORCH_MIRROR_MAX_MBPS")
+    #: ``auto``: the floor of the cap and the window over which step rates are compared.
+    mirror_auto_min_mbps: float = setting("ORCH_MIRROR_AUTO_MIN_MBPS")
+    mirror_auto_window_s: float = setting("ORCH_MIRROR_AUTO_WINDOW_S")
     #: ``json`` or ``console``; None picks by whether stderr is a terminal.
     log_format: str | None = setting("ORCH_LOG_FORMAT")
     #: ``ORCH_FAULTS`` rules (tests only): the mirror's ``mirror_*`` points SIGKILL the
@@ -155,6 +164,10 @@ class Settings:
             raise ValueError(
                 f"{env_var(Settings, 'mirror_retry_max_s')} must be >= {env_var(Settings, 'mirror_retry_initial_s')}"
             )
+        self.mirror_cap()  # ValueError names ORCH_MIRROR_MAX_MBPS
+        for name in ("mirror_auto_min_mbps", "mirror_auto_window_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{env_var(Settings, name)} must be > 0, got {getattr(self, name)}")
         if self.mirror_preflight_attempts < 1:
             raise ValueError(f"{env_var(Settings, 'mirror_preflight_attempts')} must be >= 1")
         if self.crash_loop_attempts < 1:
@@ -179,6 +192,24 @@ class Settings:
             raise ValueError(f"{env_var(Settings, 'notify_attempts')} must be >= 1")
         if self.notify_repeat_s < 0:
             raise ValueError(f"{env_var(Settings, 'notify_repeat_s')} must be >= 0")
+
+    def mirror_cap(self) -> float | str | None:
+        """``ORCH_MIRROR_MAX_MBPS`` parsed: MB/s (> 0), ``"auto"``, or None (unlimited)."""
+        raw = (self.mirror_max_mbps or "").strip().lower()
+        if not raw:
+            return None
+        if raw == "auto":
+            return "auto"
+        try:
+            value = float(raw)
+        except ValueError:
+            value = float("nan")
+        if not value > 0 or value == float("inf"):
+            raise ValueError(
+                f"{env_var(Settings, 'mirror_max_mbps')} must be a number of MB/s > 0 or auto, "
+                f"got {self.mirror_max_mbps!r}"
+            )
+        return value
 
     def worker_log_format(self) -> str:
         """The log format workers are told to use: explicit, else follow the supervisor's tty."""

@@ -286,6 +286,10 @@ class Supervisor:
             self._attempt_ended(code)
             return
         self._progress.read()
+        beat = self._progress.last_beat
+        if self._mirror is not None and beat is not None:
+            # ORCH_MIRROR_MAX_MBPS=auto: the step rate steers the mirror's bandwidth cap.
+            self._mirror.note_progress(beat.step, beat.time)
         self._observe()
         if self._progress.progressed and self._spare.wanted():
             self._spare.start(self._attempt + 1)

@@ -49,7 +49,7 @@ from storage.errors import (
 )
 from storage.local import LocalSnapshotStore
 from storage.manifest import FileEntry, Manifest
-from storage.objectstore import ObjectStore, open_object_store
+from storage.objectstore import ObjectStore, Pacing, open_object_store
 from storage.settings import StorageSettings
 from storage.sharded import arena_digest_expected, is_sharded, validate_files
 from storage.tier import RemoteTier, SnapshotInfo, TransferProgress, UploadResult
@@ -348,11 +348,15 @@ class RemoteSnapshotStore:
         step: int,
         progress: TransferProgress | None = None,
         on_phase: Callable[[str], None] | None = None,
+        pacing: Pacing | None = None,
     ) -> UploadResult:
         """Mirror the committed local snapshot at `step`: data objects first, manifest last.
 
         `on_phase(name)` is called at "mirror_after_part" (the first data part is stored) and
         "mirror_before_manifest" (all data stored, manifest not yet): fault-injection points.
+        `pacing` (the mirror's) lowers the priority of the threads the upload starts and paces
+        the bytes sent. Each local byte is SHA-256-hashed once, as it is read for sending, and
+        must match the local manifest before the object is made visible.
 
         Idempotent: if the same snapshot (same digest and files) is already remote, nothing is
         uploaded (`skipped=True`). A different snapshot already committed at this step raises
@@ -393,6 +397,7 @@ class RemoteSnapshotStore:
                 size=entry.size,
                 expected_sha256=entry.checksum,
                 progress=counter,
+                pacing=pacing,
             )
         fire("mirror_before_manifest")
         if not self.store.put_bytes(

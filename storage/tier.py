@@ -20,6 +20,7 @@ from storage.manifest import Manifest
 
 if TYPE_CHECKING:  # a type only: storage.local imports this module
     from storage.local import LocalSnapshotStore
+    from storage.objectstore.common import Pacing
 
 TransferProgress = Callable[[int, int], None]
 """Called with (bytes done, bytes total) as a transfer advances."""
@@ -114,10 +115,12 @@ class RemoteTier(SnapshotTier, Protocol):
         step: int,
         progress: TransferProgress | None = None,
         on_phase: Callable[[str], None] | None = None,
+        pacing: Pacing | None = None,
     ) -> UploadResult:
         """Upload one committed local snapshot (data first, manifest last); idempotent.
 
-        ``on_phase`` is called at the ``mirror_*`` fault-injection points.
+        ``on_phase`` is called at the ``mirror_*`` fault-injection points; ``pacing`` sets the
+        upload's thread priority and bandwidth (:class:`storage.objectstore.common.Pacing`).
         """
         ...
 

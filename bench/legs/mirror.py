@@ -56,14 +56,21 @@ _LOAD_LOOP = """
 import logging, sys
 import structlog
 structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
-from orchestrator.mirror import open_remote
+from orchestrator.mirror import Mirror, open_remote
+from orchestrator.settings import load_settings
 from storage import LocalSnapshotStore
 url, checkpoint_dir, step = sys.argv[1], sys.argv[2], int(sys.argv[3])
 remote = open_remote(url)
 local = LocalSnapshotStore(checkpoint_dir)
+# The supervisor mirror's pacing (ORCH_MIRROR_NICE, ORCH_MIRROR_MAX_MBPS from the environment),
+# applied to this thread as the mirror applies it to its own worker thread.
+class _Events:
+    def emit(self, event, **fields): pass
+pacing = Mirror(remote=remote, local=local, events=_Events(), settings=load_settings()).pacing
+pacing.thread_started()
 print("ready", flush=True)
 while True:
-    remote.upload(local, step)
+    remote.upload(local, step, pacing=pacing)
     print("uploaded", flush=True)
     remote.delete(step)
 """
@@ -592,8 +599,10 @@ def run(config: core.BenchConfig, size_bytes: int) -> core.LegResult:
                 "ours_settings": (f"orchestrator Mirror + RemoteSnapshotStore, defaults: part "
                                   f"{storage.remote_part_size // MiB} MiB, concurrency "
                                   f"{storage.remote_concurrency}, multipart threshold "
-                                  f"{storage.remote_multipart_threshold // MiB} MiB, SHA-256 per "
-                                  "part + whole-file re-hash"),
+                                  f"{storage.remote_multipart_threshold // MiB} MiB, one SHA-256 "
+                                  "pass per file + CRC32 per part; ORCH_MIRROR_NICE="
+                                  f"{int(tools.settings.mirror_nice)}, ORCH_MIRROR_MAX_MBPS="
+                                  f"{tools.settings.mirror_max_mbps or 'unset'}"),
                 "boto3_default_settings": (f"TransferConfig() ({tools.cfg_default.multipart_chunksize // MiB} "
                                            f"MiB parts, max_concurrency {tools.cfg_default.max_concurrency}); "
                                            "both boto3 runs send botocore's default CRC32 checksums"),

@@ -15,7 +15,7 @@ import builtins
 from typing import Protocol, runtime_checkable
 from urllib.parse import urlparse
 
-from storage.objectstore.common import Progress, Writable
+from storage.objectstore.common import Pacing, Progress, Writable
 from storage.objectstore.fsspec_store import FsspecObjectStore
 from storage.objectstore.s3 import S3ObjectStore
 from storage.settings import StorageSettings
@@ -35,9 +35,11 @@ class ObjectStore(Protocol):
         size: int,
         expected_sha256: str | None = None,
         progress: Progress | None = None,
+        pacing: Pacing | None = None,
     ) -> None:
         """Upload a local file of `size` bytes. With `expected_sha256` (hex), the bytes read are
-        hashed and a mismatch raises `CorruptSnapshot` before the object becomes visible."""
+        hashed (once) and a mismatch raises `CorruptSnapshot` before the object becomes visible.
+        With `pacing`, the bytes go out at the pace it sets, from threads it has prepared."""
         ...
 
     def put_bytes(self, key: str, data: bytes, *, if_none_match: bool = False) -> bool:
@@ -93,6 +95,7 @@ def open_object_store(url: str, *, settings: StorageSettings | None = None) -> O
 __all__ = [
     "FsspecObjectStore",
     "ObjectStore",
+    "Pacing",
     "Progress",
     "S3ObjectStore",
     "Writable",

@@ -16,6 +16,24 @@ class Writable(Protocol):
     def write(self, data: bytes | bytearray | memoryview, /) -> int: ...
 
 
+class Pacing(Protocol):
+    """How an upload shares the machine, decided by its caller (the supervisor's mirror).
+
+    ``thread_started()`` runs first in every thread an upload creates (part workers), so the
+    caller can lower their CPU and I/O priority; ``take(n)`` is called with each small chunk of
+    bytes just before it is sent and blocks while a bandwidth cap says wait (it may raise to
+    cancel the upload, which then fails and aborts like any other failure).
+    """
+
+    def thread_started(self) -> None: ...
+
+    def take(self, nbytes: int, /) -> None: ...
+
+
+#: Bytes per ``Pacing.take`` call: small, so a cap is smooth and a cancel is prompt.
+PACE_CHUNK = 64 * 1024
+
+
 def check_key(key: str) -> None:
     if (
         not key

@@ -19,7 +19,14 @@ from typing import Any
 import structlog
 
 from storage.errors import CorruptSnapshot, ObjectNotFound, StorageError
-from storage.objectstore.common import Progress, Writable, check_key, copy_bounded
+from storage.objectstore.common import (
+    PACE_CHUNK,
+    Pacing,
+    Progress,
+    Writable,
+    check_key,
+    copy_bounded,
+)
 from storage.objectstore.errors import fsspec_error
 from storage.settings import StorageSettings
 
@@ -90,6 +97,7 @@ class FsspecObjectStore:
         size: int,
         expected_sha256: str | None = None,
         progress: Progress | None = None,
+        pacing: Pacing | None = None,
     ) -> None:
         chunk = self._settings.read_chunk_bytes
 
@@ -108,6 +116,9 @@ class FsspecObjectStore:
                                 f"{local_path}: larger than the expected {size} bytes"
                             )
                         h.update(data)
+                        if pacing is not None:
+                            for at in range(0, len(data), PACE_CHUNK):
+                                pacing.take(min(PACE_CHUNK, len(data) - at))
                         yield data
                         if progress is not None:
                             progress(len(data))

@@ -2,11 +2,20 @@
 
 boto3 is used directly because the remote tier needs control that higher-level helpers hide: one
 thread-safe client with explicit connect/read timeouts and no hidden retries (the mirror retries,
-in one layer), multipart uploads with SHA-256 per-part checksums that the server validates,
+in one layer), multipart uploads with per-part checksums that the server validates,
 `abort_multipart_upload` on every failure, and `If-None-Match: *` on the manifest so two writers
 cannot both commit the same step. Endpoint and credentials come from the standard AWS chain
 (environment, profiles, `AWS_ENDPOINT_URL`), so AWS, MinIO, SeaweedFS and R2 all work; errors are
 mapped by :mod:`storage.objectstore.errors`.
+
+Hashing: every byte of a file is SHA-256-hashed exactly once, by the thread that reads it (the
+caller's), in file order; that digest must equal the manifest's before the object is made
+visible (single PUT: before the PUT, whose ``x-amz-checksum-sha256`` is that same digest;
+multipart: before ``complete_multipart_upload``). A multipart part carries a CRC32 (server
+validated, BadDigest otherwise) computed by the part's worker thread from the very buffer the
+reader hashed: it guards the transfer, the SHA-256 proves the bytes are the manifest's. (SHA-256
+per part as well would hash every byte twice: part SHA-256s cannot be combined into the whole
+file's.)
 """
 
 from __future__ import annotations
@@ -16,9 +25,11 @@ import builtins
 import collections
 import contextlib
 import hashlib
+import io
 import secrets
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any, BinaryIO
@@ -33,7 +44,14 @@ from storage.errors import (
     StorageError,
     TransientStorageError,
 )
-from storage.objectstore.common import Progress, Writable, check_key, copy_bounded
+from storage.objectstore.common import (
+    PACE_CHUNK,
+    Pacing,
+    Progress,
+    Writable,
+    check_key,
+    copy_bounded,
+)
 from storage.objectstore.errors import UNSUPPORTED_CODES, s3_error, upload_gone
 from storage.settings import StorageSettings
 
@@ -47,6 +65,34 @@ _STREAM_CHUNK = 1024 * 1024
 
 def _sha256_b64(data: bytes | memoryview) -> str:
     return base64.b64encode(hashlib.sha256(data).digest()).decode()
+
+
+def _crc32_b64(data: bytes | memoryview) -> str:
+    return base64.b64encode((zlib.crc32(data) & 0xFFFFFFFF).to_bytes(4, "big")).decode()
+
+
+class _PacedBody(io.BytesIO):
+    """A request body that asks ``pacing`` before handing each small chunk to the socket.
+
+    ``io.BytesIO`` shares the bytes it is given (no copy); the HTTP layer reads it in blocks.
+    """
+
+    def __init__(self, data: bytes, pacing: Pacing) -> None:
+        super().__init__(data)
+        self._pacing = pacing
+        self._size = len(data)
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        left = self._size - self.tell()
+        want = left if size is None or size < 0 else min(size, left)
+        want = min(want, PACE_CHUNK)
+        if want > 0:
+            self._pacing.take(want)
+        return super().read(want)
+
+
+def _body(data: bytes, pacing: Pacing | None) -> Any:
+    return data if pacing is None else _PacedBody(data, pacing)
 
 
 class S3ObjectStore:
@@ -153,6 +199,7 @@ class S3ObjectStore:
         size: int,
         expected_sha256: str | None = None,
         progress: Progress | None = None,
+        pacing: Pacing | None = None,
     ) -> None:
         full = self._key(key)
         try:
@@ -163,11 +210,13 @@ class S3ObjectStore:
             raise StorageError(f"opening {local_path}: {exc.strerror}") from exc
         with f:
             if size <= self._settings.remote_multipart_threshold:
-                self._put_single(key, full, f, local_path, size, expected_sha256)
+                self._put_single(key, full, f, local_path, size, expected_sha256, pacing)
                 if progress is not None:
                     progress(size)
             else:
-                self._put_multipart(key, full, f, local_path, size, expected_sha256, progress)
+                self._put_multipart(
+                    key, full, f, local_path, size, expected_sha256, progress, pacing
+                )
 
     def _read_local(self, f: BinaryIO, n: int, path: str) -> bytes:
         try:
@@ -177,7 +226,14 @@ class S3ObjectStore:
         return data or b""
 
     def _put_single(
-        self, key: str, full: str, f: BinaryIO, path: str, size: int, expected: str | None
+        self,
+        key: str,
+        full: str,
+        f: BinaryIO,
+        path: str,
+        size: int,
+        expected: str | None,
+        pacing: Pacing | None = None,
     ) -> None:
         data = self._read_local(f, size + 1, path)
         if len(data) != size:
@@ -189,7 +245,7 @@ class S3ObjectStore:
             self._client.put_object(
                 Bucket=self.bucket,
                 Key=full,
-                Body=data,
+                Body=_body(data, pacing),
                 ChecksumSHA256=base64.b64encode(digest).decode(),
             )
 
@@ -202,19 +258,24 @@ class S3ObjectStore:
         size: int,
         expected: str | None,
         progress: Progress | None,
+        pacing: Pacing | None = None,
     ) -> None:
         part_size = max(self._settings.remote_part_size, -(-size // _MAX_PARTS))
         nparts = -(-size // part_size)
         conc = self._settings.remote_concurrency
         with self._call("start multipart upload", key):
             upload_id: str = self._client.create_multipart_upload(
-                Bucket=self.bucket, Key=full, ChecksumAlgorithm="SHA256"
+                Bucket=self.bucket, Key=full, ChecksumAlgorithm="CRC32"
             )["UploadId"]
         completed = False
         try:
             whole = hashlib.sha256()
             parts: dict[int, dict[str, Any]] = {}
-            pool = ThreadPoolExecutor(max_workers=conc, thread_name_prefix="s3-upload-part")
+            pool = ThreadPoolExecutor(
+                max_workers=conc,
+                thread_name_prefix="s3-upload-part",
+                initializer=None if pacing is None else pacing.thread_started,
+            )
             pending: set[Future[tuple[int, dict[str, Any], int]]] = set()
 
             def collect(done: set[Future[tuple[int, dict[str, Any], int]]]) -> None:
@@ -230,8 +291,10 @@ class S3ObjectStore:
                     data = self._read_local(f, want, path)
                     if len(data) != want:
                         raise CorruptSnapshot(f"{path}: shorter than the expected {size} bytes")
-                    whole.update(data)
-                    pending.add(pool.submit(self._upload_part, key, full, upload_id, number, data))
+                    whole.update(data)  # the file's one SHA-256 pass (see the module doc)
+                    pending.add(
+                        pool.submit(self._upload_part, key, full, upload_id, number, data, pacing)
+                    )
                     del data
                     while len(pending) >= conc:
                         done, pending = wait(pending, return_when=FIRST_COMPLETED)
@@ -259,21 +322,27 @@ class S3ObjectStore:
                 self._abort_upload(key, full, upload_id)
 
     def _upload_part(
-        self, key: str, full: str, upload_id: str, number: int, data: bytes
+        self,
+        key: str,
+        full: str,
+        upload_id: str,
+        number: int,
+        data: bytes,
+        pacing: Pacing | None = None,
     ) -> tuple[int, dict[str, Any], int]:
-        checksum = _sha256_b64(data)
+        checksum = _crc32_b64(data)
         with self._call(f"upload part {number} of", key):
             resp = self._client.upload_part(
                 Bucket=self.bucket,
                 Key=full,
                 UploadId=upload_id,
                 PartNumber=number,
-                Body=data,
-                ChecksumSHA256=checksum,
+                Body=_body(data, pacing),
+                ChecksumCRC32=checksum,
             )
         return (
             number,
-            {"PartNumber": number, "ETag": resp["ETag"], "ChecksumSHA256": checksum},
+            {"PartNumber": number, "ETag": resp["ETag"], "ChecksumCRC32": checksum},
             len(data),
         )
 

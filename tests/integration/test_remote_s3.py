@@ -169,10 +169,10 @@ def test_interrupted_multipart_leaves_no_upload(
     assert isinstance(store, S3ObjectStore)
     real = store._upload_part
 
-    def failing(key: str, full: str, upload_id: str, number: int, data: bytes) -> Any:
+    def failing(key: str, full: str, upload_id: str, number: int, data: bytes, *rest: Any) -> Any:
         if number == 2:
             raise TransientStorageError("injected part failure")
-        return real(key, full, upload_id, number, data)
+        return real(key, full, upload_id, number, data, *rest)
 
     monkeypatch.setattr(store, "_upload_part", failing)
     with pytest.raises(TransientStorageError, match="injected"):

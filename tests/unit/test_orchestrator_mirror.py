@@ -95,6 +95,7 @@ class FakeRemote:
         step: int,
         progress: Any = None,
         on_phase: Any = None,
+        pacing: Any = None,
     ) -> Result:
         if self.gate is not None and not self.gate.wait(0.05):
             # A blackholed endpoint: the store's own timeout turns it into a transient error.
