@@ -13,10 +13,12 @@ pre-signed URLs: no disk read, no checksum, no payload signing). Every upload of
 remotely with full checksum verification and its manifest digest gated. Last, training steps of a
 small model (one intra-op thread, like ``OMP_NUM_THREADS=1`` workers) are timed in ~1 s slices
 that alternate between our mirror uploading the snapshot in a loop from a separate process (the
-product mirrors from the supervisor, never the worker) and that process paused (SIGSTOP); the
-ratio of the medians is the slowdown, and the same with ``s5cmd`` is reported as a control. CPU
-time of the client, the endpoint and the whole machine is recorded beside, because on a small
-machine the loopback endpoint and anything else running compete with training for the cores.
+product mirrors from the supervisor, never the worker; with the mirror's own pacing:
+``ORCH_MIRROR_NICE`` and ``ORCH_MIRROR_MAX_MBPS`` from the environment) and that process paused
+(SIGSTOP); the ratio of the medians is the slowdown, and the same with ``s5cmd`` and with boto3
+``upload_file`` (default config) is reported as the controls. CPU time of the client, the
+endpoint and the whole machine is recorded beside, because on a small machine the loopback
+endpoint and anything else running compete with training for the cores.
 """
 
 from __future__ import annotations
@@ -73,6 +75,19 @@ while True:
     remote.upload(local, step, pacing=pacing)
     print("uploaded", flush=True)
     remote.delete(step)
+"""
+
+# The boto3 control of part 4: upload_file with the default TransferConfig, in a loop.
+_BOTO3_LOOP = """
+import sys
+import boto3
+from boto3.s3.transfer import TransferConfig
+path, bucket, key = sys.argv[1], sys.argv[2], sys.argv[3]
+client = boto3.client("s3")
+print("ready", flush=True)
+while True:
+    client.upload_file(path, bucket, key, Config=TransferConfig())
+    print("uploaded", flush=True)
 """
 
 
@@ -438,6 +453,9 @@ class _Loader:
         if kind == "ours":
             args = [sys.executable, "-c", _LOAD_LOOP, f"s3://{srv.bucket}/bench/load-ours",
                     snap.checkpoint_dir, str(_STEP)]
+        elif kind == "boto3":
+            args = [sys.executable, "-c", _BOTO3_LOOP, snap.tensors_path, srv.bucket,
+                    "bench/load-boto3/tensors.bin"]
         else:
             loop = 'echo ready; while :; do "$@" >/dev/null || exit 1; echo uploaded; done'
             args = ["bash", "-c", loop, "bash", *tools.s5cmd_args("bench/load-s5cmd/tensors.bin")]
@@ -490,9 +508,10 @@ def _slowdown(config: core.BenchConfig, srv: Any, snap: _Snapshot, tools: _Tools
     """Median training step time while an uploader runs vs while it is paused, in alternation.
 
     Slices of ~1 s alternate (busy, idle, idle, busy, ...) so that drift in whatever else runs on
-    the machine hits both alike; ours first, then s5cmd as the control.
+    the machine hits both alike; ours first, then s5cmd and boto3 (``upload_file``, default
+    config) as the controls.
     """
-    kinds = ["ours", "s5cmd"] if tools.s5cmd is not None else ["ours"]
+    kinds = ["ours", "s5cmd", "boto3"] if tools.s5cmd is not None else ["ours", "boto3"]
     slices = 2 * config.repeats
     idle: dict[str, list[float]] = {k: [] for k in kinds}
     busy: dict[str, list[float]] = {k: [] for k in kinds}
@@ -545,6 +564,8 @@ def _slowdown(config: core.BenchConfig, srv: Any, snap: _Snapshot, tools: _Tools
     if "s5cmd" in kinds:
         result.values["step_s_s5cmd_uploading"] = core.Stat(unit="s", samples=tuple(busy["s5cmd"]))
         result.scalars["slowdown_control_s5cmd"] = phases["s5cmd"]["slowdown"]
+    result.values["step_s_boto3_uploading"] = core.Stat(unit="s", samples=tuple(busy["boto3"]))
+    result.scalars["slowdown_control_boto3"] = phases["boto3"]["slowdown"]
     result.scalars["slowdown_model"] = (f"MLP {layers}x Linear(1024,1024)+GELU, AdamW, batch 8, "
                                         f"torch.set_num_threads(1), {config.device}")
     result.scalars["slowdown_slices"] = f"{slices} busy + {slices} idle slices of {_SLICE_S} s per uploader"

@@ -371,3 +371,44 @@ def test_lift_cap_for_the_final_flush(tmp_path: Any) -> None:
     assert events == [("mirror.throttled", {"action": "lift_final", "cap_mb_per_s": None})]
     mirror.lift_cap()  # nothing more to lift: no second event
     assert len(events) == 1
+
+
+def test_note_progress_drives_the_bucket(tmp_path: Any) -> None:
+    """The supervisor's heartbeat feed reaches the bucket: a slowed window while uploading
+    halves what was sent; the change is a mirror.throttled event."""
+    from storage.remote import RemoteSnapshotStore
+
+    events: list[tuple[str, dict[str, Any]]] = []
+
+    class Recording:
+        def emit(self, event: str, **fields: Any) -> None:
+            events.append((event, fields))
+
+    now = [0.0]
+    mirror = Mirror(remote=RemoteSnapshotStore(f"file://{tmp_path}/remote"),
+                    local=LocalSnapshotStore(str(tmp_path / "local")), events=Recording(),
+                    settings=load_settings({"ORCH_MIRROR_MAX_MBPS": "auto"}),
+                    monotonic=lambda: now[0])
+    step, t = 0, 100.0
+
+    def feed(seconds: float, steps_per_s: float, send_bps: float = 0.0) -> None:
+        nonlocal step, t
+        for _ in range(round(seconds / 0.5)):
+            now[0] += 0.5
+            t += 0.5
+            step += round(steps_per_s * 0.5)
+            if send_bps:
+                mirror.bucket.take(int(send_bps * 0.5))  # unlimited yet: counts, never waits
+            mirror.note_progress(step, t)
+
+    mirror.note_progress(step, t)
+    feed(10.0, 10.0)  # idle: the reference rate
+    with mirror._cond:
+        mirror._busy = 1  # an upload is in progress (what _next_job sets)
+    feed(5.0, 10.0, 50 * MB)  # the window that mixes idle and busy decides nothing
+    assert events == []
+    feed(5.0, 6.0, 50 * MB)
+    assert [e for e, _ in events] == ["mirror.throttled"]
+    assert events[0][1]["action"] == "backoff"
+    assert events[0][1]["cap_mb_per_s"] == pytest.approx(25.0, rel=0.02)
+    assert mirror.bucket.rate_bps == pytest.approx(25 * MB, rel=0.02)
