@@ -4,7 +4,7 @@ with the number of parts in flight.
 Built from the run document only (``python -m bench --json``), so a committed JSON can be
 re-drawn: ``python -m bench.curves RUN.json [--out RUN.png]``. The series are:
 
-- per state size (x: GB of training state), seconds: our stall (and the two peers'), our
+- per state size (x: the nominal size asked for, GB of model + AdamW state), seconds: our stall (and the two peers'), our
   local write (state bytes / ours_MBps of the write leg), our verified load with a cold and a
   warm page cache (write leg), and SIGKILL-to-first-step resume (resume leg, warm cache);
 - per state size, mirror MB/s against our upload's parts in flight (``--part-concurrency``).
@@ -20,7 +20,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-from bench.core import GB, fmt
+from bench.core import GB, fmt, parse_size
 
 #: (label, leg, how to get seconds from a leg's JSON): the time-vs-size curves.
 _TIME_SERIES: tuple[tuple[str, str, str], ...] = (
@@ -47,6 +47,15 @@ def _seconds(leg: Mapping[str, Any], key: str) -> float | None:
     return median
 
 
+def _nominal_gb(leg: Mapping[str, Any]) -> float:
+    """The size asked for (``--sizes``), in GB: legs measure slightly different byte counts of
+    the same nominal size (model layout, snapshot metadata), which must share one column."""
+    try:
+        return parse_size(str(leg["size"])) / GB
+    except (KeyError, ValueError):
+        return float(leg["size_bytes"]) / GB
+
+
 def time_series(doc: Mapping[str, Any]) -> dict[str, list[tuple[float, float]]]:
     """label -> [(state GB, seconds), ...] sorted by size; only series with a point."""
     out: dict[str, list[tuple[float, float]]] = {}
@@ -57,7 +66,7 @@ def time_series(doc: Mapping[str, Any]) -> dict[str, list[tuple[float, float]]]:
                 continue
             s = _seconds(leg, key)
             if s is not None:
-                points.append((float(leg["size_bytes"]) / GB, s))
+                points.append((_nominal_gb(leg), s))
         if points:
             out[label] = sorted(points)
     return out
@@ -148,7 +157,7 @@ def write_chart(doc: Mapping[str, Any], path: str) -> str | None:
     ts = {k: v for k, v in time_series(doc).items() if len(v) >= 2}
     cs = {k: v for k, v in concurrency_series(doc).items() if len(v) >= 2}
     panels = (1 if ts else 0) + (1 if cs else 0)
-    fig, axes = plt.subplots(1, panels, figsize=(6.0 * panels, 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 5.6), squeeze=False)
     col = 0
     if ts:
         ax = axes[0][col]
@@ -165,7 +174,7 @@ def write_chart(doc: Mapping[str, Any], path: str) -> str | None:
         ax.set_ylabel("seconds (median)")
         ax.set_title("cost vs state size")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=6.5, loc="upper left")
+        ax.legend(fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)
     if cs:
         ax = axes[0][col]
         for size, cpts in cs.items():

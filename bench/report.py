@@ -27,6 +27,9 @@ def markdown(doc: Mapping[str, Any], *, chart: str | None = None) -> str:
         lines[-1] += "  "
         lines.append(f"Load average (1/5/15 min) before: {doc['load_before']}, after: "
                      f"{doc.get('load_after', 'n/a')} (a shared machine: other jobs ran beside the bench).")
+    for note in doc.get("notes", []):  # annotations added to a run's JSON after it ran
+        lines[-1] += "" if lines[-1].endswith("  ") else "  "
+        lines.append(f"Note: {note}  ")
     for also in doc.get("also", []):
         lines[-1] += "" if lines[-1].endswith("  ") else "  "
         lines.append(f"Also from: `{also['command']}` on {also['date']} (load before {also.get('load_before')}, "
