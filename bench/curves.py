@@ -201,7 +201,7 @@ def merge(doc: Mapping[str, Any], other: Mapping[str, Any]) -> dict[str, Any]:
     """``doc`` with ``other``'s legs, skips and errors added and its command listed under
     ``also``: one set of curves from runs made apart (same machine, different sizes)."""
     out = dict(doc)
-    for key in ("legs", "skipped", "errors"):
+    for key in ("legs", "skipped", "errors", "notes"):
         out[key] = [*doc.get(key, []), *other.get(key, [])]
     out["also"] = [*doc.get("also", []), {"command": other.get("command"), "date": other.get("date"),
                                           "load_before": other.get("load_before"),
