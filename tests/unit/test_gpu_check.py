@@ -104,3 +104,52 @@ def test_main_with_fake_checks_writes_summary(tmp_path: Path) -> None:
                 checks={"digits_resume": lambda ctx: {"ok": True}})
     assert rc == g.EXIT_OK
     assert json.loads((tmp_path / "summary.json").read_text())["ok"] is True
+
+
+class FakeRun:
+    """Stands in for gpu_check._run: answers each command from a table, records what ran."""
+
+    def __init__(self, tmp: Path, snaps: dict[str, list[dict[str, Any]]], restarts: int) -> None:
+        self.tmp, self.snaps, self.restarts = tmp, snaps, restarts
+        self.calls: list[tuple[list[str], dict[str, str]]] = []
+
+    def __call__(self, ctx: g.Context, args: list[str], log: Path, **env: str) -> Any:
+        import subprocess
+
+        self.calls.append((args, env))
+        out = ""
+        if "snapshots" in args:
+            out = json.dumps(self.snaps[Path(args[args.index("--checkpoint-dir") + 1]).name])
+        elif "status" in args:
+            out = json.dumps({"restarts": self.restarts, "resumed_from_step": 40})
+        elif "bench" in args:
+            doc = {"device": "cuda", "errors": [], "legs": [{"size": "1G", "correctness": {"ok": True}, "targets": [
+                {"name": "stall_vs_copy", "value": 0.4}, {"name": "stall_vs_async_save", "value": 0.2}]}]}
+            Path(args[args.index("--json") + 1]).write_text(json.dumps(doc))
+        return subprocess.CompletedProcess(args, 0, out, "")
+
+
+def ctx_for(tmp_path: Path, gpus: int = 2) -> g.Context:
+    import time
+
+    return g.Context(opts=g.parse_args(["--out", str(tmp_path)]), gpus=gpus, deadline=time.monotonic() + 60)
+
+
+def test_digits_resume_flow_with_a_fake_launcher(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    golden = [snap(s, f"d{s}") for s in range(20, 121, 20)]
+    fake = FakeRun(tmp_path, {"digits-golden": golden, "digits-killed": golden}, restarts=1)
+    monkeypatch.setattr(g, "_run", fake)
+    detail = g.check_digits_resume(ctx_for(tmp_path))
+    assert detail["ok"] and detail["ranks"] == 2 and detail["final_resumed"] == "d120"
+    launches = [(a, e) for a, e in fake.calls if "launch" in a]
+    assert [e.get("ORCH_FAULTS") for _, e in launches] == [None, "step_end@50:rank=1"]
+    assert all(a[a.index("--nproc-per-node") + 1] == "2" for a, _ in launches)
+
+    fake.restarts = 0  # the fault never fired: digests equal, but nothing was tested
+    assert not g.check_digits_resume(ctx_for(tmp_path))["ok"]
+
+
+def test_bench_cuda_reads_the_legs_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(g, "_run", FakeRun(tmp_path, {}, restarts=0))
+    detail = g.check_bench_cuda(ctx_for(tmp_path, gpus=1))
+    assert detail["ok"] and detail["stall_vs_copy"] == 0.4 and detail["stall_vs_async_save"] == 0.2
