@@ -96,14 +96,16 @@ class PrioritySetter:
 
 def lower_thread_priority(setter: PrioritySetter | None = None) -> None:
     """Nice 19 and best-effort I/O level 7 for the calling thread (Linux); failures logged once."""
+    if setter is None and platform.system() != "Linux":
+        # Elsewhere a thread id is no PRIO_PROCESS target (it could name another process).
+        _warn_once("nice", f"per-thread priority is Linux only ({platform.system()})")
+        return
     s = setter or PrioritySetter()
     tid = s.native_id()
     try:
         s.setpriority(tid, 19)
-    except (OSError, AttributeError) as exc:  # AttributeError: no os.setpriority (Windows)
+    except OSError as exc:
         _warn_once("nice", str(exc))
-    if platform.system() != "Linux" and setter is None:
-        return
     try:
         s.ioprio_set(tid, _IOPRIO_CLASS_BE, 7)
     except OSError as exc:
