@@ -201,6 +201,10 @@ REGISTRY: Final[tuple[Var, ...]] = (
        "Workers look for a preemption request every K steps (one all-reduce each time)."),
     _v("ORCH_SNAPSHOT_STAGING", "str", "deferred", "trainer",
        "deferred: optimizer.step() waits for the off-thread copy; sync: copy inside snapshot()."),
+    _v("ORCH_SNAPSHOT_NICE", "bool", True, "trainer",
+       "The snapshot writer thread (and the hashing threads it starts) run at nice 19 and the "
+       "lowest best-effort I/O priority, so writing and hashing yield the CPU to training "
+       "(Linux, per thread; refused quietly where not allowed)."),
     _v("ORCH_HEARTBEAT_INTERVAL_S", "float", 1.0, "trainer",
        "At most one heartbeat write per this many seconds (0: every step)."),
     _v("ORCH_MAX_SNAPSHOT_INTERVAL_S", "float", 1800.0, "trainer",

@@ -137,7 +137,9 @@ class Checkpointer:
         self.faults = FaultInjector.from_spec(
             self.settings.faults, rank=self.rank, attempt=self.settings.attempt
         )
-        self.writer = BackgroundWriter("trainer-snapshot-writer")
+        self.writer = BackgroundWriter(
+            "trainer-snapshot-writer", low_priority=self.settings.snapshot_nice
+        )
         self.arena = codec.StagingArena(pin_memory=torch.cuda.is_available())
         self.paths = RunPaths.of(self.checkpoint_dir)
         self.exports_dir = exports_root(self.checkpoint_dir)

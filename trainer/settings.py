@@ -47,6 +47,9 @@ class WorkerSettings(WorkerEnv):
     #: ``deferred``: parameters and optimizer state are copied off the training thread, and
     #: ``optimizer.step()`` waits for that copy; ``sync``: everything copied inside the snapshot.
     snapshot_staging: StagingMode = setting("ORCH_SNAPSHOT_STAGING")
+    #: The snapshot writer thread (and the hashing threads it starts, which inherit it) at
+    #: nice 19 and best-effort I/O level 7 (:mod:`contract.priority`).
+    snapshot_nice: bool = setting("ORCH_SNAPSHOT_NICE")
     #: At most one heartbeat file write per this many seconds (0: every step). The first
     #: completed step of an attempt, snapshot steps and the end always write one.
     heartbeat_interval_s: float = setting("ORCH_HEARTBEAT_INTERVAL_S")

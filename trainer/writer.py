@@ -13,6 +13,8 @@ import queue
 import threading
 from collections.abc import Callable
 
+from contract.priority import lower_thread_priority
+
 
 class Job:
     """A queued unit of work; :meth:`wait` blocks until it ran (or was skipped)."""
@@ -31,8 +33,11 @@ class Job:
 class BackgroundWriter:
     """Runs jobs on one background thread; errors are re-raised on the caller's thread."""
 
-    def __init__(self, name: str = "trainer-writer") -> None:
+    def __init__(self, name: str = "trainer-writer", *, low_priority: bool = False) -> None:
         self._name = name
+        #: Lower the thread's CPU and I/O priority when it starts (contract.priority): it works
+        #: beside training, and the hashing threads it starts inherit the priority.
+        self._low_priority = low_priority
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -81,6 +86,8 @@ class BackgroundWriter:
         self.raise_if_failed()
 
     def _run(self) -> None:
+        if self._low_priority:
+            lower_thread_priority(event="snapshot.priority_unavailable")
         while True:
             job = self._queue.get()
             try:

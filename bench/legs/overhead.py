@@ -12,6 +12,7 @@ The overhead is the median over rounds of each round's throughput against that r
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 
@@ -37,7 +38,12 @@ def run(config: core.BenchConfig, size_bytes: int) -> core.LegResult:
     every = max(1, round(save_median / (0.10 * step_median)))
     result.scalars.update(interval_steps=every, step_s=round(step_median, 5), torch_save_s=round(save_median, 4))
 
-    settings = WorkerSettings(checkpoint_dir=f"{base}/ours", run_id="bench")
+    # The worker tunables from the environment (ORCH_SNAPSHOT_NICE=0 measures without the
+    # writer's low priority), the rest fixed by the leg.
+    settings = dataclasses.replace(
+        WorkerSettings.from_env(), checkpoint_dir=f"{base}/ours", run_id="bench"
+    )
+    result.scalars.update(snapshot_nice=settings.snapshot_nice)
     state = trainer.TrainingState(model=model, optimizer=optimizer)
     ckpt = trainer.Checkpointer(state, hparams={}, every=every, settings=settings)
     step = 0
