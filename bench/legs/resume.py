@@ -135,7 +135,7 @@ def run(config: core.BenchConfig, size_bytes: int) -> core.LegResult:
 
 def _rotations(size_bytes: int) -> list[tuple[str, ...]]:
     """The jobs measured side by side: all three if their memory fits, else in pairs, else alone."""
-    budget = 0.75 * h.mem_available()
+    budget = 0.75 * core.mem_available()
 
     def need(names: tuple[str, ...]) -> float:
         return sum(_FOOTPRINT[n][0] + _FOOTPRINT[n][1] * size_bytes for n in names)

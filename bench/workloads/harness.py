@@ -656,18 +656,6 @@ def timeout_for(size_bytes: int) -> float:
     return 120.0 + 120.0 * size_bytes / core.GB
 
 
-def mem_available() -> int:
-    """``MemAvailable`` of ``/proc/meminfo`` in bytes (0 if unknown)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
-
-
 def state_bytes(size_bytes: int, width: int = 1024) -> int:
     """Bytes of model + AdamW state that :func:`bench.core.make_model` builds for ``size_bytes``."""
     params = max(width * 4, size_bytes // 12)
