@@ -290,6 +290,12 @@ def test_close_is_bounded_when_the_endpoint_hangs(hanging: Hanging) -> None:
     assert took < 15.0
     [unsent] = [e for e in logs if e["event"] == "notify.unsent"]
     assert unsent["in_flight"] is True and unsent["alerts"] == 4
+    # The abandoned send must not outlive this test: its failure (when the endpoint goes away)
+    # would log notify.failed into the next test's capture. End it here and wait for it.
+    hanging.close()
+    for sender in n._senders:
+        sender.thread.join(timeout=60)
+        assert not sender.thread.is_alive()
 
 
 def test_request_timeout_bounds_each_send(hanging: Hanging) -> None:
