@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -132,6 +133,14 @@ def progress(ckpt: Path, rank: int) -> dict[str, Any] | None:
         return out
     except (FileNotFoundError, json.JSONDecodeError):
         return None
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a rendezvous endpoint)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
 
 
 def kill_group(p: subprocess.Popen[str]) -> None:

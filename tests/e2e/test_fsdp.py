@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -96,13 +95,6 @@ def test_sigterm_takes_a_sharded_emergency_snapshot_and_resumes(golden: Any, tmp
     assert again.status()["resumed_from_step"] == last
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def test_two_rank_snapshot_resumes_on_two_nodes(golden: Any, tmp_path: Path) -> None:
     ckpt, digests = golden
     nodes = [tmp_path / "node-0", tmp_path / "node-1"]
@@ -112,7 +104,7 @@ def test_two_rank_snapshot_resumes_on_two_nodes(golden: Any, tmp_path: Path) -> 
     for step in (15, 20):
         shutil.rmtree(nodes[0] / "snapshots" / f"step-{step:012d}")
     nodes[1].mkdir()
-    port = _free_port()
+    port = harness.free_port()
     procs = []
     try:
         for rank, node in enumerate(nodes):

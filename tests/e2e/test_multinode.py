@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,13 +34,6 @@ NODE_ENV = {
     "ORCH_MIRROR_RETRY_MAX_S": "1",
     "ORCH_STATE_MIRROR_INTERVAL_S": "1",
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass
@@ -155,7 +147,7 @@ def _no_orphans(cluster: Cluster) -> None:
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Any:
-    c = Cluster(tmp_path, _free_port(), dict(NODE_ENV))
+    c = Cluster(tmp_path, harness.free_port(), dict(NODE_ENV))
     try:
         yield c
     finally:
@@ -187,7 +179,7 @@ def test_rank0_node_replaced_resumes_from_the_mirror(
 ) -> None:
     """The node holding every snapshot is lost: the run continues from the object store."""
     cluster = Cluster(
-        tmp_path, _free_port(), {**NODE_ENV, **s3_bucket.server.env()}, mirror=s3_bucket.url
+        tmp_path, harness.free_port(), {**NODE_ENV, **s3_bucket.server.env()}, mirror=s3_bucket.url
     )
     try:
         cluster.start(0)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 from collections import Counter
 from pathlib import Path
@@ -63,13 +62,6 @@ def _preempt(ckpt: Path, samples: Path, nproc: int, past: int) -> int:
     st = harness.status(ckpt)
     assert st["phase"] == "preempted", st
     return int(st["step"])
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _records(samples: Path, rank: int) -> list[dict[str, Any]]:
@@ -142,7 +134,7 @@ def test_elastic_nodes_range_continues_on_the_surviving_node(tmp_path: Path) -> 
     """``--nodes 1:2``: rank 0's node is lost for good (no mirror); the other node re-forms the
     group alone (one rank), resumes its own copy of the newest snapshot (node copies) on the
     smaller world size without any flag, and finishes; the data stays sample-exact."""
-    port = _free_port()
+    port = harness.free_port()
     samples = tmp_path / "samples"
     env = harness.base_env(ORCH_RDZV_JOIN_TIMEOUT_S="90", ORCH_RDZV_LAST_CALL_S="2")
     procs: dict[int, subprocess.Popen[str]] = {}
