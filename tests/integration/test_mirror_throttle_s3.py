@@ -50,15 +50,6 @@ class Events:
 
 
 @pytest.fixture
-def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
-    for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
-        monkeypatch.delenv(k, raising=False)
-    for k, v in s3_server.env().items():
-        monkeypatch.setenv(k, v)
-    return s3_server
-
-
-@pytest.fixture
 def remote(s3_env: S3Server, s3_bucket: S3Bucket) -> Iterator[RemoteSnapshotStore]:
     r = RemoteSnapshotStore(s3_bucket.url, settings=SETTINGS)
     yield r

@@ -42,15 +42,6 @@ SETTINGS = StorageSettings(
 )
 
 
-@pytest.fixture
-def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
-    for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
-        monkeypatch.delenv(k, raising=False)
-    for k, v in s3_server.env().items():
-        monkeypatch.setenv(k, v)
-    return s3_server
-
-
 def commit(store: LocalSnapshotStore, step: int, size: int) -> Manifest:
     w = store.begin(step)
     w.write_bytes("tree.json", b'{"step": %d}' % step)

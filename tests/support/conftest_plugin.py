@@ -75,6 +75,17 @@ def s3_server() -> Iterator[S3Server]:
 
 
 @pytest.fixture
+def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
+    """The test server's endpoint and credentials in this process's AWS variables (and no
+    profile or session token of the machine's own that could win over them)."""
+    for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in s3_server.env().items():
+        monkeypatch.setenv(k, v)
+    return s3_server
+
+
+@pytest.fixture
 def s3_bucket(s3_server: S3Server, request: pytest.FixtureRequest) -> Iterator[S3Bucket]:
     bucket = s3_server.make_bucket(_bucket_name(request.node.nodeid))
     yield S3Bucket(s3_server, bucket, f"s3://{bucket}/run")
