@@ -38,11 +38,16 @@ _RENDEZVOUS_ERROR = re.compile(r"\b(Rendezvous(?:Closed|Timeout|Connection|State
 STARTUP_ERROR_TYPES = frozenset(
     {"ImportError", "ModuleNotFoundError", "SyntaxError", "IndentationError", "TabError"}
 )
-#: The last line of such a traceback printed by a rank (torchrun may prefix "[rankN]:").
+_STARTUP_TYPE = "|".join(sorted(STARTUP_ERROR_TYPES))
+#: The last line of such a traceback printed by a rank (torchrun may prefix "[rankN]:"). Two
+#: ranks printing at once can double the name ("ImportErrorImportError: : message").
 _STARTUP_ERROR_LINE = re.compile(
-    r"^(?:\[[^\]]*\]:\s*)?(?P<type>" + "|".join(sorted(STARTUP_ERROR_TYPES)) + r")\b(?P<rest>.*)$",
+    r"^(?:\[[^\]]*\]:\s*)?(?P<type>" + _STARTUP_TYPE + r")(?:" + _STARTUP_TYPE + r")*"
+    r"\b(?P<rest>.*)$",
     re.M,
 )
+#: The separators left in front of a message when two ranks' ": " interleaved.
+_LEADING_COLONS = re.compile(r"^(?:\s*:)+\s*")
 _FIELD = re.compile(r"^\s*(?P<key>rank|exitcode|traceback|error_file)\s*:\s*(?P<value>.*?)\s*$")
 
 
@@ -318,7 +323,7 @@ def printed_startup_error(log_text: str) -> tuple[str, str] | None:
             t in rest for t in STARTUP_ERROR_TYPES
         )
         if clean:
-            return kind, f"{kind}{rest}"
+            return kind, f"{kind}: {_LEADING_COLONS.sub('', rest)}".rstrip(": ")
         doubled = f": {kind}"
         if rest.startswith(doubled) and rest[len(doubled) :].strip():
             # "T: TMessage": the other rank's "T" landed between this one's "T: " and message.

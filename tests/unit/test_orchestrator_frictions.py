@@ -120,6 +120,12 @@ def test_other_errors_are_no_start_up_errors(tmp_path: Path) -> None:
          ("IndentationError", "IndentationError: unexpected indent")),
         ("WARNING: ImportError: optional extension missing\n", None),  # not a traceback's end
         ("ImportErrorHandler started\n", None),
+        # Two ranks' last lines interleaved character-wise (seen in CI): the type doubled.
+        ("ImportErrorImportError: : cannot import name 'x' from 'os' (os.py)cannot import name "
+         "'x' from 'os' (os.py)\n",
+         ("ImportError", "ImportError: cannot import name 'x' from 'os' (os.py)cannot import name "
+          "'x' from 'os' (os.py)")),
+        ("SyntaxError\n", ("SyntaxError", "SyntaxError")),
         ("", None),
     ],
 )
