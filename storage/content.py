@@ -2,9 +2,20 @@
 
 A snapshot's manifest carries the content ``digest`` of the training state it holds: ``"sha256:"``
 of the *canonical tree* (``tree.json``'s ``root`` without arena offsets and dict insertion
-orders, as compact sorted JSON) followed by every tensor's bytes from ``tensors.bin`` in tree
-order, without the alignment padding (the encoder is :mod:`trainer.codec`, which takes the
-canonical form and the tensor walk from here so the two can never drift apart).
+orders, as compact sorted JSON, tagged with the tree's format) followed by the tensors in tree
+order (the encoder is :mod:`trainer.codec`, which takes the canonical form, the layout rule and
+the tensor walk from here so the two can never drift apart). Two tree formats exist:
+
+* ``trainer-tree-v1``: each tensor's raw bytes follow the tree. Checking it costs a second
+  sha256 over every tensor byte beside the file checksum.
+* ``trainer-tree-v2`` (written now): each tensor's 32-byte *tensor digest* follows the tree:
+  the sha256 of the sha256 of each 64 KiB block of its bytes (:func:`storage.blockhash
+  .tensor_digest`). A tensor of at least :data:`BLOCK_ALIGN_MIN_BYTES` starts on a block
+  boundary of ``tensors.bin``, so its whole blocks *are* blocks of the file, whose
+  ``sha256-b64k`` checksum (format-2 manifests) hashes them anyway: only its last partial block
+  and the small tensors are hashed a second time (:class:`RegionSplit`). Writer and verifiers
+  therefore hash every tensor byte about once, and the digest still depends on content only
+  (not on offsets or padding: a tensor placed elsewhere is simply hashed as an extra).
 
 File checksums only say that the files are the ones the writer wrote. A tree whose records were
 changed together with the checksums (an encoder or decoder bug, a tampered file) still passes
@@ -26,14 +37,22 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from storage.blockhash import BLOCK_BYTES, BlockHasher, FileHasher
 from storage.errors import CorruptSnapshot
 
-#: The trainer's tree format (``tree.json``'s ``"format"``).
-FORMAT = "trainer-tree-v1"
+FORMAT_V1 = "trainer-tree-v1"
+FORMAT_V2 = "trainer-tree-v2"
+#: The trainer's tree format (``tree.json``'s ``"format"``) written now; both are read.
+FORMAT = FORMAT_V2
+FORMATS = frozenset({FORMAT_V1, FORMAT_V2})
+#: In a v2 arena, tensors of at least this many bytes start on a 64 KiB block boundary (at most
+#: 64 KiB of padding each, under 6%, for not hashing them twice); smaller ones are 64-byte
+#: aligned and hashed twice (they are few bytes in any real state).
+BLOCK_ALIGN_MIN_BYTES = 1 << 20
 
 JsonTree = Any
 
@@ -81,9 +100,9 @@ def _canonical(node: JsonTree) -> JsonTree:
     return node
 
 
-def canonical_tree_bytes(root: JsonTree) -> bytes:
+def canonical_tree_bytes(root: JsonTree, fmt: str = FORMAT) -> bytes:
     """Serialise ``root`` without offsets and insertion orders: the tree part of the digest."""
-    return canonical_json({"format": FORMAT, "root": _canonical(root)})
+    return canonical_json({"format": fmt, "root": _canonical(root)})
 
 
 def tensor_records(node: JsonTree) -> Iterator[dict[str, Any]]:
@@ -154,6 +173,69 @@ def _brief(record: Mapping[str, Any]) -> str:
 
 
 @dataclass(frozen=True)
+class RegionSplit:
+    """How a v2 verifier gets one tensor's block hashes.
+
+    ``nfull`` whole blocks come from the file's block hashes from block ``first_block`` on
+    (the tensor starts on a block boundary); the rest, ``[extra_start, extra_start +
+    extra_len)`` of the arena, is hashed on its own (a last partial block, or a whole tensor
+    that is small or not block-aligned).
+    """
+
+    first_block: int
+    nfull: int
+    extra_start: int
+    extra_len: int
+
+
+def split_region(offset: int, nbytes: int) -> RegionSplit:
+    """The :class:`RegionSplit` of the tensor at ``[offset, offset + nbytes)``."""
+    if offset % BLOCK_BYTES == 0 and nbytes >= BLOCK_BYTES:
+        nfull = nbytes // BLOCK_BYTES
+        return RegionSplit(offset // BLOCK_BYTES, nfull, offset + nfull * BLOCK_BYTES,
+                           nbytes - nfull * BLOCK_BYTES)
+    return RegionSplit(0, 0, offset, nbytes)
+
+
+def combine(canonical: bytes, tensor_digests: Sequence[bytes]) -> str:
+    """A v2 digest: ``"sha256:"`` of the canonical tree followed by each tensor digest."""
+    h = hashlib.sha256(canonical)
+    for d in tensor_digests:
+        h.update(d)
+    return "sha256:" + h.hexdigest()
+
+
+def extra_blocks(
+    arena: memoryview, splits: Sequence[RegionSplit]
+) -> list[list[bytes]]:
+    """The block hashes of every split's extra bytes, from an arena held in memory."""
+    out: list[list[bytes]] = []
+    for sp in splits:
+        h = BlockHasher()
+        h.update(arena[sp.extra_start : sp.extra_start + sp.extra_len])
+        out.append(h.blocks())
+    return out
+
+
+def tensor_digests(
+    splits: Sequence[RegionSplit], file_blocks: Sequence[bytes], extras: Sequence[list[bytes]]
+) -> list[bytes]:
+    """Each tensor's digest from the file's block hashes and its extra bytes' block hashes."""
+    out: list[bytes] = []
+    for sp, extra in zip(splits, extras, strict=True):
+        h = hashlib.sha256()
+        if sp.nfull:
+            if sp.first_block + sp.nfull > len(file_blocks):
+                raise CorruptSnapshot("a tensor lies past the file's blocks")
+            for block in file_blocks[sp.first_block : sp.first_block + sp.nfull]:
+                h.update(block)
+        for block in extra:
+            h.update(block)
+        out.append(h.digest())
+    return out
+
+
+@dataclass(frozen=True)
 class ContentPlan:
     """What a tree says about its arena: the digest's tree part and the tensor regions."""
 
@@ -161,21 +243,30 @@ class ContentPlan:
     #: ``(offset, nbytes)`` per tensor, in arena order, non-overlapping.
     regions: tuple[tuple[int, int], ...]
     arena_nbytes: int
+    #: The tree's format (:data:`FORMAT_V1` or :data:`FORMAT_V2`): how the digest is defined.
+    fmt: str = FORMAT
 
     def hasher(self) -> ContentHasher:
+        """A streaming hasher of this plan's digest (fed the arena in order)."""
         return ContentHasher(self)
 
     def digest_of(self, arena: bytes | bytearray | memoryview) -> str:
         """The content digest over a whole arena held in memory."""
-        h = self.hasher()
-        h.update(memoryview(arena).cast("B"))
-        return h.hexdigest()
+        view = memoryview(arena).cast("B")
+        if self.fmt == FORMAT_V1:
+            h = hashlib.sha256(self.canonical)
+            for offset, nbytes in self.regions:
+                h.update(view[offset : offset + nbytes])
+            return "sha256:" + h.hexdigest()
+        splits = [RegionSplit(0, 0, offset, nbytes) for offset, nbytes in self.regions]
+        return combine(self.canonical, tensor_digests(splits, [], extra_blocks(view, splits)))
 
 
 def content_plan(tree: Mapping[str, Any], arena_nbytes: int) -> ContentPlan:
     """Check a parsed trainer tree against an arena of ``arena_nbytes``; its plan."""
-    if tree.get("format") != FORMAT:
-        raise CorruptSnapshot(f"tree.json: unknown format {tree.get('format')!r}"[:200])
+    fmt = tree.get("format")
+    if fmt not in FORMATS:
+        raise CorruptSnapshot(f"tree.json: unknown format {fmt!r}"[:200])
     if tree.get("arena_nbytes") != arena_nbytes:
         raise CorruptSnapshot(
             f"tree.json declares an arena of {tree.get('arena_nbytes')!r} bytes, "
@@ -191,12 +282,14 @@ def content_plan(tree: Mapping[str, Any], arena_nbytes: int) -> ContentPlan:
             offset, nbytes = check_record(record, arena_nbytes, floor)
             regions.append((offset, nbytes))
             floor = offset + nbytes
-        canonical = canonical_tree_bytes(root)
+        canonical = canonical_tree_bytes(root, str(fmt))
     except (ValueError, TypeError, RecursionError) as exc:
         # ValueError: a NaN the canonical JSON refuses; TypeError: a "v" that is not a list;
         # RecursionError: absurd nesting. None of it was written by the encoder.
         raise CorruptSnapshot(f"tree.json: malformed tree: {exc!r}"[:300]) from exc
-    return ContentPlan(canonical=canonical, regions=tuple(regions), arena_nbytes=arena_nbytes)
+    return ContentPlan(
+        canonical=canonical, regions=tuple(regions), arena_nbytes=arena_nbytes, fmt=str(fmt)
+    )
 
 
 def parse_tree_json(tree_json: bytes) -> dict[str, Any] | None:
@@ -217,35 +310,58 @@ def plan_from_json(tree_json: bytes, arena_nbytes: int) -> ContentPlan | None:
 
 
 class ContentHasher:
-    """The content digest, fed the arena's bytes in order in chunks of any size."""
+    """The content digest, fed the arena's bytes in order in chunks of any size.
+
+    v1: every tensor byte goes into one sha256 after the canonical tree. v2: only each
+    tensor's extra bytes (:class:`RegionSplit`) are hashed here; :meth:`finish` takes the rest
+    from the block hashes of the file checksum that was fed the same bytes.
+    """
 
     def __init__(self, plan: ContentPlan) -> None:
-        self._regions = plan.regions
-        self._next = 0  # index of the first region not yet complete
+        self._plan = plan
+        self._v1 = plan.fmt == FORMAT_V1
+        if self._v1:
+            self._ranges = list(plan.regions)
+            self._splits: list[RegionSplit] = []
+        else:
+            self._splits = [split_region(o, n) for o, n in plan.regions]
+            self._ranges = [(sp.extra_start, sp.extra_len) for sp in self._splits]
+        self._extra = [BlockHasher() for _ in self._ranges] if not self._v1 else []
+        self._next = 0  # index of the first range not yet complete
         self._pos = 0  # arena offset of the next byte fed
         self._hash = hashlib.sha256(plan.canonical)
 
     def update(self, chunk: memoryview) -> None:
-        """Feed the next ``len(chunk)`` bytes of the arena (bytes of padding are skipped)."""
+        """Feed the next ``len(chunk)`` bytes of the arena (bytes outside the ranges skipped)."""
         start, end = self._pos, self._pos + len(chunk)
-        regions = self._regions
+        ranges = self._ranges
         i = self._next
-        while i < len(regions):
-            offset, nbytes = regions[i]
+        while i < len(ranges):
+            offset, nbytes = ranges[i]
             if offset >= end:
                 break
             lo, hi = max(offset, start), min(offset + nbytes, end)
             if hi > lo:
-                self._hash.update(chunk[lo - start : hi - start])
+                (self._hash if self._v1 else self._extra[i]).update(chunk[lo - start : hi - start])
             if offset + nbytes > end:
                 break  # continues in the next chunk
             i += 1
         self._next = i
         self._pos = end
 
-    def hexdigest(self) -> str:
-        """``"sha256:<hex>"``; only meaningful once the whole arena was fed."""
-        return "sha256:" + self._hash.hexdigest()
+    def finish(self, file_hasher: FileHasher) -> str:
+        """``"sha256:<hex>"`` once the whole arena was fed, here and to ``file_hasher``."""
+        if self._v1:
+            return "sha256:" + self._hash.hexdigest()
+        if not isinstance(file_hasher, BlockHasher):
+            raise CorruptSnapshot(
+                "tree.json is of format 2 but tensors.bin's checksum is not by blocks"
+            )
+        blocks = file_hasher.blocks()
+        return combine(
+            self._plan.canonical,
+            tensor_digests(self._splits, blocks, [h.blocks() for h in self._extra]),
+        )
 
     @property
     def fed(self) -> int:

@@ -1,15 +1,16 @@
 """Writing one snapshot file: hashed while written, O_DIRECT where the disk allows, fsynced.
 
-:class:`HashingFile` computes a file's size and sha256 as its bytes pass through (no second read
-pass), on a helper thread beside the writes, and fsyncs it on close; its :class:`FileEntry` goes
-into the manifest. The snapshot writer (:mod:`storage.writer`) makes one per file.
+:class:`HashingFile` computes a file's size and checksum (``sha256-b64k`` unless told otherwise,
+:mod:`storage.blockhash`) as its bytes pass through (no second read pass), on a helper thread
+beside the writes, and fsyncs it on close; its :class:`FileEntry` goes into the manifest, and its
+block hashes stay available (:attr:`HashingFile.hasher`) for the content digest. The snapshot
+writer (:mod:`storage.writer`) makes one per file.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import os
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -17,6 +18,7 @@ from types import TracebackType
 
 import numpy as np
 
+from storage.blockhash import SHA256_BLOCKS, FileHasher, new_hasher
 from storage.errors import StorageError, os_error
 from storage.manifest import FileEntry
 
@@ -47,11 +49,13 @@ class HashingFile:
         *,
         on_error: Callable[[], None] | None = None,
         direct: bool = False,
+        algorithm: str = SHA256_BLOCKS,
     ) -> None:
         self.path = path
         self._chunk = chunk_bytes
         self._on_error = on_error
-        self._hash = hashlib.sha256()
+        self._algorithm = algorithm
+        self._hash: FileHasher = new_hasher(algorithm)
         self._size = 0
         self._entry: FileEntry | None = None
         self._hasher: ThreadPoolExecutor | None = None
@@ -134,8 +138,16 @@ class HashingFile:
             raise os_error(exc, f"fsyncing {self.path}") from exc
         os.close(fd)
         self._stop_hasher()
-        self._entry = FileEntry(size=self._size, checksum=self._hash.hexdigest())
+        self._entry = FileEntry(
+            size=self._size, checksum=self._hash.hexdigest(), algorithm=self._algorithm
+        )
         return self._entry
+
+    @property
+    def hasher(self) -> FileHasher:
+        """The file's hasher (a :class:`BlockHasher` for ``sha256-b64k``, whose block hashes
+        the content digest reuses); complete once :meth:`close` returned."""
+        return self._hash
 
     def _stop_hasher(self) -> None:
         if self._hasher is not None:

@@ -8,6 +8,11 @@ and computed by `trainer.codec`, opaque here) and the metadata an operator needs
 resume: git commit, hyperparameters, dataset and torch versions, learning rate, metrics.
 Manifests written before `components` existed load with an empty mapping.
 
+Two format versions are read: version 1 records each file's plain sha256 (`"sha256"`), version 2
+(written now) the sha256 of its 64 KiB block hashes (`"sha256-b64k"`, :mod:`storage.blockhash`),
+which lets the writer hash every byte once. Each :class:`FileEntry` carries its manifest's
+algorithm, so a verifier asks the entry for its hasher and never needs the version.
+
 Every file name a manifest lists is a plain name inside its snapshot
 (:func:`storage.layout.is_safe_filename`: no separator, no ``..``, not absolute, no NUL, not
 hidden); a manifest naming anything else, local or downloaded, is unreadable
@@ -22,11 +27,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from storage.blockhash import SHA256, SHA256_BLOCKS, FileHasher, new_hasher
 from storage.errors import CorruptSnapshot
 from storage.layout import is_safe_filename
 
-FORMAT_VERSION = 1
-CHECKSUM_ALGORITHM = "sha256"
+#: The version the snapshot writer writes.
+FORMAT_VERSION = 2
+#: Every version this code reads, with the checksum algorithm its manifests use.
+CHECKSUM_ALGORITHMS: Mapping[int, str] = {1: SHA256, 2: SHA256_BLOCKS}
+#: The algorithm of :data:`FORMAT_VERSION`.
+CHECKSUM_ALGORITHM = CHECKSUM_ALGORITHMS[FORMAT_VERSION]
 #: Longest component name accepted in a manifest.
 MAX_COMPONENT_NAME = 1024
 _HEX = frozenset("0123456789abcdef")
@@ -49,16 +59,24 @@ def is_component_name(name: object) -> bool:
 
 @dataclass(frozen=True, kw_only=True)
 class FileEntry:
-    """One file of a snapshot: its size in bytes and its checksum (hex)."""
+    """One file of a snapshot: its size in bytes and its checksum (hex) by ``algorithm``."""
 
     size: int
     checksum: str
+    #: How ``checksum`` was computed (the manifest's ``checksum_algorithm``).
+    algorithm: str = CHECKSUM_ALGORITHM
 
     def __post_init__(self) -> None:
         if self.size < 0:
             raise ValueError(f"file size must be non-negative, got {self.size}")
         if len(self.checksum) != 64 or any(c not in "0123456789abcdef" for c in self.checksum):
             raise ValueError("checksum must be 64 lowercase hex digits (sha256)")
+        if self.algorithm not in CHECKSUM_ALGORITHMS.values():
+            raise ValueError(f"unknown checksum algorithm {self.algorithm!r}")
+
+    def hasher(self) -> FileHasher:
+        """A fresh hasher whose ``hexdigest()`` must equal :attr:`checksum` after the file."""
+        return new_hasher(self.algorithm)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -79,19 +97,27 @@ class Manifest:
     checksum_algorithm: str = CHECKSUM_ALGORITHM
 
     def __post_init__(self) -> None:
-        if self.format_version != FORMAT_VERSION:
+        if self.format_version not in CHECKSUM_ALGORITHMS:
             raise ValueError(f"unsupported manifest format version {self.format_version}")
-        if self.checksum_algorithm != CHECKSUM_ALGORITHM:
-            raise ValueError(f"unsupported checksum algorithm {self.checksum_algorithm!r}")
+        if self.checksum_algorithm != CHECKSUM_ALGORITHMS[self.format_version]:
+            raise ValueError(
+                f"checksum algorithm {self.checksum_algorithm!r} does not belong to manifest "
+                f"format version {self.format_version}"[:200]
+            )
         if self.step < 0 or self.epoch < 0:
             raise ValueError("step and epoch must be non-negative")
         if self.world_size < 1:
             raise ValueError("world_size must be at least 1")
         if not self.files:
             raise ValueError("a manifest must list at least one file")
-        for name in self.files:
+        for name, entry in self.files.items():
             if not is_safe_filename(name):
                 raise ValueError(f"unsafe file name in manifest: {name!r}")
+            if entry.algorithm != self.checksum_algorithm:
+                raise ValueError(
+                    f"{name!r}: checksum by {entry.algorithm!r} in a manifest of "
+                    f"{self.checksum_algorithm!r}"[:200]
+                )
         if not self.digest.startswith("sha256:"):
             raise ValueError("digest must look like 'sha256:<hex>'")
         if not math.isfinite(self.created_at):
@@ -139,6 +165,10 @@ class Manifest:
             doc = json.loads(data, parse_constant=_reject_constant)
             if not isinstance(doc, dict):
                 raise ValueError("manifest is not a JSON object")
+            version = _int(doc, "format_version")
+            checksum_algorithm = doc.get("checksum_algorithm", CHECKSUM_ALGORITHMS.get(version))
+            if not isinstance(checksum_algorithm, str):
+                raise ValueError(f"'checksum_algorithm' is not a known name: {checksum_algorithm!r}")
             files_doc = doc["files"]
             if not isinstance(files_doc, dict):
                 raise ValueError("'files' is not an object")
@@ -146,7 +176,9 @@ class Manifest:
             for n, e in files_doc.items():
                 if not isinstance(e, dict):
                     raise ValueError(f"file entry {n!r} is not an object")
-                files[n] = FileEntry(size=_int(e, "size"), checksum=_str(e, "checksum"))
+                files[n] = FileEntry(
+                    size=_int(e, "size"), checksum=_str(e, "checksum"), algorithm=checksum_algorithm
+                )
             metadata = doc.get("metadata", {})
             if not isinstance(metadata, dict):
                 raise ValueError("'metadata' is not an object")
@@ -156,11 +188,8 @@ class Manifest:
             components = doc.get("components", {})
             if not isinstance(components, dict):
                 raise ValueError("'components' is not an object")
-            checksum_algorithm = doc.get("checksum_algorithm", CHECKSUM_ALGORITHM)
-            if not isinstance(checksum_algorithm, str):
-                raise ValueError("'checksum_algorithm' is not a string")
             return cls(
-                format_version=_int(doc, "format_version"),
+                format_version=version,
                 run_id=_str(doc, "run_id"),
                 step=_int(doc, "step"),
                 epoch=_int(doc, "epoch"),

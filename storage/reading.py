@@ -1,6 +1,6 @@
 """Reading a committed snapshot file verified: streamed and hashed, or mapped and hashed beside.
 
-Nothing read from a snapshot is trusted before its sha256 matches the manifest:
+Nothing read from a snapshot is trusted before its checksum matches the manifest:
 :func:`read_verified` hashes while it streams the file into the caller's buffer (or only hashes,
 to validate), and :class:`MappedFile` maps it for decoding while a thread hashes it, the caller
 waiting on :meth:`MappedFile.verified` before using a decoded value. Given a content plan
@@ -16,7 +16,6 @@ after the open, so nothing can be swapped in between a check and the read).
 from __future__ import annotations
 
 import errno
-import hashlib
 import io
 import mmap
 import os
@@ -28,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from contract.threads import run_in_thread
+from storage.blockhash import FileHasher
 from storage.content import ContentHasher, ContentPlan, check_digest
 from storage.errors import CorruptSnapshot, StorageError, file_errors
 from storage.manifest import FileEntry
@@ -95,7 +95,7 @@ def read_verified(
     With `content` (the file is the arena that plan describes), the content digest is computed
     from the same reads and must equal `expected_digest`.
     """
-    h = hashlib.sha256()
+    h = entry.hasher()
     hc = _content_hasher(content, expected_digest, entry)
     scratch = memoryview(bytearray(min(chunk, max(entry.size, 1)))) if into is None else None
     total = 0
@@ -119,7 +119,7 @@ def read_verified(
     if h.hexdigest() != entry.checksum:
         raise CorruptSnapshot(f"{name}: checksum mismatch")
     if hc is not None and expected_digest is not None:
-        check_digest(hc.hexdigest(), expected_digest, name)
+        check_digest(hc.finish(h), expected_digest, name)
 
 
 def _content_hasher(
@@ -152,7 +152,8 @@ class MappedFile:
     With ``content`` (the plan of the tree this file is the arena of) and ``expected_digest``
     (the manifest's), a second thread computes the content digest from the same read-only
     mapping beside the checksum (hashlib releases the GIL: on a free core it costs no wall
-    time), and :meth:`verified` also requires it to match.
+    time; for a v2 tree it hashes only the bytes the checksum's blocks do not cover), and
+    :meth:`verified` also requires it to match.
     """
 
     def __init__(
@@ -183,27 +184,24 @@ class MappedFile:
             self.array: np.ndarray[Any, Any] = np.frombuffer(self._map, dtype=np.uint8)
         else:
             self.array = np.zeros(0, dtype=np.uint8)
+        self._file_hasher = entry.hasher()
         self._digest = run_in_thread(self._hash, name=f"verify-{name}")
-        self._content: futures.Future[str] | None = None
+        self._content: futures.Future[None] | None = None
+        self._content_hasher = content_hasher
         if content_hasher is not None:
             self._content = run_in_thread(
-                lambda: self._content_digest(content_hasher), name=f"content-{name}"
+                lambda: self._feed(content_hasher), name=f"content-{name}"
             )
 
     def _hash(self) -> str:
-        h = hashlib.sha256()
-        if self._hash_map is not None:
-            with memoryview(self._hash_map) as view:
-                for start in range(0, len(view), self._chunk):
-                    h.update(view[start : start + self._chunk])
-        return h.hexdigest()
+        self._feed(self._file_hasher)
+        return self._file_hasher.hexdigest()
 
-    def _content_digest(self, hasher: ContentHasher) -> str:
+    def _feed(self, hasher: FileHasher | ContentHasher) -> None:
         if self._hash_map is not None:
             with memoryview(self._hash_map) as view:
                 for start in range(0, len(view), self._chunk):
                     hasher.update(view[start : start + self._chunk])
-        return hasher.hexdigest()
 
     def verified(self) -> None:
         """Wait for the hashes; raise :class:`CorruptSnapshot` unless they match the manifest.
@@ -219,7 +217,9 @@ class MappedFile:
             error = self._content.exception()
             if error is not None:
                 raise StorageError(f"verifying the content of {self._name}: {error}") from error
-            check_digest(self._content.result(), self._expected_digest, self._name)
+            if self._content_hasher is not None:
+                digest = self._content_hasher.finish(self._file_hasher)
+                check_digest(digest, self._expected_digest, self._name)
 
     def close(self) -> None:
         """Wait for the hash thread (it reads the mapping), then drop this object's references.
@@ -227,7 +227,10 @@ class MappedFile:
         The mapping itself is unmapped when the last view of :attr:`array` is gone (decoded
         tensors that are copies hold none).
         """
-        futures.wait([self._digest] if self._content is None else [self._digest, self._content])
+        running: list[futures.Future[Any]] = [self._digest]
+        if self._content is not None:
+            running.append(self._content)
+        futures.wait(running)
         if self._hash_map is not None:
             self._hash_map.close()
             self._hash_map = None

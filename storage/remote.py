@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-import hashlib
 import json
 import re
 import time
@@ -39,6 +38,7 @@ import structlog
 
 from contract.paths import RUN_DIR
 from storage import layout
+from storage.blockhash import checksum_of
 from storage.content import ContentHasher, ContentPlan, check_digest, plan_from_json
 from storage.errors import (
     CorruptSnapshot,
@@ -91,8 +91,8 @@ class _Counter:
 class _HashSink:
     """A writable that only hashes (remote checksum verification without a local copy)."""
 
-    def __init__(self) -> None:
-        self.hash = hashlib.sha256()
+    def __init__(self, entry: FileEntry) -> None:
+        self.hash = entry.hasher()
         self.size = 0
 
     def write(self, data: bytes | bytearray | memoryview, /) -> int:
@@ -312,7 +312,7 @@ class RemoteSnapshotStore:
             return None
         if name == layout.TREE_FILE:
             return self._get_tree(key, entry, label=name)
-        sink = _HashSink()
+        sink = _HashSink(entry)
         writable: Any = sink if content is None else _ContentSink(sink, content.hasher())
         try:
             self.store.get_into(key, writable, expected_size=entry.size)
@@ -321,7 +321,7 @@ class RemoteSnapshotStore:
         if sink.hash.hexdigest() != entry.checksum:
             raise CorruptSnapshot(f"{name}: checksum mismatch")
         if isinstance(writable, _ContentSink):
-            check_digest(writable.hasher.hexdigest(), digest, name)
+            check_digest(writable.hasher.finish(sink.hash), digest, name)
         return None
 
     def newest_valid(
@@ -395,7 +395,7 @@ class RemoteSnapshotStore:
                 _snapshot_key(step, name),
                 f"{local_dir}/{name}",
                 size=entry.size,
-                expected_sha256=entry.checksum,
+                expected=entry,
                 progress=counter,
                 pacing=pacing,
             )
@@ -480,7 +480,7 @@ class RemoteSnapshotStore:
                     plan = self._plan(manifest, tree)
                     continue
                 sink: ContentHasher | None = None
-                with writer.open(name) as f:
+                with writer.open(name, algorithm=entry.algorithm) as f:
                     target: Any = f
                     if plan is not None and name == layout.TENSORS_FILE:
                         target = _ContentSink(f, plan.hasher())
@@ -490,7 +490,8 @@ class RemoteSnapshotStore:
                     except ObjectNotFound as exc:
                         raise CorruptSnapshot(f"step {step}: {name}: missing remotely") from exc
                 if sink is not None:
-                    check_digest(sink.hexdigest(), arena_digest_expected(manifest), f"step {step}: {name}")
+                    check_digest(sink.finish(f.hasher), arena_digest_expected(manifest),
+                                 f"step {step}: {name}")
             writer.commit_manifest(manifest, raw=raw)
         except BaseException:
             writer.abort()
@@ -517,7 +518,7 @@ class RemoteSnapshotStore:
             data = self.store.get_bytes(key)
         except ObjectNotFound as exc:
             raise CorruptSnapshot(f"{label}: {missing}") from exc
-        if len(data) != entry.size or hashlib.sha256(data).hexdigest() != entry.checksum:
+        if len(data) != entry.size or checksum_of(data, entry.algorithm) != entry.checksum:
             raise CorruptSnapshot(f"{label}: checksum mismatch")
         return data
 

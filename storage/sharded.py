@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from storage.blockhash import FileHasher
 from storage.content import (
     TORCH_ITEMSIZE,
     ContentPlan,
@@ -424,7 +425,7 @@ class _FileSink:
 
     def __init__(self, name: str, entry: FileEntry, chunks: list[tuple[Chunk, IndexEntry]]) -> None:
         self.name, self.entry = name, entry
-        self.hash = hashlib.sha256()
+        self.hash = entry.hasher()
         self.pos = 0
         self._chunks = sorted(chunks, key=lambda ce: ce[0].file_offset)
         floor = 0
@@ -478,6 +479,7 @@ class ShardedValidator:
         self.index = parse_index(index_json)
         self._arena = bytearray()
         self._arena_hash = self._plan.hasher()
+        self._arena_file_hash: FileHasher | None = None
         self._files_fed: set[str] = {TREE_FILE, SHARD_INDEX_FILE}
         self._chunk_digests: dict[str, list[ChunkDigest]] = {k: [] for k in self.index}
         by_file: dict[str, list[tuple[Chunk, IndexEntry]]] = {}
@@ -523,7 +525,10 @@ class ShardedValidator:
         missing = sorted(set(self.manifest.files) - self._files_fed)
         if missing:
             raise CorruptSnapshot(f"files not checked: {missing}")
-        check_digest(self._arena_hash.hexdigest(), self._meta["rest_digest"], TENSORS_FILE)
+        if self._arena_file_hash is None:
+            raise CorruptSnapshot(f"{TENSORS_FILE} was not checked")
+        rest = self._arena_hash.finish(self._arena_file_hash)
+        check_digest(rest, self._meta["rest_digest"], TENSORS_FILE)
         regions = self._plan.regions
         region_of = {id(r): i for i, r in enumerate(r for r in records(self._root) if r.get("t") != SHARDED_TAG)}
 
@@ -548,7 +553,8 @@ class _ArenaSink:
 
     def __init__(self, validator: ShardedValidator, entry: FileEntry) -> None:
         self.name, self.entry, self._v = TENSORS_FILE, entry, validator
-        self.hash = hashlib.sha256()
+        self.hash = entry.hasher()
+        validator._arena_file_hash = self.hash
 
     def write(self, data: bytes | bytearray | memoryview, /) -> int:
         view = memoryview(data).cast("B")

@@ -21,7 +21,7 @@ from contract.atomic import fsync_dir
 from storage import layout
 from storage.errors import CorruptSnapshot, StorageError, os_error
 from storage.hashfile import HashingFile
-from storage.manifest import FileEntry, Manifest
+from storage.manifest import CHECKSUM_ALGORITHM, FileEntry, Manifest
 from storage.settings import StorageSettings
 
 # The logger name predates the split of storage.local; kept so log queries still match.
@@ -110,10 +110,14 @@ class SnapshotWriter:
         except OSError as exc:
             raise os_error(exc, f"creating {self.tmp_path}") from exc
 
-    def open(self, name: str, *, direct: bool = False) -> HashingFile:
+    def open(
+        self, name: str, *, direct: bool = False, algorithm: str = CHECKSUM_ALGORITHM
+    ) -> HashingFile:
         """A new file in the snapshot; hash computed while writing, fsynced on close.
 
         ``direct``: write with O_DIRECT when the settings allow it (for large, aligned buffers).
+        ``algorithm``: the checksum's; another than the current format's only for a copy of a
+        snapshot an older version wrote (:meth:`commit_manifest`).
         """
         self._check_new(name)
         # A failed write (disk full, I/O error) aborts the whole snapshot at once, so the space
@@ -123,6 +127,7 @@ class SnapshotWriter:
             self._settings.write_chunk_bytes,
             on_error=self.abort,
             direct=direct and self._settings.direct_io,
+            algorithm=algorithm,
         )
         self._files[name] = f
         return f

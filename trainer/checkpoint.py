@@ -34,6 +34,8 @@ from contract.interval import AUTO, Interval, auto_interval_s, parse_interval
 from contract.paths import RunPaths
 from contract.threads import run_in_thread
 from storage import LocalSnapshotStore
+from storage.blockhash import BlockHasher
+from storage.content import extra_blocks, split_region, tensor_digests
 from storage.layout import exports_root
 from trainer import codec, preemption
 from trainer.codec import TENSORS_FILE, TREE_FILE
@@ -519,24 +521,25 @@ class Checkpointer:
         try:
             size = encoded.arena_nbytes
             view = arena.numpy().data if size else memoryview(b"")
-            # The digest runs beside the file write and its checksum (another pass): hashlib and
-            # os.write release the GIL, so they overlap. The per-component digests are hashed on
-            # one more thread beside the whole digest (codec.arena_digests; same CPU as feeding
-            # both hashers in one walk, less wall time where a core is free).
-            tree = encoded.canonical_tree_bytes()
-            digester = run_in_thread(
-                lambda: codec.arena_digests(
-                    tree, view, encoded.slots, codec.component_plan(encoded.root)
-                ),
-                name="trainer-digest",
-            )
+            # Every byte is hashed once: the file checksum's 64 KiB block hashes are the large
+            # tensors' (block-aligned in the arena); the bytes they do not cover (small
+            # tensors, last partial blocks) are hashed beside the write, then the content and
+            # component digests are made of tensor digests (storage.content, format v2).
+            splits = [split_region(slot.offset, slot.nbytes) for slot in encoded.slots]
+            extras = run_in_thread(lambda: extra_blocks(view, splits), name="trainer-digest")
             try:
                 with writer.open(TENSORS_FILE, direct=True) as f:
                     # One call: the file chunks it, hashing each chunk beside its write.
                     f.write(view)
             finally:
-                futures.wait([digester])  # it reads the arena: never abort under it
-            digest, components = digester.result()
+                futures.wait([extras])  # it reads the arena: never abort under it
+            if not isinstance(f.hasher, BlockHasher):
+                raise TypeError("the snapshot file was not hashed by blocks")
+            digest, components = codec.digests_of(
+                encoded.canonical_tree_bytes(),
+                codec.component_plan(encoded.root),
+                tensor_digests(splits, f.hasher.blocks(), extras.result()),
+            )
             writer.write_bytes(TREE_FILE, encoded.tree_bytes())
             manifest = writer.commit(
                 run_id=self.run_id,

@@ -13,16 +13,19 @@ layout and the digest depend only on content; the original insertion order is ke
 
 The content **digest** is ``"sha256:" + hex`` of the *canonical tree* (the tree without
 arena offsets and without insertion orders, serialised as compact JSON with sorted keys)
-followed by the bytes of every tensor in canonical order, without the alignment padding. It
-therefore depends only on the state's content, never on file layout, paths, time or attempt;
-:func:`state_digest` computes it from a live state object.
+followed by every tensor's 32-byte digest (the sha256 of its 64 KiB block hashes) in canonical
+order (format ``trainer-tree-v2``; :mod:`storage.content` defines it and still reads v1, whose
+digest hashed the raw tensor bytes). It therefore depends only on the state's content, never on
+file layout, paths, time or attempt; :func:`state_digest` computes it from a live state object.
+Tensors of at least a MiB start on a 64 KiB boundary of the arena, so that the snapshot writer
+takes their block hashes from the file checksum it computes anyway (every byte hashed once).
 
 **Component digests** name the parts of a snapshot object (``TrainingState.snapshot_object``)
 and give each the digest it would have as a state of its own: ``components["model"] ==
-state_digest(shared["model"])``. :func:`component_plan` names them (see there), and the writer
-hashes each component's tensor bytes into its own hasher in the same walk over the arena that
-feeds the whole-state digest (:func:`arena_digests`); :func:`component_digests` computes the same
-map from a live state, :func:`snapshot_digests` from a snapshot's files.
+state_digest(shared["model"])``. :func:`component_plan` names them (see there); since a digest
+is made of tensor digests, every component's costs only a hash of its canonical tree and of its
+tensors' 32-byte digests (:func:`digests_of`); :func:`component_digests` computes the same map
+from a live state, :func:`snapshot_digests` from a snapshot's files.
 """
 
 from __future__ import annotations
@@ -31,20 +34,18 @@ import base64
 import hashlib
 import json
 import math
-import os
 from collections import OrderedDict
 from collections.abc import Iterator
-from concurrent import futures
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from contract.threads import run_in_thread
-
 # The canonical form and the tensor walk are storage's, so that validating a snapshot without
 # torch (storage.content) computes exactly the digest written here.
+from storage.blockhash import BLOCK_BYTES, tensor_digest
+from storage.content import BLOCK_ALIGN_MIN_BYTES, FORMAT_V1, FORMATS, combine
 from storage.content import FORMAT as FORMAT
 from storage.content import canonical_json as _dumps
 from storage.content import canonical_tree_bytes as canonical_tree_bytes
@@ -91,8 +92,8 @@ class EncodedState:
         return canonical_tree_bytes(self.root)
 
 
-def _align(n: int) -> int:
-    return (n + ALIGN - 1) // ALIGN * ALIGN
+def _align(n: int, to: int = ALIGN) -> int:
+    return (n + to - 1) // to * to
 
 
 def _key_sort(encoded_key: JsonTree) -> tuple[int, Any]:
@@ -112,7 +113,8 @@ class _Encoder:
         self.pos = 0
 
     def _slot(self, nbytes: int) -> TensorSlot:
-        offset = _align(self.pos)
+        # Large tensors on a block boundary: their block hashes are the file checksum's.
+        offset = _align(self.pos, BLOCK_BYTES if nbytes >= BLOCK_ALIGN_MIN_BYTES else ALIGN)
         self.pos = offset + nbytes
         slot = TensorSlot(offset=offset, nbytes=nbytes)
         self.slots.append(slot)
@@ -255,10 +257,9 @@ def _byte_view(src: torch.Tensor | np.ndarray[Any, Any]) -> np.ndarray[Any, Any]
 def state_digest(obj: Any) -> str:
     """Content digest of a live state object; equal to the digest of its snapshot."""
     encoded = encode(obj)
-    h = hashlib.sha256(encoded.canonical_tree_bytes())
-    for src in encoded.sources:
-        h.update(_byte_view(src).data)
-    return "sha256:" + h.hexdigest()
+    return combine(
+        encoded.canonical_tree_bytes(), [tensor_digest(_byte_view(s).data) for s in encoded.sources]
+    )
 
 
 _PAGE = 4096
@@ -365,13 +366,17 @@ def iter_regions(arena_nbytes: int, slots: list[TensorSlot], chunk: int) -> Iter
         yield pos, arena_nbytes, False
 
 
+def slot_digests(arena: memoryview, slots: list[TensorSlot]) -> list[bytes]:
+    """Each slot's tensor digest, from an arena held in memory."""
+    for slot in slots:
+        if slot.offset + slot.nbytes > len(arena):
+            raise CodecError(f"slot {slot} lies outside the arena ({len(arena)} bytes)")
+    return [tensor_digest(arena[s.offset : s.offset + s.nbytes]) for s in slots]
+
+
 def arena_digest(canonical_tree: bytes, arena: memoryview, slots: list[TensorSlot]) -> str:
-    """Digest from a staged arena (what the snapshot writer computes)."""
-    h = hashlib.sha256(canonical_tree)
-    for start, end, is_tensor in iter_regions(len(arena), slots, 1 << 24):
-        if is_tensor:
-            h.update(arena[start:end])
-    return "sha256:" + h.hexdigest()
+    """Digest from a staged arena."""
+    return combine(canonical_tree, slot_digests(arena, slots))
 
 
 # -- component digests ----------------------------------------------------------------------
@@ -417,7 +422,7 @@ def _segment(encoded_key: JsonTree) -> str:
     return json.dumps(label)[1:-1]
 
 
-def component_plan(root: JsonTree) -> list[Component]:
+def component_plan(root: JsonTree, fmt: str = FORMAT) -> list[Component]:
     """Name the components of an encoded snapshot object and find their slots.
 
     ``root`` is an encoded tree (:attr:`EncodedState.root`, or ``tree.json``'s ``"root"``). The
@@ -445,7 +450,7 @@ def component_plan(root: JsonTree) -> list[Component]:
         if name in names:
             raise CodecError(f"two parts of the state have the component name {name!r}")
         names.add(name)
-        plan.append(Component(name, canonical_tree_bytes(node), first, first + count))
+        plan.append(Component(name, canonical_tree_bytes(node, fmt), first, first + count))
 
     def split(node: JsonTree, first: int, count: int, prefix: str, suffix: str, name: str) -> None:
         parts = _items(node)
@@ -482,28 +487,16 @@ def component_plan(root: JsonTree) -> list[Component]:
     return plan
 
 
-def _hex(h: Any) -> str:
-    return "sha256:" + str(h.hexdigest())
-
-
-#: :func:`arena_digests` hashes the components on a second thread from this many tensor bytes.
-PARALLEL_MIN_BYTES = 4 << 20
-
-
-def _hash_slots(
-    arena: memoryview, slots: list[TensorSlot], targets: list[tuple[Any, ...]], chunk: int
-) -> None:
-    """Feed each slot's bytes, ``chunk`` at a time, to each of its target hashers in turn."""
-    for slot, hashers in zip(slots, targets, strict=True):
-        if not hashers:
-            continue
-        start, end = slot.offset, slot.offset + slot.nbytes
-        while start < end:
-            stop = min(end, start + chunk)
-            piece = arena[start:stop]
-            for h in hashers:
-                h.update(piece)
-            start = stop
+def digests_of(
+    canonical_tree: bytes, components: list[Component], tensor_digests: list[bytes]
+) -> tuple[str, dict[str, str]]:
+    """The whole-state digest and every component's, from the tensor digests in slot order."""
+    out: dict[str, str] = {}
+    for comp in components:
+        if not 0 <= comp.first <= comp.stop <= len(tensor_digests):
+            raise CodecError(f"component {comp.name!r} lies outside the {len(tensor_digests)} slots")
+        out[comp.name] = combine(comp.canonical, tensor_digests[comp.first : comp.stop])
+    return combine(canonical_tree, tensor_digests), out
 
 
 def arena_digests(
@@ -511,67 +504,17 @@ def arena_digests(
     arena: memoryview,
     slots: list[TensorSlot],
     components: list[Component],
-    *,
-    parallel: bool | None = None,
-    chunk: int = 1 << 20,
 ) -> tuple[str, dict[str, str]]:
-    """The whole-state digest (exactly :func:`arena_digest`'s) and every component's digest.
-
-    Every tensor byte is hashed twice, once into the whole-state hasher and once into its
-    component's (sha256 cannot be split, so that second update is the whole extra cost). With
-    ``parallel`` False that is one walk over the arena on this thread: each piece (``chunk``
-    bytes, small enough to stay in cache between the two updates) goes to both hashers in turn.
-    With ``parallel`` True the component hashers walk the arena on a second thread beside the
-    whole-state one (hashlib releases the GIL): the same CPU work, done in about the time of one
-    pass where a core is free (measured on 2 busy cores, 100 MB: 85-92 ms against 102-114 ms for
-    one thread, against 65-70 ms without components). ``None`` (the default): parallel from
-    :data:`PARALLEL_MIN_BYTES` of tensor bytes on a machine with more than one CPU.
-    """
-    whole = hashlib.sha256(canonical_tree)
-    owner: list[Any] = [None] * len(slots)
-    hashers: dict[str, Any] = {}
-    for comp in components:
-        if not 0 <= comp.first <= comp.stop <= len(slots):
-            raise CodecError(f"component {comp.name!r} lies outside the {len(slots)} slots")
-        h = hashlib.sha256(comp.canonical)
-        hashers[comp.name] = h
-        owner[comp.first : comp.stop] = [h] * (comp.stop - comp.first)
-    for slot in slots:
-        if slot.offset + slot.nbytes > len(arena):
-            raise CodecError(f"slot {slot} lies outside the arena ({len(arena)} bytes)")
-    if parallel is None:
-        parallel = (os.cpu_count() or 1) > 1 and sum(s.nbytes for s in slots) >= PARALLEL_MIN_BYTES
-    if parallel and hashers:
-        side = run_in_thread(
-            lambda: _hash_slots(arena, slots, [() if h is None else (h,) for h in owner], chunk),
-            name="trainer-component-digest",
-        )
-        try:
-            _hash_slots(arena, slots, [(whole,)] * len(slots), chunk)
-        finally:
-            futures.wait([side])  # it reads the arena: never return under it
-        side.result()
-    else:
-        _hash_slots(arena, slots, [(whole,) if h is None else (whole, h) for h in owner], chunk)
-    return _hex(whole), {name: _hex(h) for name, h in hashers.items()}
+    """The whole-state digest (exactly :func:`arena_digest`'s) and every component's digest,
+    from an arena held in memory: one hashing pass over the tensor bytes."""
+    return digests_of(canonical_tree, components, slot_digests(arena, slots))
 
 
 def state_digests(obj: Any) -> tuple[str, dict[str, str]]:
     """A live state's digest and component digests: what a snapshot of it records."""
     encoded = encode(obj)
-    whole = hashlib.sha256(encoded.canonical_tree_bytes())
-    owner: list[Any] = [None] * len(encoded.sources)
-    hashers: dict[str, Any] = {}
-    for comp in component_plan(encoded.root):
-        h = hashlib.sha256(comp.canonical)
-        hashers[comp.name] = h
-        owner[comp.first : comp.stop] = [h] * (comp.stop - comp.first)
-    for src, h in zip(encoded.sources, owner, strict=True):
-        data = _byte_view(src).data
-        whole.update(data)
-        if h is not None:
-            h.update(data)
-    return _hex(whole), {name: _hex(h) for name, h in hashers.items()}
+    tensor_digests = [tensor_digest(_byte_view(src).data) for src in encoded.sources]
+    return digests_of(encoded.canonical_tree_bytes(), component_plan(encoded.root), tensor_digests)
 
 
 def component_digests(obj: Any) -> dict[str, str]:
@@ -580,14 +523,23 @@ def component_digests(obj: Any) -> dict[str, str]:
     Equal to the ``components`` a snapshot of ``obj`` records in its manifest, e.g.
     ``component_digests(state.snapshot_object(gathered))`` on rank 0.
     """
-    encoded = encode(obj)
+    return state_digests(obj)[1]
+
+
+def _digests_v1(
+    root: JsonTree, arena: memoryview, slots: list[TensorSlot]
+) -> tuple[str, dict[str, str]]:
+    """A format-1 snapshot's digests: the canonical tree followed by the raw tensor bytes."""
+    whole = hashlib.sha256(canonical_tree_bytes(root, FORMAT_V1))
+    for slot in slots:
+        whole.update(arena[slot.offset : slot.offset + slot.nbytes])
     out: dict[str, str] = {}
-    for comp in component_plan(encoded.root):
+    for comp in component_plan(root, FORMAT_V1):
         h = hashlib.sha256(comp.canonical)
-        for src in encoded.sources[comp.first : comp.stop]:
-            h.update(_byte_view(src).data)
-        out[comp.name] = _hex(h)
-    return out
+        for slot in slots[comp.first : comp.stop]:
+            h.update(arena[slot.offset : slot.offset + slot.nbytes])
+        out[comp.name] = "sha256:" + h.hexdigest()
+    return "sha256:" + whole.hexdigest(), out
 
 
 def snapshot_digests(
@@ -595,11 +547,13 @@ def snapshot_digests(
 ) -> tuple[str, dict[str, str]]:
     """The digest and component digests of a snapshot's files (``tree.json``, ``tensors.bin``).
 
-    Reads offsets from the tree, so it agrees with :func:`state_digests` whatever the layout.
+    Reads offsets from the tree, so it agrees with :func:`state_digests` whatever the layout;
+    a format-1 tree gets its own (raw-bytes) digests.
     """
     tree = parse_tree(tree_json)
-    if tree.get("format") != FORMAT:
-        raise CodecError(f"unknown tree format {tree.get('format')!r}; expected {FORMAT!r}")
+    fmt = tree.get("format")
+    if fmt not in FORMATS:
+        raise CodecError(f"unknown tree format {fmt!r}; expected one of {sorted(FORMATS)}")
     root = tree.get("root")
     flat = (np.frombuffer(arena, dtype=np.uint8) if not isinstance(arena, np.ndarray)
             else arena.view(np.uint8).reshape(-1))
@@ -609,6 +563,11 @@ def snapshot_digests(
         if not (isinstance(offset, int) and isinstance(nbytes, int)) or offset < 0 or nbytes < 0:
             raise CodecError(f"bad tensor record {record!r}")
         slots.append(TensorSlot(offset=offset, nbytes=nbytes))
+    if fmt == FORMAT_V1:
+        for slot in slots:
+            if slot.offset + slot.nbytes > flat.size:
+                raise CodecError(f"slot {slot} lies outside the arena ({flat.size} bytes)")
+        return _digests_v1(root, flat.data, slots)
     return arena_digests(canonical_tree_bytes(root), flat.data, slots, component_plan(root))
 
 
@@ -817,8 +776,9 @@ def decode_tree(
     overlap, aligned, ``nbytes`` equal to shape times item size) and any malformation is a
     :class:`CodecError`, never a silently wrong tensor or a numpy/torch error.
     """
-    if tree.get("format") != FORMAT:
-        raise CodecError(f"unknown tree format {tree.get('format')!r}; expected {FORMAT!r}")
+    fmt = tree.get("format")
+    if fmt not in FORMATS:
+        raise CodecError(f"unknown tree format {fmt!r}; expected one of {sorted(FORMATS)}")
     declared = tree.get("arena_nbytes")
     dec = _Decoder(arena, copy=copy, borrow=borrow)
     if declared != dec.arena_np.size:
@@ -838,10 +798,9 @@ def decode_tree(
         raise CodecError("the tree decodes tensors that its content digest does not cover")
     if not compute_digest:
         return obj, None
-    h = hashlib.sha256(canonical_tree_bytes(tree["root"]))
-    for slot in dec.slots:
-        h.update(dec.arena_np[slot.offset : slot.offset + slot.nbytes].data)
-    return obj, "sha256:" + h.hexdigest()
+    if fmt == FORMAT_V1:
+        return obj, _digests_v1(tree["root"], dec.arena_np.data, dec.slots)[0]
+    return obj, arena_digest(canonical_tree_bytes(tree["root"]), dec.arena_np.data, dec.slots)
 
 
 def decode(

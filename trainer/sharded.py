@@ -27,7 +27,6 @@ non-tensor leaves come from our JSON tree, so nothing is ever unpickled from sto
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import time
@@ -58,6 +57,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.futures import Future
 
 from contract.threads import run_in_thread
+from storage.blockhash import checksum_of
 from storage.content import check_digest, content_plan
 from storage.errors import CorruptSnapshot
 from storage.hashfile import HashingFile
@@ -883,7 +883,7 @@ def _broadcast_files(ckpt: Checkpointer, step: int, source: int) -> tuple[Manife
             _broadcast_bytes(buf, source)
         # Checked after every broadcast of the loop: a receiver that stopped early would leave
         # the source alone in the next one.
-        if ckpt.rank != source and hashlib.sha256(buf.data).hexdigest() != entry.checksum:
+        if ckpt.rank != source and checksum_of(buf.data, entry.algorithm) != entry.checksum:
             damaged.append(name)
         received[name] = memoryview(buf.data)
     if damaged:

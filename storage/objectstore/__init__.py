@@ -15,6 +15,7 @@ import builtins
 from typing import Protocol, runtime_checkable
 from urllib.parse import urlparse
 
+from storage.manifest import FileEntry
 from storage.objectstore.common import Pacing, Progress, Writable
 from storage.objectstore.fsspec_store import FsspecObjectStore
 from storage.objectstore.s3 import S3ObjectStore
@@ -33,12 +34,13 @@ class ObjectStore(Protocol):
         local_path: str,
         *,
         size: int,
-        expected_sha256: str | None = None,
+        expected: FileEntry | None = None,
         progress: Progress | None = None,
         pacing: Pacing | None = None,
     ) -> None:
-        """Upload a local file of `size` bytes. With `expected_sha256` (hex), the bytes read are
-        hashed (once) and a mismatch raises `CorruptSnapshot` before the object becomes visible.
+        """Upload a local file of `size` bytes. With `expected` (the manifest's entry), the bytes
+        read are hashed once by its algorithm and a checksum other than the entry's raises
+        `CorruptSnapshot` before the object becomes visible.
         With `pacing`, the bytes go out at the pace it sets, from threads it has prepared."""
         ...
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-import hashlib
 import os
 import secrets
 import threading
@@ -19,6 +18,7 @@ from typing import Any
 import structlog
 
 from storage.errors import CorruptSnapshot, ObjectNotFound, StorageError
+from storage.manifest import FileEntry
 from storage.objectstore.common import (
     PACE_CHUNK,
     Pacing,
@@ -95,14 +95,14 @@ class FsspecObjectStore:
         local_path: str,
         *,
         size: int,
-        expected_sha256: str | None = None,
+        expected: FileEntry | None = None,
         progress: Progress | None = None,
         pacing: Pacing | None = None,
     ) -> None:
         chunk = self._settings.read_chunk_bytes
 
         def chunks() -> Iterator[bytes]:
-            h = hashlib.sha256()
+            h = expected.hasher() if expected is not None else None
             total = 0
             try:
                 with open(local_path, "rb", buffering=0) as f:
@@ -115,7 +115,8 @@ class FsspecObjectStore:
                             raise CorruptSnapshot(
                                 f"{local_path}: larger than the expected {size} bytes"
                             )
-                        h.update(data)
+                        if h is not None:
+                            h.update(data)
                         if pacing is not None:
                             for at in range(0, len(data), PACE_CHUNK):
                                 pacing.take(min(PACE_CHUNK, len(data) - at))
@@ -128,7 +129,7 @@ class FsspecObjectStore:
                 raise StorageError(f"reading {local_path}: {exc.strerror}") from exc
             if total != size:
                 raise CorruptSnapshot(f"{local_path}: {total} bytes on disk, expected {size}")
-            if expected_sha256 is not None and h.hexdigest() != expected_sha256:
+            if h is not None and expected is not None and h.hexdigest() != expected.checksum:
                 raise CorruptSnapshot(
                     f"{local_path}: local bytes do not match the manifest checksum"
                 )

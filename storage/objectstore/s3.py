@@ -8,14 +8,14 @@ cannot both commit the same step. Endpoint and credentials come from the standar
 (environment, profiles, `AWS_ENDPOINT_URL`), so AWS, MinIO, SeaweedFS and R2 all work; errors are
 mapped by :mod:`storage.objectstore.errors`.
 
-Hashing: every byte of a file is SHA-256-hashed exactly once, by the thread that reads it (the
-caller's), in file order; that digest must equal the manifest's before the object is made
-visible (single PUT: before the PUT, whose ``x-amz-checksum-sha256`` is that same digest;
-multipart: before ``complete_multipart_upload``). A multipart part carries a CRC32 (server
-validated, BadDigest otherwise) computed by the part's worker thread from the very buffer the
-reader hashed: it guards the transfer, the SHA-256 proves the bytes are the manifest's. (SHA-256
-per part as well would hash every byte twice: part SHA-256s cannot be combined into the whole
-file's.)
+Hashing: every byte of a file is hashed exactly once by the manifest entry's algorithm (the
+plain SHA-256 of format-1 snapshots or the 64 KiB block SHA-256 of format 2), by the thread that
+reads it (the caller's), in file order; that checksum must equal the manifest's before the object
+is made visible (single PUT: before the PUT; multipart: before ``complete_multipart_upload``).
+Every part, and a single PUT of a format-2 file, carries a CRC32 (server validated, BadDigest otherwise) computed from the very
+buffer that was hashed: it guards the transfer, the SHA-256 proves the bytes are the manifest's.
+(A SHA-256 per part as well would hash every byte twice: part SHA-256s cannot be combined into
+the manifest's checksum. A single PUT of a format-1 file sends its SHA-256 instead.)
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from urllib.parse import urlparse
 
 import structlog
 
+from storage.blockhash import SHA256_BLOCKS, checksum_of
 from storage.errors import (
     CorruptSnapshot,
     ObjectNotFound,
@@ -44,6 +45,7 @@ from storage.errors import (
     StorageError,
     TransientStorageError,
 )
+from storage.manifest import FileEntry
 from storage.objectstore.common import (
     PACE_CHUNK,
     Pacing,
@@ -197,7 +199,7 @@ class S3ObjectStore:
         local_path: str,
         *,
         size: int,
-        expected_sha256: str | None = None,
+        expected: FileEntry | None = None,
         progress: Progress | None = None,
         pacing: Pacing | None = None,
     ) -> None:
@@ -210,12 +212,12 @@ class S3ObjectStore:
             raise StorageError(f"opening {local_path}: {exc.strerror}") from exc
         with f:
             if size <= self._settings.remote_multipart_threshold:
-                self._put_single(key, full, f, local_path, size, expected_sha256, pacing)
+                self._put_single(key, full, f, local_path, size, expected, pacing)
                 if progress is not None:
                     progress(size)
             else:
                 self._put_multipart(
-                    key, full, f, local_path, size, expected_sha256, progress, pacing
+                    key, full, f, local_path, size, expected, progress, pacing
                 )
 
     def _read_local(self, f: BinaryIO, n: int, path: str) -> bytes:
@@ -232,21 +234,26 @@ class S3ObjectStore:
         f: BinaryIO,
         path: str,
         size: int,
-        expected: str | None,
+        expected: FileEntry | None,
         pacing: Pacing | None = None,
     ) -> None:
         data = self._read_local(f, size + 1, path)
         if len(data) != size:
             raise CorruptSnapshot(f"{path}: {len(data)} bytes on disk, expected {size}")
-        digest = hashlib.sha256(data).digest()
-        if expected is not None and digest.hex() != expected:
-            raise CorruptSnapshot(f"{path}: local bytes do not match the manifest checksum")
+        server_check: dict[str, str]
+        if expected is not None and expected.algorithm == SHA256_BLOCKS:
+            if checksum_of(data, SHA256_BLOCKS) != expected.checksum:
+                raise CorruptSnapshot(f"{path}: local bytes do not match the manifest checksum")
+            server_check = {"ChecksumCRC32": _crc32_b64(data)}
+        else:
+            # A plain SHA-256 checksum doubles as the server-validated transfer check.
+            digest = hashlib.sha256(data).digest()
+            if expected is not None and digest.hex() != expected.checksum:
+                raise CorruptSnapshot(f"{path}: local bytes do not match the manifest checksum")
+            server_check = {"ChecksumSHA256": base64.b64encode(digest).decode()}
         with self._call("upload", key):
             self._client.put_object(
-                Bucket=self.bucket,
-                Key=full,
-                Body=_body(data, pacing),
-                ChecksumSHA256=base64.b64encode(digest).decode(),
+                Bucket=self.bucket, Key=full, Body=_body(data, pacing), **server_check
             )
 
     def _put_multipart(
@@ -256,7 +263,7 @@ class S3ObjectStore:
         f: BinaryIO,
         path: str,
         size: int,
-        expected: str | None,
+        expected: FileEntry | None,
         progress: Progress | None,
         pacing: Pacing | None = None,
     ) -> None:
@@ -269,7 +276,7 @@ class S3ObjectStore:
             )["UploadId"]
         completed = False
         try:
-            whole = hashlib.sha256()
+            whole = expected.hasher() if expected is not None else None
             parts: dict[int, dict[str, Any]] = {}
             pool = ThreadPoolExecutor(
                 max_workers=conc,
@@ -291,7 +298,8 @@ class S3ObjectStore:
                     data = self._read_local(f, want, path)
                     if len(data) != want:
                         raise CorruptSnapshot(f"{path}: shorter than the expected {size} bytes")
-                    whole.update(data)  # the file's one SHA-256 pass (see the module doc)
+                    if whole is not None:
+                        whole.update(data)  # the file's one hashing pass (see the module doc)
                     pending.add(
                         pool.submit(self._upload_part, key, full, upload_id, number, data, pacing)
                     )
@@ -301,7 +309,9 @@ class S3ObjectStore:
                         collect(done)
                 if self._read_local(f, 1, path):
                     raise CorruptSnapshot(f"{path}: larger than the expected {size} bytes")
-                if expected is not None and whole.hexdigest() != expected:
+                if whole is not None and expected is not None and (
+                    whole.hexdigest() != expected.checksum
+                ):
                     raise CorruptSnapshot(f"{path}: local bytes do not match the manifest checksum")
                 done, pending = wait(pending)
                 collect(done)

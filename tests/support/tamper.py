@@ -8,11 +8,12 @@ verification; only its content ``digest`` (left as it was) no longer describes i
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any
+
+from storage.blockhash import checksum_of
 
 #: Same-size dtype swaps (torch names as the trainer records them).
 _SWAP = {"float32": "int32", "int32": "float32", "float64": "int64", "int64": "float64"}
@@ -44,7 +45,8 @@ def rewrite_manifest_entry(snapshot: Path, name: str) -> None:
     manifest_path = snapshot / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     data = (snapshot / name).read_bytes()
-    manifest["files"][name] = {"size": len(data), "checksum": hashlib.sha256(data).hexdigest()}
+    algorithm = manifest.get("checksum_algorithm", "sha256")
+    manifest["files"][name] = {"size": len(data), "checksum": checksum_of(data, algorithm)}
     _replace(manifest_path, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
 
 

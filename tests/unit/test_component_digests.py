@@ -219,17 +219,13 @@ def test_snapshot_files_in_another_layout_give_the_same_digests() -> None:
     assert codec.decode(tree2, bytearray(arena2))[1] == digest
 
 
-def test_arena_digests_keeps_the_whole_digest_and_parallel_agrees() -> None:
+def test_arena_digests_keeps_the_whole_digest() -> None:
     obj = snapshot_object(make_state())
     encoded = codec.encode(obj)
     arena = codec.StagingArena().stage(encoded).numpy().data
     tree = encoded.canonical_tree_bytes()
     plan = codec.component_plan(encoded.root)
     one = codec.arena_digests(tree, arena, encoded.slots, plan)
-    two = codec.arena_digests(tree, arena, encoded.slots, plan, parallel=True)
-    walk = codec.arena_digests(tree, arena, encoded.slots, plan, parallel=False)
-    tiny = codec.arena_digests(tree, arena, encoded.slots, plan, chunk=7)
-    assert one == two == walk == tiny
     assert one[0] == codec.arena_digest(tree, arena, encoded.slots) == codec.state_digest(obj)
     assert one[1] == codec.component_digests(obj)
     # Without components it is just the whole digest.
@@ -347,12 +343,9 @@ def _checkpointer(tmp_path: Path, state: TrainingState, staging: str = "deferred
                         settings=WorkerSettings.from_env({}))
 
 
-@pytest.mark.parametrize(("staging", "parallel_from"), [("deferred", 0), ("sync", 1 << 40)])
-def test_checkpointer_records_components(tmp_path: Path, staging: str, parallel_from: int,
-                                         capsys: pytest.CaptureFixture[str],
-                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    # Both ways of hashing the components in the writer: on a second thread and in one walk.
-    monkeypatch.setattr(codec, "PARALLEL_MIN_BYTES", parallel_from)
+@pytest.mark.parametrize("staging", ["deferred", "sync"])
+def test_checkpointer_records_components(tmp_path: Path, staging: str,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
     state = make_state()
     ckpt = _checkpointer(tmp_path, state, staging)
     assert ckpt.last_components == {} and ckpt.last_components_step is None

@@ -8,7 +8,6 @@ runs for real, with retry delays shrunk to milliseconds; every wait is bounded.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 import time
@@ -35,6 +34,7 @@ from orchestrator.runstate import EventLog, read_events
 from orchestrator.settings import Settings
 from orchestrator.supervisor import StopRequest, Supervisor
 from storage import LocalSnapshotStore, Manifest, SnapshotInfo
+from storage.blockhash import checksum_of
 from storage.errors import CorruptSnapshot, StorageError, TransientStorageError
 from tests.support.clock import FakeClock
 from tests.unit.test_orchestrator_supervisor import SETTINGS, Attempt, Env, FakeGroup
@@ -135,7 +135,7 @@ class FakeRemote:
             if data is None or len(data) != entry.size:
                 return SnapshotInfo(step=step, path=info.path, tier="remote", manifest=m,
                                     valid=False, reason=f"{name}: size")
-            if verify_checksums and hashlib.sha256(data).hexdigest() != entry.checksum:
+            if verify_checksums and checksum_of(data, entry.algorithm) != entry.checksum:
                 return SnapshotInfo(step=step, path=info.path, tier="remote", manifest=m,
                                     valid=False, reason=f"{name}: checksum mismatch")
         return info

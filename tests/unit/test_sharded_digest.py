@@ -3,7 +3,6 @@ torch-free validation rejects a missing, truncated or altered shard file (storag
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import os
@@ -15,6 +14,7 @@ import pytest
 import torch
 
 from storage import LocalSnapshotStore
+from storage.blockhash import checksum_of
 from storage.errors import CorruptSnapshot
 from storage.layout import TENSORS_FILE, TREE_FILE
 from storage.sharded import (
@@ -249,7 +249,7 @@ def test_validation_recomputes_the_digest_not_only_checksums(tmp_path: Any) -> N
     manifest_path = os.path.join(store.path(4), "manifest.json")
     with open(manifest_path, "rb") as f:
         doc = json.loads(f.read())
-    doc["files"][os.path.basename(path)]["checksum"] = hashlib.sha256(data).hexdigest()
+    doc["files"][os.path.basename(path)]["checksum"] = checksum_of(data, doc["checksum_algorithm"])
     with open(manifest_path, "w") as f:
         json.dump(doc, f)
     info = store.validate(4)

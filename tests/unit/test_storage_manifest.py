@@ -53,6 +53,25 @@ def test_round_trip() -> None:
     assert issubclass(CorruptSnapshot, StorageError)
 
 
+def test_format_1_manifests_still_parse_with_their_plain_sha256() -> None:
+    doc = _doc()
+    doc["format_version"] = 1
+    del doc["checksum_algorithm"]  # very old manifests did not name it
+    m = Manifest.from_json(json.dumps(doc).encode())
+    assert (m.format_version, m.checksum_algorithm) == (1, "sha256")
+    assert {e.algorithm for e in m.files.values()} == {"sha256"}
+    assert Manifest.from_json(m.to_json()) == m
+
+
+def test_a_written_manifest_is_format_2_with_block_checksums() -> None:
+    m = _manifest()
+    assert (m.format_version, m.checksum_algorithm) == (2, "sha256-b64k")
+    with pytest.raises(ValueError, match="does not belong"):
+        _manifest(format_version=1)  # files hashed by blocks in a format-1 manifest
+    with pytest.raises(ValueError, match="checksum by 'sha256'"):
+        _manifest(files={"a": FileEntry(size=1, checksum=SHA, algorithm="sha256")})
+
+
 json_values = st.recursive(
     st.none()
     | st.booleans()
@@ -182,7 +201,8 @@ MALFORMED: dict[str, bytes] = {
     "created_at null": _set(("created_at",), None),
     "metadata is a list": _set(("metadata",), [1]),
     "metadata is a string": _set(("metadata",), "x"),
-    "format_version 2": _set(("format_version",), 2),
+    "format_version 3": _set(("format_version",), 3),
+    "format 2 with sha256": _set(("checksum_algorithm",), "sha256"),
     "format_version 0": _set(("format_version",), 0),
     "format_version string": _set(("format_version",), "1"),
     "format_version float": _set(("format_version",), 1.5),
