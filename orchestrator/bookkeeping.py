@@ -116,7 +116,8 @@ class SnapshotBook:
                 reason=checked.reason,
                 path=info.path,
             )
-            self._store.delete(info.step)
+            if not checked.newer_format:  # a newer release's snapshot stays for that release
+                self._store.delete(info.step)
         return None
 
     def scan(self, *, protect: int | None) -> None:

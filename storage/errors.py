@@ -35,6 +35,14 @@ class CorruptSnapshot(StorageError):
     """A snapshot whose manifest is missing or unreadable, or whose files do not match it."""
 
 
+class NewerSnapshotFormat(CorruptSnapshot):
+    """A manifest of a format version newer than this code reads (written by a newer release).
+
+    Unusable here, like a corrupt snapshot, but never deleted: after a downgrade it is still
+    the newer release's data.
+    """
+
+
 class SnapshotNotFound(StorageError):
     """No committed snapshot exists for the requested step."""
 

@@ -36,7 +36,13 @@ import structlog
 from contract.atomic import fsync_dir
 from storage import layout
 from storage.content import ContentPlan, plan_from_json
-from storage.errors import CorruptSnapshot, SnapshotNotFound, file_errors, os_error
+from storage.errors import (
+    CorruptSnapshot,
+    NewerSnapshotFormat,
+    SnapshotNotFound,
+    file_errors,
+    os_error,
+)
 from storage.hashfile import DIRECT_ALIGN, HashingFile
 from storage.manifest import FileEntry, Manifest
 from storage.reading import MappedFile, open_snapshot_file, read_verified
@@ -111,7 +117,7 @@ class LocalSnapshotStore:
                 out.append(
                     SnapshotInfo(
                         step=step, path=path, tier=self.tier, manifest=None, valid=False,
-                        reason=str(exc),
+                        reason=str(exc), newer_format=isinstance(exc, NewerSnapshotFormat),
                     )
                 )
         return out
@@ -146,7 +152,7 @@ class LocalSnapshotStore:
         try:
             manifest = self.read_manifest(step)
         except (CorruptSnapshot, SnapshotNotFound) as exc:
-            return replace(info, reason=str(exc))
+            return replace(info, reason=str(exc), newer_format=isinstance(exc, NewerSnapshotFormat))
         info = replace(info, manifest=manifest)
         content = verify_checksums and self.verify_content
         if content and is_sharded(manifest):
@@ -231,7 +237,7 @@ class LocalSnapshotStore:
             if checked.valid:
                 return checked
             log.warning("snapshot.invalid", step=info.step, reason=checked.reason, tier=self.tier)
-            if cleanup:
+            if cleanup and not checked.newer_format:
                 self.delete(info.step)
                 log.info("snapshot.removed_invalid", step=info.step, reason=checked.reason)
         return None

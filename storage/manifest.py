@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from storage.blockhash import SHA256, SHA256_BLOCKS, FileHasher, new_hasher
-from storage.errors import CorruptSnapshot
+from storage.errors import CorruptSnapshot, NewerSnapshotFormat
 from storage.layout import is_safe_filename
 
 #: The version the snapshot writer writes.
@@ -166,6 +166,11 @@ class Manifest:
             if not isinstance(doc, dict):
                 raise ValueError("manifest is not a JSON object")
             version = _int(doc, "format_version")
+            if version > max(CHECKSUM_ALGORITHMS):
+                raise NewerSnapshotFormat(
+                    f"manifest format version {version} is newer than this version reads "
+                    f"({max(CHECKSUM_ALGORITHMS)}): written by a newer release; left in place"
+                )
             checksum_algorithm = doc.get("checksum_algorithm", CHECKSUM_ALGORITHMS.get(version))
             if not isinstance(checksum_algorithm, str):
                 raise ValueError(f"'checksum_algorithm' is not a known name: {checksum_algorithm!r}")

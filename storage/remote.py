@@ -42,6 +42,7 @@ from storage.blockhash import checksum_of
 from storage.content import ContentHasher, ContentPlan, check_digest, plan_from_json
 from storage.errors import (
     CorruptSnapshot,
+    NewerSnapshotFormat,
     ObjectNotFound,
     SnapshotConflict,
     SnapshotNotFound,
@@ -211,7 +212,8 @@ class RemoteSnapshotStore:
             except SnapshotNotFound:
                 continue  # deleted between listing and reading
             except CorruptSnapshot as exc:
-                out.append(replace(info, valid=False, reason=str(exc)))
+                newer = isinstance(exc, NewerSnapshotFormat)
+                out.append(replace(info, valid=False, reason=str(exc), newer_format=newer))
                 continue
             info = replace(info, manifest=manifest)
             reason = self._size_problem(manifest, files)
@@ -229,7 +231,7 @@ class RemoteSnapshotStore:
         return None
 
     def validate(self, step: int, *, verify_checksums: bool = True) -> SnapshotInfo:
-        """Manifest, then each object's size (and, with `verify_checksums`, its sha256, streamed).
+        """Manifest, then each object's size (and, with `verify_checksums`, its checksum, streamed).
 
         With checksums (and :attr:`verify_content`, the default) a trainer snapshot's content
         digest is recomputed from the streamed bytes and compared with the manifest's.
@@ -242,7 +244,7 @@ class RemoteSnapshotStore:
         try:
             manifest, _ = self._read_manifest(step)
         except (CorruptSnapshot, SnapshotNotFound) as exc:
-            return replace(info, reason=str(exc))
+            return replace(info, reason=str(exc), newer_format=isinstance(exc, NewerSnapshotFormat))
         info = replace(info, manifest=manifest)
         content = verify_checksums and self.verify_content
         if content and is_sharded(manifest):

@@ -105,6 +105,8 @@ def plan_retention(
         return []
     keep = set(protected)
     by_step = sorted(snapshots, key=lambda s: s.step)
+    # A newer release's snapshot is that release's data (after a downgrade): never ours to prune.
+    keep.update(s.step for s in by_step if s.newer_format)
     # Unchecked snapshots might turn out corrupt, so keep the newest *known* valid one as well.
     newest_known = next((s.step for s in reversed(by_step) if s.valid is True), None)
     newest_maybe = next((s.step for s in reversed(by_step) if s.valid is not False), None)

@@ -40,6 +40,9 @@ class SnapshotInfo:
     manifest: Manifest | None
     valid: bool | None
     reason: str | None = None
+    #: Invalid because a newer release wrote it (:class:`storage.errors.NewerSnapshotFormat`):
+    #: skipped like an invalid snapshot but never deleted.
+    newer_format: bool = False
 
     @property
     def digest(self) -> str | None:

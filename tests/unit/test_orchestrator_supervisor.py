@@ -223,6 +223,29 @@ def test_crash_then_resume_from_newest_valid_snapshot(tmp_path: Path) -> None:
     assert state["last_failure"] == "rank 1: RuntimeError: CUDA went away"  # kept after recovery
 
 
+def test_a_snapshot_of_a_newer_format_is_skipped_and_kept(tmp_path: Path) -> None:
+    # Written by a newer release (then downgraded): unusable here, but never deleted.
+    def script(env: Env) -> list[Attempt]:
+        env.snapshot(10)
+        env.snapshot(20)
+        path = os.path.join(env.store.path(20), "manifest.json")
+        with open(path) as f:
+            doc = json.load(f)
+        doc["format_version"] = 3
+        with open(path, "w") as f:
+            json.dump(doc, f)
+        return [Attempt(0)]
+
+    sup, group, env, _ = make(tmp_path, script)
+    assert sup.run().exit_code == EXIT_OK
+    assert group.starts == [(0, 10)]
+    invalid = [e for e in env.events() if e["event"] == "supervisor.snapshot_invalid"]
+    assert [(e["step"], "newer" in e["reason"]) for e in invalid] == [(20, True)]
+    assert os.path.exists(env.store.path(20)), "a newer release's snapshot stays"
+    assert env.store.newest_valid(cleanup=True).step == 10  # type: ignore[union-attr]
+    assert os.path.exists(env.store.path(20))
+
+
 def damaged_on_load(env: Env, step: int) -> Hook:
     """The ranks' verified load of ``step`` fails: rank 0 finds the damage, rank 1 hears of it."""
     def fail(attempt: int, resume: int | None) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -256,3 +257,10 @@ def test_retention_properties(
     # Idempotent: planning again over the survivors deletes nothing more.
     rest = [s for s in snaps if s.step not in doomed]
     assert plan_retention(rest, policy, protected=protected) == []
+
+
+def test_a_newer_release_snapshot_is_never_pruned() -> None:
+    # An invalid snapshot is pruned like any other; one a newer release wrote is not ours.
+    newer = replace(no_manifest(40), reason="manifest format version 3 is newer", newer_format=True)
+    snaps = [info(10, True), info(20, True), info(30, True), no_manifest(35), newer]
+    assert survivors(snaps, RetentionPolicy(keep_last=1)) == [30, 40]
