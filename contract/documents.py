@@ -303,11 +303,16 @@ class JournalStart:
     #: Sessions of another world size are never compared with: the per-rank losses of 2 ranks
     #: are not those of 1 (see the README's "World-size changes").
     world_size: int | None = None
+    #: The snapshot tree format whose digest definition the session's component digests follow
+    #: (``storage.content.FORMAT``; None in journals written before format 2, i.e. format 1).
+    #: Component digests of sessions of another format are never compared with.
+    digest_format: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         doc = {"start": True, **asdict(self)}
-        if self.world_size is None:
-            del doc["world_size"]
+        for optional in ("world_size", "digest_format"):
+            if doc[optional] is None:
+                del doc[optional]
         return doc
 
     @classmethod
@@ -326,6 +331,7 @@ class JournalStart:
             config_hash=_str(doc.get("config_hash")),
             time=_num(doc.get("time")) or 0.0,
             world_size=_int(doc.get("world_size")),
+            digest_format=_str(doc.get("digest_format")),
         )
 
 

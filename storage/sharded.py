@@ -39,7 +39,8 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from storage.blockhash import FileHasher
+from storage.blockhash import BLOCK_BYTES as FILE_BLOCK_BYTES
+from storage.blockhash import BlockHasher, FileHasher
 from storage.content import (
     TORCH_ITEMSIZE,
     ContentPlan,
@@ -61,8 +62,10 @@ SHARDED_FORMAT = "trainer-sharded-v1"
 DIGEST_FORMAT = "trainer-sharded-digest-v1"
 #: The global block grid of the tensor digests (64 KiB): small enough that the edge pieces a
 #: rank sends with its report (at most two partial blocks per chunk) stay far below its shard,
-#: large enough that the block hashes (32 bytes each, 0.05%) cost nothing.
-BLOCK_BYTES = 64 << 10
+#: large enough that the block hashes (32 bytes each, 0.05%) cost nothing. The same size as the
+#: file checksums' blocks (``storage.blockhash``), so a chunk placed at a file offset congruent
+#: to its tensor offset gets its whole grid blocks' hashes from its file's checksum.
+BLOCK_BYTES = FILE_BLOCK_BYTES
 #: Tag of a sharded tensor node in ``tree.json`` (no bytes in ``tensors.bin``).
 SHARDED_TAG = "sharded"
 #: Keys that never enter the canonical form: layout (offsets, sizes in the arena, index keys),
@@ -176,14 +179,26 @@ class ChunkHasher:
     :class:`ChunkDigest`. A whole tensor is the chunk ``(0, total)``.
     """
 
-    def __init__(self, start: int, nbytes: int, total: int, *, block: int = BLOCK_BYTES) -> None:
+    def __init__(
+        self,
+        start: int,
+        nbytes: int,
+        total: int,
+        *,
+        block: int = BLOCK_BYTES,
+        skip: frozenset[int] = frozenset(),
+    ) -> None:
         if start < 0 or nbytes < 0 or start + nbytes > total:
             raise ValueError(f"chunk [{start}, {start + nbytes}) outside a tensor of {total} bytes")
         self._start, self._end, self._total, self._block = start, start + nbytes, total, block
+        #: Whole blocks not hashed here: their hashes come from the file's checksum
+        #: (:func:`file_block_of`, :meth:`ChunkDigest.fill_from_file`).
+        self._skip = skip
         self._pos = start
         self._digest = ChunkDigest(start, nbytes)
         self._open_block: int | None = None
         self._hash: Any = None
+        self._skipping = False
         self._piece = bytearray()
 
     def _block_span(self, index: int) -> tuple[int, int]:
@@ -204,11 +219,12 @@ class ChunkHasher:
                 self._close_block()
                 self._open_block = index
                 whole = lo >= self._start and hi <= self._end
-                self._hash = hashlib.sha256() if whole else None
+                self._skipping = whole and index in self._skip
+                self._hash = hashlib.sha256() if whole and not self._skipping else None
                 self._piece = bytearray()
             if self._hash is not None:
                 self._hash.update(part)
-            else:
+            elif not self._skipping:
                 self._piece += part
             self._pos += take
             at += take
@@ -219,18 +235,49 @@ class ChunkHasher:
         index = self._open_block
         if index is None:
             return
-        if self._hash is not None:
+        if self._skipping:
+            pass  # filled from the file's block hashes
+        elif self._hash is not None:
             self._digest.blocks[index] = self._hash.digest()
         else:
             lo, _hi = self._block_span(index)
             self._digest.pieces[max(lo, self._start)] = bytes(self._piece)
         self._open_block, self._hash, self._piece = None, None, bytearray()
+        self._skipping = False
 
     def finish(self) -> ChunkDigest:
         if self._pos != self._end:
             raise ValueError(f"chunk fed {self._pos - self._start} of {self._end - self._start} bytes")
         self._close_block()
         return self._digest
+
+
+def file_blocks_of(start: int, nbytes: int, total: int, file_offset: int) -> dict[int, int]:
+    """Grid block -> file block, for the chunk's whole grid blocks that *are* file blocks.
+
+    A grid block of full length lying inside the chunk is file block ``p // BLOCK_BYTES`` when
+    its position ``p`` in the file is block-aligned (the writer places large chunks at a file
+    offset congruent to their tensor offset, so every such block qualifies); the others (edge
+    pieces, a tensor's short last block, chunks placed otherwise) are hashed on their own.
+    """
+    out: dict[int, int] = {}
+    first = -(-start // BLOCK_BYTES)
+    for index in range(first, (start + nbytes) // BLOCK_BYTES):
+        lo = index * BLOCK_BYTES
+        if lo + BLOCK_BYTES > total:
+            break
+        at = file_offset + lo - start
+        if at % BLOCK_BYTES == 0:
+            out[index] = at // BLOCK_BYTES
+    return out
+
+
+def fill_from_file(digest: ChunkDigest, mapping: Mapping[int, int], file_blocks: list[bytes]) -> None:
+    """Put the file's block hashes into ``digest`` for the grid blocks ``mapping`` names."""
+    for index, at in mapping.items():
+        if at >= len(file_blocks):
+            raise CorruptSnapshot("a chunk lies past its file's blocks")
+        digest.blocks[index] = file_blocks[at]
 
 
 def hash_whole(data: memoryview | bytes, *, block: int = BLOCK_BYTES) -> bytes:
@@ -433,7 +480,16 @@ class _FileSink:
             if chunk.file_offset < floor or chunk.file_offset + chunk.nbytes > entry.size:
                 raise CorruptSnapshot(f"{name}: chunks overlap or lie outside the file")
             floor = chunk.file_offset + chunk.nbytes
-        self._hashers = [ChunkHasher(c.start, c.nbytes, e.nbytes) for c, e in self._chunks]
+        # With block checksums (format 2) a chunk's aligned whole blocks are the file's.
+        by_blocks = isinstance(self.hash, BlockHasher)
+        self._reuse = [
+            file_blocks_of(c.start, c.nbytes, e.nbytes, c.file_offset) if by_blocks else {}
+            for c, e in self._chunks
+        ]
+        self._hashers = [
+            ChunkHasher(c.start, c.nbytes, e.nbytes, skip=frozenset(reuse))
+            for (c, e), reuse in zip(self._chunks, self._reuse, strict=True)
+        ]
         self.digests: list[tuple[str, ChunkDigest]] = []
 
     def write(self, data: bytes | bytearray | memoryview, /) -> int:
@@ -452,7 +508,12 @@ class _FileSink:
             raise CorruptSnapshot(f"{self.name}: read {self.pos} bytes, manifest says {self.entry.size}")
         if self.hash.hexdigest() != self.entry.checksum:
             raise CorruptSnapshot(f"{self.name}: checksum mismatch")
-        self.digests = [(e.key, h.finish()) for (_c, e), h in zip(self._chunks, self._hashers, strict=True)]
+        blocks = self.hash.blocks() if isinstance(self.hash, BlockHasher) else []
+        self.digests = []
+        for (_c, e), h, reuse in zip(self._chunks, self._hashers, self._reuse, strict=True):
+            digest = h.finish()
+            fill_from_file(digest, reuse, blocks)
+            self.digests.append((e.key, digest))
 
 
 class ShardedValidator:

@@ -39,6 +39,7 @@ import math
 import os
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import structlog
@@ -52,6 +53,8 @@ from contract.documents import (
     write_document,
 )
 from contract.paths import RunPaths
+from storage.content import FORMAT as DIGEST_FORMAT
+from storage.content import FORMAT_V1
 from trainer.errors import FatalTrainerError
 
 log = structlog.get_logger("trainer.journal")
@@ -174,7 +177,7 @@ class Journal:
         self.compared = 0
         start = JournalStart(run_id=self.run_id, attempt=self.attempt, rank=self.rank,
                              resumed_from=resumed_from, config_hash=self.config_hash, time=time.time(),
-                             world_size=self.world_size)
+                             world_size=self.world_size, digest_format=DIGEST_FORMAT)
         self._start_line = _DUMPS(start.to_json()) + "\n"
         self._open()
         self._write(self._start_line)
@@ -186,7 +189,7 @@ class Journal:
     def _load(self, resumed_from: int) -> tuple[dict[int, JournalEntry], int]:
         """(entries after ``resumed_from`` of matching sessions, lines in the current file)."""
         expected: dict[int, JournalEntry] = {}
-        matching = False
+        matching = same_digests = False
         lines = 0
         for path in (self.paths.journal_old(self.rank), self.paths.journal(self.rank)):
             try:
@@ -205,7 +208,12 @@ class Journal:
                     matching = (record.run_id == self.run_id and record.rank == self.rank
                                 and record.config_hash == self.config_hash
                                 and record.world_size == self.world_size)
+                    # A session of another release may define component digests differently
+                    # (format 1 hashed raw bytes): its losses still compare, its digests not.
+                    same_digests = (record.digest_format or FORMAT_V1) == DIGEST_FORMAT
                 elif isinstance(record, JournalEntry) and matching and record.step > resumed_from:
+                    if not same_digests and record.components is not None:
+                        record = replace(record, components=None)
                     expected[record.step] = record
         return expected, lines
 
@@ -214,7 +222,8 @@ class Journal:
         called ``resume()`` (its session starts without an audit)."""
         if not self._start_line:
             start = JournalStart(run_id=self.run_id, attempt=self.attempt, rank=self.rank,
-                                 resumed_from=0, config_hash=self.config_hash, time=time.time())
+                                 resumed_from=0, config_hash=self.config_hash, time=time.time(),
+                                 digest_format=DIGEST_FORMAT)
             self._start_line = _DUMPS(start.to_json()) + "\n"
             self._open()
             self._write(self._start_line)

@@ -30,7 +30,6 @@ from __future__ import annotations
 import math
 import os
 import time
-from concurrent import futures
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -56,9 +55,8 @@ from torch.distributed.checkpoint.storage import StorageReader
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.futures import Future
 
-from contract.threads import run_in_thread
-from storage.blockhash import checksum_of
-from storage.content import check_digest, content_plan
+from storage.blockhash import BlockHasher, checksum_of
+from storage.content import BLOCK_ALIGN_MIN_BYTES, check_digest, content_plan
 from storage.errors import CorruptSnapshot
 from storage.hashfile import HashingFile
 from storage.layout import TENSORS_FILE, TREE_FILE
@@ -74,6 +72,8 @@ from storage.sharded import (
     ChunkHasher,
     IndexEntry,
     arena_digest_expected,
+    file_blocks_of,
+    fill_from_file,
     hash_whole,
     index_bytes,
     is_sharded,
@@ -222,7 +222,12 @@ def encode(obj: Any, *, rank: int, world_size: int, gathered: bool) -> _Encoded:
         total = math.prod(shape) * itemsize
         nbytes = sizes[0] * row if shape else itemsize
         start = offsets[0] * row if shape else 0
-        pos = (pos + _ALIGN - 1) // _ALIGN * _ALIGN
+        if nbytes >= BLOCK_ALIGN_MIN_BYTES:
+            # At a file offset congruent to its tensor offset modulo the 64 KiB grid: its whole
+            # grid blocks are then blocks of the file's checksum, hashed once for both.
+            pos += (start - pos) % BLOCK_BYTES
+        else:
+            pos = (pos + _ALIGN - 1) // _ALIGN * _ALIGN
         chunks.append(_LocalChunk(
             key=key, dtype=str(t.dtype).removeprefix("torch."), shape=shape, offsets=offsets,
             sizes=sizes, start=start, nbytes=nbytes, total=total, file_offset=pos, source=local,
@@ -267,14 +272,21 @@ class ShardStaging:
         return buf
 
 
-def _chunk_digests(buf: torch.Tensor, chunks: list[_LocalChunk]) -> list[tuple[str, ChunkDigest]]:
-    """Each chunk's contribution to its tensor's digest, from the staged bytes."""
+def _chunk_digests(
+    buf: torch.Tensor, chunks: list[_LocalChunk], file_blocks: list[bytes]
+) -> list[tuple[str, ChunkDigest]]:
+    """Each chunk's contribution to its tensor's digest: its whole grid blocks from the shard
+    file's block hashes (``file_blocks``), the rest (edge pieces, short blocks) from the staged
+    bytes."""
     view = buf.numpy().data if buf.numel() else memoryview(b"")
     out = []
     for c in chunks:
-        h = ChunkHasher(c.start, c.nbytes, c.total)
+        reuse = file_blocks_of(c.start, c.nbytes, c.total, c.file_offset) if file_blocks else {}
+        h = ChunkHasher(c.start, c.nbytes, c.total, skip=frozenset(reuse))
         h.update(view[c.file_offset : c.file_offset + c.nbytes])
-        out.append((c.key, h.finish()))
+        digest = h.finish()
+        fill_from_file(digest, reuse, file_blocks)
+        out.append((c.key, digest))
     return out
 
 
@@ -441,16 +453,15 @@ class ShardedSnapshots:
                 raise SnapshotError(f"rank 0 could not start snapshot {step}: {head[0][1]}")
             name = shard_file_name(rank)
             entry: FileEntry | None = None
-            # The digest contributions are hashed beside the file write and its checksum
-            # (hashlib and os.write release the GIL).
-            digester = run_in_thread(lambda: _chunk_digests(buf, enc.chunks), name="trainer-shard-digest")
-            try:
-                entry = self._write_file(writer, head[0][1], name, buf) if enc.chunks else None
-            finally:
-                futures.wait([digester])  # it reads the staging buffer: never leave under it
+            file_blocks: list[bytes] = []
+            if enc.chunks:
+                entry, file_blocks = self._write_file(writer, head[0][1], name, buf)
+            # The digest contributions: whole grid blocks from the file checksum's blocks (one
+            # hashing pass per byte), only edge pieces and short blocks hashed again.
+            digests = _chunk_digests(buf, enc.chunks, file_blocks)
             report = ("ok", name if entry else None, entry, [
                 (c.key, c.chunk(name), d.to_wire()) for c, (_k, d) in
-                zip(enc.chunks, digester.result(), strict=True)
+                zip(enc.chunks, digests, strict=True)
             ], [(c.key, c.dtype, c.shape) for c in enc.chunks])
         except BaseException as exc:
             if error is None:
@@ -498,21 +509,27 @@ class ShardedSnapshots:
         if rank == 0:
             ckpt.faults.point("after_commit", step)
 
-    def _write_file(self, writer: Any, tmp_path: str, name: str, buf: torch.Tensor) -> FileEntry:
-        """Write this rank's staged shard file; rank 0 through its writer, others beside it."""
+    def _write_file(
+        self, writer: Any, tmp_path: str, name: str, buf: torch.Tensor
+    ) -> tuple[FileEntry, list[bytes]]:
+        """Write this rank's staged shard file; rank 0 through its writer, others beside it.
+
+        Returns its entry and its checksum's 64 KiB block hashes."""
         view = buf.numpy().data
         if writer is not None:
             with writer.open(name, direct=True) as f:
                 f.write(view)
-            entry: FileEntry = f.close()
-            return entry
-        hf = HashingFile(os.path.join(tmp_path, name), self._chunk_bytes, direct=True)
-        try:
-            hf.write(view)
-        except BaseException:
-            hf.discard()
-            raise
-        return hf.close()
+            hf: HashingFile = f
+        else:
+            hf = HashingFile(os.path.join(tmp_path, name), self._chunk_bytes, direct=True)
+            try:
+                hf.write(view)
+            except BaseException:
+                hf.discard()
+                raise
+        entry: FileEntry = hf.close()
+        hasher = hf.hasher
+        return entry, hasher.blocks() if isinstance(hasher, BlockHasher) else []
 
     def _commit(
         self,

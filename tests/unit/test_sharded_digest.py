@@ -3,6 +3,7 @@ torch-free validation rejects a missing, truncated or altered shard file (storag
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
@@ -24,6 +25,8 @@ from storage.sharded import (
     Chunk,
     ChunkHasher,
     IndexEntry,
+    file_blocks_of,
+    fill_from_file,
     hash_whole,
     index_bytes,
     parse_index,
@@ -60,6 +63,33 @@ def test_chunk_contributions_reassemble_to_the_whole_tensor_digest(block: int) -
                     pos = min(hi, pos + step)
                 digests.append(h.finish())
             assert tensor_digest(total, digests, block=block) == whole
+
+
+@pytest.mark.parametrize("congruent", [True, False])
+def test_whole_blocks_taken_from_the_file_checksum_give_the_same_digest(congruent: bool) -> None:
+    # A chunk placed at a file offset congruent to its tensor offset (the writer's layout for
+    # large chunks) gets its whole grid blocks from the file's block hashes; elsewhere nothing
+    # lines up and everything is hashed as before. Either way the digest is the same.
+    rng = random.Random(int(congruent))
+    total = 5 * BLOCK_BYTES + 777
+    data = rng.randbytes(total)
+    for lo, hi in [(0, total), (1000, 3 * BLOCK_BYTES + 5), (BLOCK_BYTES, 4 * BLOCK_BYTES),
+                   (2 * BLOCK_BYTES + 9, total)]:
+        offset = 3 * BLOCK_BYTES + (lo % BLOCK_BYTES if congruent else (lo + 100) % BLOCK_BYTES)
+        file_bytes = rng.randbytes(offset) + data[lo:hi] + rng.randbytes(50)
+        blocks = [hashlib.sha256(file_bytes[i : i + BLOCK_BYTES]).digest()
+                  for i in range(0, len(file_bytes), BLOCK_BYTES)]
+        reuse = file_blocks_of(lo, hi - lo, total, offset)
+        whole_inside = [k for k in range(-(-lo // BLOCK_BYTES), hi // BLOCK_BYTES)
+                        if (k + 1) * BLOCK_BYTES <= total]
+        assert sorted(reuse) == (whole_inside if congruent else [])
+        h = ChunkHasher(lo, hi - lo, total, skip=frozenset(reuse))
+        h.update(data[lo:hi])
+        reused = h.finish()
+        fill_from_file(reused, reuse, blocks)
+        plain = ChunkHasher(lo, hi - lo, total)
+        plain.update(data[lo:hi])
+        assert reused == plain.finish()
 
 
 def test_missing_or_overlapping_chunks_are_corrupt() -> None:

@@ -307,3 +307,33 @@ def test_sessions_of_another_world_size_are_not_compared(tmp_path: Path) -> None
     assert other.frontier is None
     other.record(3, {"loss": 7.0})  # would diverge if compared
     assert report(tmp_path) is None
+
+
+def test_component_digests_of_a_format_1_session_are_not_compared(tmp_path: Path) -> None:
+    """A session of the previous release (no digest_format: format 1 digests) still has its
+    losses compared, but its component digests follow another definition: never compared."""
+    paths = RunPaths.of(str(tmp_path))
+    first = _journal(tmp_path)
+    first.begin(0)
+    for step in range(1, 6):
+        first.record(step, {"loss": 1.0 / step}, {"model": "sha256:v1"} if step == 4 else None)
+    first.close()
+    # Rewrite the session's start line as the previous release wrote it.
+    lines = Path(paths.journal(0)).read_bytes().splitlines()
+    start = json.loads(lines[0])
+    assert start["digest_format"] == "trainer-tree-v2"
+    del start["digest_format"]
+    Path(paths.journal(0)).write_bytes(b"\n".join([json.dumps(start).encode(), *lines[1:]]) + b"\n")
+
+    again = _journal(tmp_path, attempt=1)
+    again.begin(2)
+    assert again.frontier == 5
+    for step in range(3, 6):
+        again.record(step, {"loss": 1.0 / step}, {"model": "sha256:v2"} if step == 4 else None)
+    assert again.report is not None and again.report.state == "verified"
+    again.close()
+    # A real divergence of the losses is still found across releases.
+    third = _journal(tmp_path, attempt=2)
+    third.begin(2)
+    third.record(3, {"loss": 9.0})
+    assert third.report is not None and third.report.state == "diverged"
