@@ -435,6 +435,17 @@ class RemoteSnapshotStore:
                 f"step {step}: an unreadable manifest is already committed at {self.path(step)} "
                 f"({exc}); delete it to mirror this step"
             ) from exc
+        if remote.format_version != manifest.format_version and remote.run_id == manifest.run_id:
+            # This run's own snapshot of the step in another format (saved before an upgrade or
+            # a downgrade, then replayed): the digests follow other definitions, so they cannot
+            # say whether the states are equal; the remote copy is valid and stays.
+            log.info(
+                "remote.kept_other_format",
+                step=step,
+                remote_format=remote.format_version,
+                local_format=manifest.format_version,
+            )
+            return True
         if remote.digest != manifest.digest:
             raise SnapshotConflict(
                 f"step {step}: a different snapshot is already committed at {self.path(step)} "
@@ -477,7 +488,7 @@ class RemoteSnapshotStore:
                     # Small: held in memory to plan the content check of the arena that follows.
                     tree = self._get_tree(key, entry, label=f"step {step}: {layout.TREE_FILE}",
                                           missing="missing remotely")
-                    writer.write_bytes(name, tree)
+                    writer.write_bytes(name, tree, algorithm=entry.algorithm)
                     counter(len(tree))
                     plan = self._plan(manifest, tree)
                     continue

@@ -35,7 +35,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Container, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -186,7 +186,7 @@ class ChunkHasher:
         total: int,
         *,
         block: int = BLOCK_BYTES,
-        skip: frozenset[int] = frozenset(),
+        skip: Container[int] = frozenset(),
     ) -> None:
         if start < 0 or nbytes < 0 or start + nbytes > total:
             raise ValueError(f"chunk [{start}, {start + nbytes}) outside a tensor of {total} bytes")
@@ -252,32 +252,37 @@ class ChunkHasher:
         return self._digest
 
 
-def file_blocks_of(start: int, nbytes: int, total: int, file_offset: int) -> dict[int, int]:
-    """Grid block -> file block, for the chunk's whole grid blocks that *are* file blocks.
+@dataclass(frozen=True)
+class BlockReuse:
+    """The chunk's whole grid blocks that *are* blocks of its file: grid block ``k`` in
+    :attr:`grid` is file block ``k + shift``."""
 
-    A grid block of full length lying inside the chunk is file block ``p // BLOCK_BYTES`` when
-    its position ``p`` in the file is block-aligned (the writer places large chunks at a file
-    offset congruent to their tensor offset, so every such block qualifies); the others (edge
-    pieces, a tensor's short last block, chunks placed otherwise) are hashed on their own.
+    grid: range
+    shift: int
+
+
+def file_blocks_of(start: int, nbytes: int, total: int, file_offset: int) -> BlockReuse:
+    """Which of a chunk's grid blocks come from its file's checksum blocks.
+
+    Grid block ``k`` (of full length, inside the chunk) lies at file position ``file_offset +
+    k * BLOCK_BYTES - start``, which is block-aligned for every ``k`` or for none: when the
+    chunk's file offset is congruent to its tensor offset modulo the block (the writer's layout
+    for large chunks). Otherwise nothing is reused and every block is hashed on its own. O(1):
+    a forged index claiming a huge chunk costs nothing here.
     """
-    out: dict[int, int] = {}
+    if (file_offset - start) % BLOCK_BYTES:
+        return BlockReuse(range(0), 0)
     first = -(-start // BLOCK_BYTES)
-    for index in range(first, (start + nbytes) // BLOCK_BYTES):
-        lo = index * BLOCK_BYTES
-        if lo + BLOCK_BYTES > total:
-            break
-        at = file_offset + lo - start
-        if at % BLOCK_BYTES == 0:
-            out[index] = at // BLOCK_BYTES
-    return out
+    stop = min((start + nbytes) // BLOCK_BYTES, total // BLOCK_BYTES)
+    return BlockReuse(range(first, max(first, stop)), (file_offset - start) // BLOCK_BYTES)
 
 
-def fill_from_file(digest: ChunkDigest, mapping: Mapping[int, int], file_blocks: list[bytes]) -> None:
-    """Put the file's block hashes into ``digest`` for the grid blocks ``mapping`` names."""
-    for index, at in mapping.items():
-        if at >= len(file_blocks):
-            raise CorruptSnapshot("a chunk lies past its file's blocks")
-        digest.blocks[index] = file_blocks[at]
+def fill_from_file(digest: ChunkDigest, reuse: BlockReuse, file_blocks: list[bytes]) -> None:
+    """Put the file's block hashes into ``digest`` for the grid blocks ``reuse`` names."""
+    if reuse.grid and reuse.grid[-1] + reuse.shift >= len(file_blocks):
+        raise CorruptSnapshot("a chunk lies past its file's blocks")
+    for index in reuse.grid:
+        digest.blocks[index] = file_blocks[index + reuse.shift]
 
 
 def hash_whole(data: memoryview | bytes, *, block: int = BLOCK_BYTES) -> bytes:
@@ -483,11 +488,12 @@ class _FileSink:
         # With block checksums (format 2) a chunk's aligned whole blocks are the file's.
         by_blocks = isinstance(self.hash, BlockHasher)
         self._reuse = [
-            file_blocks_of(c.start, c.nbytes, e.nbytes, c.file_offset) if by_blocks else {}
+            file_blocks_of(c.start, c.nbytes, e.nbytes, c.file_offset)
+            if by_blocks else BlockReuse(range(0), 0)
             for c, e in self._chunks
         ]
         self._hashers = [
-            ChunkHasher(c.start, c.nbytes, e.nbytes, skip=frozenset(reuse))
+            ChunkHasher(c.start, c.nbytes, e.nbytes, skip=reuse.grid)
             for (c, e), reuse in zip(self._chunks, self._reuse, strict=True)
         ]
         self.digests: list[tuple[str, ChunkDigest]] = []

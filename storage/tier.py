@@ -71,6 +71,10 @@ class SnapshotInfo:
             "run_id": self.manifest.run_id if self.manifest else None,
             # Which world size wrote it: a resume on another one needs --allow-world-size-change.
             "world_size": self.manifest.world_size if self.manifest else None,
+            # Snapshot format (1: plain sha256 checksums; 2: block checksums, current); a
+            # newer release's snapshot is invalid here with newer_format true, and kept.
+            "format_version": self.manifest.format_version if self.manifest else None,
+            "newer_format": self.newer_format,
             "metrics": dict(self.manifest.metadata.get("metrics") or {}) if self.manifest else {},
         }
 

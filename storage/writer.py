@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import stat
 import time
@@ -19,7 +20,7 @@ import structlog
 
 from contract.atomic import fsync_dir
 from storage import layout
-from storage.errors import CorruptSnapshot, StorageError, os_error
+from storage.errors import CorruptSnapshot, NewerSnapshotFormat, StorageError, os_error
 from storage.hashfile import HashingFile
 from storage.manifest import CHECKSUM_ALGORITHM, FileEntry, Manifest
 from storage.settings import StorageSettings
@@ -161,8 +162,10 @@ class SnapshotWriter:
             raise CorruptSnapshot(f"{name}: size {st.st_size} != reported {entry.size} (or not a file)")
         self._files[name] = _Adopted(entry)
 
-    def write_bytes(self, name: str, data: bytes | bytearray | memoryview) -> FileEntry:
-        with self.open(name) as f:
+    def write_bytes(
+        self, name: str, data: bytes | bytearray | memoryview, *, algorithm: str = CHECKSUM_ALGORITHM
+    ) -> FileEntry:
+        with self.open(name, algorithm=algorithm) as f:
             f.write(data)
         return f.close()
 
@@ -230,7 +233,7 @@ class SnapshotWriter:
                 want = manifest.files[name]
                 if entry.size != want.size:
                     raise CorruptSnapshot(f"{name}: size {entry.size} != manifest {want.size}")
-                if entry.checksum != want.checksum:
+                if (entry.algorithm, entry.checksum) != (want.algorithm, want.checksum):
                     raise CorruptSnapshot(f"{name}: checksum mismatch")
             self._phase("after_files")
             self._write_manifest_and_install(raw if raw is not None else manifest.to_json())
@@ -270,6 +273,12 @@ class SnapshotWriter:
     def _install(self) -> None:
         final = os.path.join(self._root, layout.snapshot_dirname(self.step))
         displaced: str | None = None
+        if _newer_format(final):
+            # A newer release's snapshot (after a downgrade): never ours to delete. Kept under a
+            # name that is neither committed nor temporary, which nothing lists or removes.
+            kept = f"{final}.newer-format-{secrets.token_hex(4)}"
+            os.rename(final, kept)
+            log.warning("snapshot.kept_newer_format", step=self.step, path=kept)
         if os.path.lexists(final):
             # A committed dir at this step can only be one we failed to validate (or an identical
             # re-save after resuming from an older snapshot): move it aside under a temp name so a
@@ -294,3 +303,17 @@ class SnapshotWriter:
         for f in self._files.values():
             f.discard()
         shutil.rmtree(self.tmp_path, ignore_errors=True)
+
+
+def _newer_format(path: str) -> bool:
+    """True when ``path`` is a committed snapshot of a format newer than this version reads."""
+    if not layout.is_real_dir(path):
+        return False
+    try:
+        with open(os.path.join(path, layout.MANIFEST_NAME), "rb") as f:
+            Manifest.from_json(f.read())
+    except NewerSnapshotFormat:
+        return True
+    except (OSError, CorruptSnapshot):
+        return False
+    return False

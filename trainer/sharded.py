@@ -67,6 +67,7 @@ from storage.sharded import (
     SHARD_INDEX_FILE,
     SHARDED_FORMAT,
     SHARDED_TAG,
+    BlockReuse,
     Chunk,
     ChunkDigest,
     ChunkHasher,
@@ -281,8 +282,9 @@ def _chunk_digests(
     view = buf.numpy().data if buf.numel() else memoryview(b"")
     out = []
     for c in chunks:
-        reuse = file_blocks_of(c.start, c.nbytes, c.total, c.file_offset) if file_blocks else {}
-        h = ChunkHasher(c.start, c.nbytes, c.total, skip=frozenset(reuse))
+        reuse = (file_blocks_of(c.start, c.nbytes, c.total, c.file_offset) if file_blocks
+                 else BlockReuse(range(0), 0))
+        h = ChunkHasher(c.start, c.nbytes, c.total, skip=reuse.grid)
         h.update(view[c.file_offset : c.file_offset + c.nbytes])
         digest = h.finish()
         fill_from_file(digest, reuse, file_blocks)
