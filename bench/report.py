@@ -65,6 +65,7 @@ def markdown(doc: Mapping[str, Any], *, chart: str | None = None) -> str:
             lines.append(f"  - {name}: {v}")
         for note in leg["notes"]:
             lines.append(f"  - note: {note}")
+    lines += _mirror_slowdown(doc)
     scaling = curves.table(doc)
     if scaling or chart:
         lines += ["", "## Scaling curves", ""]
@@ -72,3 +73,45 @@ def markdown(doc: Mapping[str, Any], *, chart: str | None = None) -> str:
             lines += [f"![scaling curves]({chart})", ""]
         lines += scaling
     return "\n".join(lines) + "\n"
+
+
+# The mirror leg's slowdown phases: uploader -> (MB/s of the same tool alone, throughput phase).
+_ALONE = {"ours": "ours_MBps", "ours_auto": "ours_MBps", "s5cmd": "s5cmd_MBps", "boto3": "boto3_default_MBps"}
+
+
+def _mirror_slowdown(doc: Mapping[str, Any]) -> list[str]:
+    """One row per mirror leg, size and uploader of its slowdown measurement: the slowdown beside
+    the cap (``ours_auto``: the one ORCH_MIRROR_MAX_MBPS=auto converged to) and the MB/s."""
+    rows = []
+    for leg in doc["legs"]:
+        phases = leg["scalars"].get("slowdown_phases") if leg["leg"] == "mirror" else None
+        if not isinstance(phases, Mapping):
+            continue
+        for kind, p in phases.items():
+            auto = kind == "ours_auto"
+            alone = leg["values"].get(_ALONE.get(kind, ""))
+            cores = [p.get("uploader_cores_busy"), p.get("endpoint_cores_busy")]
+            rows.append(
+                f"| {leg['size']} | {kind} | {_num(p.get('slowdown'))} "
+                f"| {(_num(p.get('cap_MBps'), 'unlimited') if auto else '-')} "
+                f"| {(_num(p.get('upload_MBps')) if auto else '-')} "
+                f"| {'-' if alone is None else fmt(alone['median'])} | {p.get('uploads_completed', '-')} "
+                f"| {' / '.join(_num(c) for c in cores)} |"
+            )
+    if not rows:
+        return []
+    return [
+        "",
+        "Mirror leg: training step slowdown while uploading (median step uploading / idle). The cap and "
+        "the MB/s while training are measured for `ours_auto` only (ORCH_MIRROR_MAX_MBPS=auto: the median "
+        "cap over its measured uploading slices); the others are paused and resumed by SIGSTOP with the "
+        "environment's settings. MB/s alone: the same tool in the throughput phase.",
+        "",
+        "| size | uploader | slowdown | cap MB/s | MB/s while training | MB/s alone | uploads | cores: uploader / endpoint |",
+        "|---|---|---|---|---|---|---|---|",
+        *rows,
+    ]
+
+
+def _num(x: Any, none: str = "n/a") -> str:
+    return none if x is None else fmt(float(x))

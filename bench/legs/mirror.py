@@ -19,13 +19,44 @@ product mirrors from the supervisor, never the worker; with the mirror's own pac
 ``upload_file`` (default config) is reported as the controls. CPU time of the client, the
 endpoint and the whole machine is recorded beside, because on a small machine the loopback
 endpoint and anything else running compete with training for the cores.
+
+After those, ``ours_auto``: the automatic cap (``ORCH_MIRROR_MAX_MBPS=auto``, ``orchestrator.throttle.
+AutoCap``). It steers by the training's step rate, learns the idle rate from windows in which the
+mirror uploads nothing and needs heartbeats all the time, so SIGSTOP slices would starve it (a
+stopped mirror sees no heartbeats, and a stopped upload is not an idle one). Instead:
+
+* the uploader process runs a real ``Mirror`` (its worker thread, pacing, ``--keep-remote 1``) with
+  ``ORCH_MIRROR_MAX_MBPS=auto`` and ``ORCH_MIRROR_AUTO_WINDOW_S`` of 2 s (unless the environment
+  sets one), and a thread that does what the supervisor's poll does: every ``ORCH_POLL_INTERVAL_S``
+  it reads the newest heartbeat (``AttemptProgress.read``) and passes it to
+  ``Mirror.note_progress``;
+* the bench's training loop never stops: after each step it writes a rank's heartbeat document
+  (``run/progress/rank-0.json``, at most one per W/5 s: the product's 1 s heartbeats against its
+  5 s windows, scaled to the shorter window W);
+* the mirror is idle (nothing to upload, not stopped) or uploads back to back: on "busy" the
+  uploader commits a new local snapshot (a hard-linked copy of the leg's snapshot at the next
+  step, so each upload sends all of its bytes) and notifies it, and another each time one is
+  uploaded; on "idle" it stops adding, and the upload in flight finishes;
+* schedule, in windows W: 3 W idle (the baseline), then uploading; the first 6 W of it are not
+  measured (the cap falls from unlimited); then 2 cycles of uploading (at least 3 W, to the end of
+  the snapshot in flight) and 2 W idle, all measured in ~1 s slices (none within 0.2 s of a
+  change; a slice across one is dropped); a budget of 90 s ends it, mid-upload if need be.
+
+Reported beside the slowdown (median step time of the uploading slices / of the idle ones, the
+warm-up's included): the cap in force over the uploading slices (median; None: unlimited), the
+last cap and every decision, and the MB/s the mirror sent while uploading after the convergence
+(bytes through its token bucket / seconds, over the uploading after the convergence).
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import gc
+import json
+import math
 import os
+import queue
 import resource
 import shutil
 import signal
@@ -75,6 +106,111 @@ while True:
     remote.upload(local, step, pacing=pacing)
     print("uploaded", flush=True)
     remote.delete(step)
+"""
+
+# The "ours_auto" uploader of part 4 (ORCH_MIRROR_MAX_MBPS=auto in its environment): product
+# modules only. A real Mirror (worker thread, pacing, AutoCap, --keep-remote 1) and the
+# supervisor's poll: every ORCH_POLL_INTERVAL_S the newest heartbeat of the bench's training loop
+# (run/progress/rank-0.json, read by AttemptProgress as Supervisor._watch reads it) goes to
+# Mirror.note_progress. Commands on stdin: "busy" (from now on a new local snapshot is committed
+# and notified each time the previous one is uploaded: the mirror uploads back to back), "idle"
+# (no more new snapshots: the one in flight finishes, then "drained"), "mark" (report the bytes
+# sent so far). Every new snapshot is a hard-linked copy of the leg's snapshot at the next step
+# (its files adopted and its manifest committed at the new step through SnapshotWriter, as a
+# sharded snapshot is committed), so each upload sends the full snapshot again. Reports on
+# stdout are JSON lines with this process's time.monotonic() (the same clock as the bench's).
+_AUTO_LOOP = """
+import dataclasses, json, logging, os, sys, threading, time
+import structlog
+structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+from contract.paths import RunPaths
+from orchestrator.clock import RealClock
+from orchestrator.mirror import Mirror, error_text, open_remote
+from orchestrator.progress import AttemptProgress
+from orchestrator.settings import load_settings
+from storage import LocalSnapshotStore
+url, source_dir, source_step, checkpoint_dir = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+settings = load_settings()
+source = LocalSnapshotStore(source_dir)
+base = source.read_manifest(source_step)
+local = LocalSnapshotStore(checkpoint_dir)
+out_lock, state_lock = threading.Lock(), threading.Lock()
+state = {"busy": False, "next": 1, "local": []}
+mirror = None
+
+def say(event, **fields):
+    with out_lock:
+        print(json.dumps({"event": event, "t": time.monotonic(), **fields}), flush=True)
+
+def counters():
+    rate = mirror.bucket.rate_bps
+    return {"granted": mirror.bucket.granted, "cap_mb_per_s": None if rate is None else rate / 1e6}
+
+def feed():
+    step = state["next"]
+    state["next"] += 1
+    writer = local.begin(step)
+    for name, entry in base.files.items():
+        os.link(os.path.join(source.path(source_step), name), os.path.join(writer.tmp_path, name))
+        writer.adopt(name, entry)
+    writer.commit_manifest(dataclasses.replace(base, step=step))
+    mirrored = mirror.mirrored_steps()
+    for old in [s for s in state["local"] if s in mirrored]:
+        local.delete(old)
+    state["local"] = [s for s in state["local"] if s not in mirrored] + [step]
+    mirror.notify(state["local"])
+
+class Events:
+    def emit(self, event, **fields):
+        if event == "mirror.throttled":
+            say("throttled", **fields)
+        elif event == "mirror.uploaded":  # the worker thread, before the next job is picked
+            say("uploaded", **fields, **counters())
+            with state_lock:
+                if state["busy"]:
+                    feed()
+                else:
+                    say("drained", **counters())
+        elif event in ("mirror.failed", "mirror.retry"):
+            say(event, **{k: str(v) for k, v in fields.items()})
+
+class Quiet:
+    def emit(self, event, **fields):
+        pass
+
+try:
+    mirror = Mirror(remote=open_remote(url), local=local, events=Events(), settings=settings,
+                    keep_remote=1)
+    mirror.start()
+    if not mirror.flush(60.0):
+        raise RuntimeError(f"mirror rescan did not finish: {mirror.error}")
+    progress = AttemptProgress(paths=RunPaths.of(checkpoint_dir), clock=RealClock(), events=Quiet())
+    progress.begin(0, None)
+except Exception as exc:
+    say("failed", error=error_text(exc))
+    sys.exit(1)
+
+def supervise():
+    while True:
+        time.sleep(settings.poll_interval_s)
+        progress.read()
+        beat = progress.last_beat
+        if beat is not None:
+            mirror.note_progress(beat.step, beat.time)
+
+threading.Thread(target=supervise, daemon=True).start()
+say("ready", window_s=settings.mirror_auto_window_s, floor_mb_per_s=settings.mirror_auto_min_mbps,
+    poll_s=settings.poll_interval_s, auto=mirror.auto is not None)
+for line in sys.stdin:
+    cmd = line.strip()
+    with state_lock:
+        if cmd == "busy":
+            state["busy"] = True
+            feed()
+        elif cmd == "idle":
+            state["busy"] = False
+        say(cmd, **counters())
+mirror.close()
 """
 
 # The boto3 control of part 4: upload_file with the default TransferConfig, in a loop.
@@ -557,6 +693,8 @@ def _slowdown(config: core.BenchConfig, srv: Any, snap: _Snapshot, tools: _Tools
                 # All cores of the machine, training included (it takes one of them).
                 "machine_cores_busy": {s: round(cores * m[0] / max(m[1], 1), 2) for s, m in machine.items()},
             }
+        # Last, ORCH_MIRROR_MAX_MBPS=auto: uploads and idle gaps with heartbeats throughout.
+        phases["ours_auto"], auto_busy, auto_idle, auto_notes = _AutoRun(srv, snap).run(model, optimizer)
     finally:
         torch.set_num_threads(threads)
     result.values["step_s_idle"] = core.Stat(unit="s", samples=tuple(idle["ours"]))
@@ -571,11 +709,345 @@ def _slowdown(config: core.BenchConfig, srv: Any, snap: _Snapshot, tools: _Tools
     result.scalars["slowdown_slices"] = f"{slices} busy + {slices} idle slices of {_SLICE_S} s per uploader"
     result.scalars["slowdown_steps_timed"] = steps
     result.scalars["slowdown_phases"] = phases
+    auto = phases["ours_auto"]
+    if auto_busy:
+        result.values["step_s_ours_auto_uploading"] = core.Stat(unit="s", samples=tuple(auto_busy))
+    if auto_idle:
+        result.values["step_s_ours_auto_idle"] = core.Stat(unit="s", samples=tuple(auto_idle))
+    result.scalars["slowdown_ours_auto"] = auto["slowdown"]
+    result.scalars["ours_auto_cap_MBps"] = auto["cap_MBps"]
+    result.scalars["ours_auto_upload_MBps"] = auto["upload_MBps"]
+    result.scalars["slowdown_auto_schedule"] = (
+        f"ORCH_MIRROR_MAX_MBPS=auto, ORCH_MIRROR_AUTO_WINDOW_S={auto['window_s']:g}, floor "
+        f"{auto['cap_floor_MBps']:g} MB/s, heartbeats every {auto['heartbeat_s']:g} s, polled every "
+        f"{auto['poll_s']:g} s: {_AUTO_WARMUP_W} idle windows, {_AUTO_CONVERGE_W} windows of uploading "
+        f"unmeasured, then {_AUTO_CYCLES} cycles of >= {_AUTO_BUSY_W} windows uploading (to the end of "
+        f"the snapshot in flight) and {_AUTO_IDLE_W} idle, slices of {_SLICE_S} s; budget {_AUTO_BUDGET_S:g} s")
+    result.notes.extend(auto_notes)
     idle_load = phases["ours"]["machine_cores_busy"]["idle"]
     if idle_load > 1.3:
         result.notes.append(f"other work ran on this machine during the slowdown measurement: "
                             f"{idle_load} cores busy while only training (1 core) should have been; "
                             "the slowdown ratios are inflated by it")
+
+
+# -- ORCH_MIRROR_MAX_MBPS=auto: the cap steered by the training's heartbeats ---------------------
+
+_AUTO_WINDOW_S = 2.0  # ORCH_MIRROR_AUTO_WINDOW_S of the auto kind, unless the environment sets it
+_AUTO_BEAT_FRACTION = 0.2  # heartbeat interval / window: the product's defaults (1 s / 5 s)
+_AUTO_WARMUP_W = 3  # windows of training before the first upload: the idle baseline
+_AUTO_CONVERGE_W = 6  # windows of uploading before anything is measured: the cap converges
+_AUTO_BUSY_W = 3  # measured uploading per cycle before "idle" is asked (the upload in flight ends it)
+_AUTO_IDLE_W = 2  # idle per cycle: at least one whole idle window refreshes the baseline
+_AUTO_CYCLES = 2  # measured (uploading, idle) cycles after the convergence
+_AUTO_BUDGET_S = 90.0  # the kind stops here, even in the middle of an upload (large sizes)
+
+
+class _Beats:
+    """The bench training loop's heartbeats, written as a rank writes them (``Checkpointer``):
+    ``run/progress/rank-0.json`` after a completed step, at most once per ``interval_s``."""
+
+    def __init__(self, checkpoint_dir: str, interval_s: float) -> None:
+        from contract.paths import RunPaths
+
+        self._path = RunPaths.of(checkpoint_dir).heartbeat(0)
+        os.makedirs(os.path.dirname(self._path), exist_ok=True)
+        self._interval_s = interval_s
+        self._next = 0.0
+        self.step = 0
+
+    def step_done(self) -> None:
+        from contract.documents import Heartbeat, write_document
+
+        self.step += 1
+        now = time.monotonic()
+        if now >= self._next:
+            self._next = now + self._interval_s
+            write_document(self._path, Heartbeat(rank=0, step=self.step, attempt=0, time=time.time(),
+                                                 pid=os.getpid()), durable=False)
+
+
+def _beating_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, seconds: float,
+                   beats: _Beats) -> list[float]:
+    """:func:`_step_times` with a heartbeat after each step (untimed, like the rank's own)."""
+    times: list[float] = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end or not times:
+        started = time.perf_counter()
+        core.train_step(model, optimizer)
+        if next(model.parameters()).is_cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+        beats.step_done()
+    return times
+
+
+class _AutoUploader:
+    """The ``ours_auto`` uploader process (:data:`_AUTO_LOOP`), driven through its stdin."""
+
+    def __init__(self, srv: Any, snap: _Snapshot, checkpoint_dir: str, env: dict[str, str]) -> None:
+        full_env = {**os.environ, **srv.env(), "AWS_REGION": srv.region, **env}
+        args = [sys.executable, "-c", _AUTO_LOOP, f"s3://{srv.bucket}/bench/load-ours-auto",
+                snap.checkpoint_dir, str(_STEP), checkpoint_dir]
+        self.proc = subprocess.Popen(args, env=full_env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, cwd=_REPO, start_new_session=True)
+        self._messages: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
+        self._stderr: collections.deque[str] = collections.deque(maxlen=40)
+        threading.Thread(target=self._read_stdout, daemon=True).start()
+        threading.Thread(target=self._read_stderr, daemon=True).start()
+        try:
+            self.ready = self._first_message(timeout_s=120.0)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _read_stdout(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                msg = {"event": "text", "text": line.rstrip()}
+            self._messages.put(msg if isinstance(msg, dict) else {"event": "text", "text": line.rstrip()})
+        self._messages.put({"event": "eof"})
+
+    def _read_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self._stderr.append(line.rstrip())
+
+    def _first_message(self, timeout_s: float) -> dict[str, Any]:
+        try:
+            msg = self._messages.get(timeout=timeout_s)
+        except queue.Empty:
+            msg = {"event": "timeout"}
+        if msg.get("event") != "ready" or not msg.get("auto"):
+            raise RuntimeError(f"background ours_auto uploader did not start: {msg}: {self.stderr()}")
+        return msg
+
+    def stderr(self) -> str:
+        return "\n".join(self._stderr)[-800:]
+
+    def send(self, command: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+
+    def messages(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        while True:
+            try:
+                out.append(self._messages.get_nowait())
+            except queue.Empty:
+                return out
+
+    def cpu_s(self) -> float:
+        return _tree_cpu_s(self.proc.pid)
+
+    def stop(self) -> None:
+        """End of stdin closes the mirror (an upload in flight is cut); then the group goes."""
+        with contextlib.suppress(OSError, ValueError):
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)  # the group this uploader created, by its id
+            self.proc.wait(timeout=30)
+
+
+class _AutoRun:
+    """The ``ours_auto`` kind of :func:`_slowdown`; see the module docstring for the design."""
+
+    def __init__(self, srv: Any, snap: _Snapshot) -> None:
+        from orchestrator.settings import load_settings
+
+        self.srv = srv
+        self.snap = snap
+        self.env = {"ORCH_MIRROR_MAX_MBPS": "auto",
+                    "ORCH_MIRROR_AUTO_WINDOW_S": os.environ.get("ORCH_MIRROR_AUTO_WINDOW_S", str(_AUTO_WINDOW_S))}
+        self.settings = load_settings({**os.environ, **self.env})
+        self.window_s = self.settings.mirror_auto_window_s
+        self.dir = os.path.join(os.path.dirname(snap.checkpoint_dir), "auto")  # hard links: same disk
+        # What the uploader said, and the state it implies.
+        self.uploading = False
+        self.requested = False  # "busy" sent, its reply not seen yet
+        self.idle_asked = False
+        self.changed = 0.0  # when `uploading` (or the convergence) last changed, our clock
+        self.upload_started: float | None = None  # our clock
+        self.t0 = 0.0  # the same moment on the uploader's clock (its reports' "t")
+        self.converged_at: float | None = None
+        self.cap: float | None = None  # MB/s; None: unlimited
+        self.trajectory: list[list[Any]] = []
+        self.uploads = 0
+        self.retries = 0
+        self.segment: tuple[int, float] | None = None  # (bytes granted, time) at its start
+        self.last_counters: tuple[int, float] | None = None
+        self.sent = 0
+        self.sent_s = 0.0
+        self.measured = {"busy": 0.0, "idle": 0.0}  # this phase's labelled seconds
+        self.last_busy_s = 0.0  # the last uploading phase, "busy" to "drained"
+        self.notes: list[str] = []
+
+    def _take(self, loader: _AutoUploader) -> None:
+        for msg in loader.messages():
+            event = msg.get("event")
+            now = time.monotonic()
+            if "granted" in msg:
+                self.last_counters = (int(msg["granted"]), float(msg["t"]))
+            if event == "throttled":
+                self.cap = msg.get("cap_mb_per_s")
+                self.trajectory.append([round(float(msg["t"]) - self.t0, 1), msg.get("action"),
+                                        None if self.cap is None else round(self.cap, 2)])
+            elif event == "uploaded":
+                self.uploads += 1
+            elif event == "busy":
+                self.uploading, self.requested, self.idle_asked, self.changed = True, False, False, now
+                self.measured["busy"] = 0.0
+                if self.upload_started is None:
+                    self.upload_started, self.t0 = now, float(msg["t"])
+                if self.converged_at is not None:
+                    self.segment = (int(msg["granted"]), float(msg["t"]))
+            elif event == "mark":
+                self.segment = (int(msg["granted"]), float(msg["t"]))
+            elif event == "drained":
+                self.last_busy_s = now - self.changed
+                self.uploading, self.changed = False, now
+                self.measured["idle"] = 0.0
+                self._end_segment(int(msg["granted"]), float(msg["t"]))
+            elif event == "mirror.retry":
+                self.retries += 1
+            elif event == "mirror.failed":
+                raise RuntimeError(f"ours_auto mirror failed: {msg}")
+            elif event == "text" and len(self.notes) < 5:  # a log line (structlog prints warnings)
+                self.notes.append(f"ours_auto uploader said: {str(msg.get('text'))[:300]}")
+            elif event == "eof":
+                raise RuntimeError(f"background ours_auto uploader exited: {loader.stderr()}")
+
+    def _end_segment(self, granted: int, t: float) -> None:
+        if self.segment is not None and t > self.segment[1]:
+            self.sent += granted - self.segment[0]
+            self.sent_s += t - self.segment[1]
+        self.segment = None
+
+    def _label(self, now: float) -> str | None:
+        """What a slice starting now measures: "busy", "idle" or nothing (settling, converging)."""
+        if self.requested or now - self.changed < _SETTLE_S:
+            return None
+        if self.uploading:
+            return "busy" if self.converged_at is not None else None
+        return "idle"
+
+    def run(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+            ) -> tuple[dict[str, Any], list[float], list[float], list[str]]:
+        """(the phase's fields, busy slice medians, idle slice medians, notes)."""
+        w = self.window_s
+        shutil.rmtree(self.dir, ignore_errors=True)
+        beats = _Beats(self.dir, w * _AUTO_BEAT_FRACTION)
+        loader = _AutoUploader(self.srv, self.snap, self.dir, self.env)
+        samples: dict[str, list[float]] = {"busy": [], "idle": []}
+        caps: list[float] = []
+        wall = {"busy": 0.0, "idle": 0.0}
+        uploader = {"busy": 0.0, "idle": 0.0}
+        endpoint = {"busy": 0.0, "idle": 0.0}
+        machine = {"busy": [0, 0], "idle": [0, 0]}
+        measured = self.measured
+        cycles, steps = 0, 0
+        started = self.changed = time.monotonic()
+        deadline = started + _AUTO_BUDGET_S
+        try:
+            while True:
+                self._take(loader)
+                now = time.monotonic()
+                if now >= deadline:
+                    self.notes.append(f"ours_auto: stopped at its {_AUTO_BUDGET_S:g} s budget "
+                                      f"{'during an upload' if self.uploading else 'while idle'} "
+                                      f"after {cycles} measured cycles")
+                    break
+                if not self.uploading and not self.requested:
+                    warm = self.upload_started is None and now - started >= _AUTO_WARMUP_W * w
+                    rested = self.upload_started is not None and measured["idle"] >= _AUTO_IDLE_W * w
+                    if rested:
+                        cycles += 1
+                        if cycles >= _AUTO_CYCLES or now + self.last_busy_s + (_AUTO_IDLE_W + 1) * w > deadline:
+                            break
+                    if warm or rested:
+                        loader.send("busy")
+                        self.requested = True
+                elif self.uploading:
+                    assert self.upload_started is not None
+                    if self.converged_at is None and now - self.upload_started >= _AUTO_CONVERGE_W * w:
+                        self.converged_at = now  # the uploading goes on: measured from here
+                        loader.send("mark")
+                    elif self.converged_at is not None and not self.idle_asked and measured["busy"] >= _AUTO_BUSY_W * w:
+                        loader.send("idle")
+                        self.idle_asked = True
+                label = self._label(now)
+                version = self.changed
+                c0, e0, m0, w0 = loader.cpu_s(), _process_cpu_s(self.srv.pid), _machine_busy(), time.perf_counter()
+                converging = self.uploading and self.converged_at is None
+                times = _beating_steps(model, optimizer, _SLICE_S if label or converging else _SETTLE_S, beats)
+                m1 = _machine_busy()
+                steps += len(times)
+                self._take(loader)
+                if label is None or self.changed != version:
+                    continue  # settling, converging, or the state changed within the slice
+                seconds = time.perf_counter() - w0
+                wall[label] += seconds
+                measured[label] += seconds
+                uploader[label] += loader.cpu_s() - c0
+                endpoint[label] += _process_cpu_s(self.srv.pid) - e0
+                machine[label][0] += m1[0] - m0[0]
+                machine[label][1] += m1[1] - m0[1]
+                samples[label].append(statistics.median(times))
+                if label == "busy":
+                    caps.append(math.inf if self.cap is None else float(self.cap))
+        finally:
+            if self.segment is not None and self.last_counters is not None:
+                self._end_segment(*self.last_counters)  # the budget cut an upload short
+            loader.stop()
+            shutil.rmtree(self.dir, ignore_errors=True)
+        return self._phase(samples, caps, wall, uploader, endpoint, machine, cycles, steps,
+                           time.monotonic() - started), samples["busy"], samples["idle"], self.notes
+
+    def _phase(self, samples: dict[str, list[float]], caps: list[float], wall: dict[str, float],
+               uploader: dict[str, float], endpoint: dict[str, float], machine: dict[str, list[int]],
+               cycles: int, steps: int, seconds: float) -> dict[str, Any]:
+        busy, idle = samples["busy"], samples["idle"]
+        cores = os.cpu_count() or 1
+        cap = statistics.median(caps) if caps else None
+        decisions = collections.Counter(str(a) for _, a, _ in self.trajectory)
+        if not busy or not idle:
+            self.notes.append(f"ours_auto: {len(busy)} uploading and {len(idle)} idle slices measured: "
+                              "no slowdown")
+        if self.retries:
+            self.notes.append(f"ours_auto: the mirror retried {self.retries} transient errors")
+        return {
+            "slowdown": round(core.ratio(statistics.median(busy), statistics.median(idle)), 3)
+            if busy and idle else None,
+            "uploads_completed": self.uploads,
+            "uploader_cores_busy": round(uploader["busy"] / wall["busy"], 2) if wall["busy"] else None,
+            "endpoint_cores_busy": round(endpoint["busy"] / wall["busy"], 2) if wall["busy"] else None,
+            "machine_cores_busy": {s: round(cores * m[0] / max(m[1], 1), 2) for s, m in machine.items()},
+            # The cap in force over the measured uploading slices (median; None: unlimited), the
+            # last one, its floor, and what the mirror sent per second while it uploaded after
+            # the convergence (bytes through its token bucket / seconds from first byte to drained).
+            "cap_MBps": None if cap is None or math.isinf(cap) else round(cap, 2),
+            "cap_final_MBps": None if self.cap is None else round(self.cap, 2),
+            "cap_floor_MBps": self.settings.mirror_auto_min_mbps,
+            "upload_MBps": round(self.sent / core.MB / self.sent_s, 2) if self.sent_s > 0 else None,
+            "decisions": {a: decisions.get(a, 0) for a in ("backoff", "raise", "lift")},
+            "cap_trajectory": self.trajectory,  # [s since the first upload, action, cap MB/s]
+            "busy_slices": len(busy),
+            "idle_slices": len(idle),
+            "cycles": cycles,
+            "steps_timed": steps,
+            "seconds": round(seconds, 1),
+            "window_s": self.window_s,
+            "heartbeat_s": round(self.window_s * _AUTO_BEAT_FRACTION, 3),
+            "poll_s": self.settings.poll_interval_s,
+        }
 
 
 # -- the leg ------------------------------------------------------------------------------------
