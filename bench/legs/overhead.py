@@ -1,10 +1,12 @@
 """Leg "overhead": training throughput with a snapshot every N steps against none at all.
 
 N is chosen, in this run, as the interval at which synchronous ``torch.save`` + fsync costs 10%
-of throughput (N = save time / (0.1 x step time)). Three loops then run interleaved over blocks of
+of throughput (N = save time / (0.1 x step time)). Four loops then run interleaved over blocks of
 2N steps, in ``3 x repeats`` rounds with the order rotated: bare (no checkpointing code at all),
-ours (``Checkpointer.step_done`` every step, so heartbeats and preemption checks are counted too,
-a snapshot every N) and ``torch.save`` every N.
+the same bare loop again (the A/A control: what two identical loops differ by on this machine,
+the floor under which no overhead can be told from noise), ours (``Checkpointer.step_done``
+every step, so heartbeats and preemption checks are counted too, a snapshot every N) and
+``torch.save`` every N.
 Each block ends on a snapshot step; after the clock stops, the block's last snapshot is compared
 with the live state's digest (nothing has trained since), so the gate costs the loop nothing.
 The overhead is the median over rounds of each round's throughput against that round's bare loop.
@@ -47,7 +49,7 @@ def run(config: core.BenchConfig, size_bytes: int) -> core.LegResult:
     state = trainer.TrainingState(model=model, optimizer=optimizer)
     ckpt = trainer.Checkpointer(state, hparams={}, every=every, settings=settings)
     step = 0
-    rates: dict[str, list[float]] = {"bare": [], "ours": [], "torch_save": []}
+    rates: dict[str, list[float]] = {"bare": [], "bare_again": [], "ours": [], "torch_save": []}
 
     def block(kind: str) -> float:
         nonlocal step
@@ -61,13 +63,14 @@ def run(config: core.BenchConfig, size_bytes: int) -> core.LegResult:
                 plain.save(step)
         return 2 * every / (time.perf_counter() - started)
 
-    kinds = ("bare", "ours", "torch_save")
+    kinds = ("bare", "bare_again", "ours", "torch_save")
     rounds = 3 * config.repeats  # a 1% effect under a +-10% drift of the machine needs samples
     try:
         # Align to a multiple of the interval so every block ends on a snapshot step.
         block("bare")
         for r in range(rounds):
-            for kind in kinds[r % 3 :] + kinds[: r % 3]:  # no kind always runs first or last
+            # No kind always runs first or last.
+            for kind in kinds[r % len(kinds) :] + kinds[: r % len(kinds)]:
                 rates[kind].append(block(kind))
                 if kind == "ours":
                     ckpt.wait()
@@ -90,6 +93,12 @@ def run(config: core.BenchConfig, size_bytes: int) -> core.LegResult:
 
     ours_overhead = paired("ours")
     save_overhead = paired("torch_save")
+    # The A/A control: the same paired statistic between two identical bare loops, and how far
+    # single rounds of it stray (the median absolute value): an overhead this small is noise.
+    result.scalars["aa_overhead"] = round(paired("bare_again"), 4)
+    result.scalars["aa_round_spread"] = round(statistics.median(
+        abs(1 - core.ratio(x, b)) for x, b in zip(rates["bare_again"], rates["bare"], strict=True)
+    ), 4)
     bare = result.values["bare_steps_per_s"].median
     result.scalars["torch_save_overhead"] = round(save_overhead, 4)
     result.scalars["ours_overhead_of_medians"] = round(
