@@ -86,11 +86,18 @@ class Cluster:
     def lose(self, node: int) -> None:
         """The node is gone: its supervisor, torchrun and ranks die at once, its disk with them."""
         proc = self.procs[node]
+        # All at once, ranks first: killed one after the other from the supervisor down, the
+        # supervisor's death reached torchrun as its parent-death signal, torchrun forwarded
+        # SIGTERM to the ranks, and they took an emergency snapshot with the other node's ranks
+        # (seen in CI: a snapshot at step 51 that no golden run has). A frozen supervisor cannot
+        # die or relaunch meanwhile. torchrun and the ranks run in sessions of their own: found
+        # by their environment.
+        os.killpg(proc.pid, signal.SIGSTOP)
+        mine = {"ORCH_CHECKPOINT_DIR": str(self.ckpt(node))}
+        assert not kill_and_wait(find_processes(mine, present=("LOCAL_RANK",)), 10)
+        assert not kill_and_wait(find_processes(mine), 10)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
-        # torchrun and the ranks run in sessions of their own: find them by their environment.
-        left = find_processes({"ORCH_CHECKPOINT_DIR": str(self.ckpt(node))})
-        assert not kill_and_wait(left, 10)
         shutil.rmtree(self.ckpt(node))
 
     def wait(self, node: int, timeout: float = 300) -> int:
