@@ -82,10 +82,6 @@ class BlockHasher:
             return [*self._blocks, self._partial.copy().digest()]
         return list(self._blocks)
 
-    def full_blocks(self) -> list[bytes]:
-        """The hashes of the complete blocks fed so far (not a trailing partial one)."""
-        return self._blocks
-
     def digest(self) -> bytes:
         h = hashlib.sha256()
         for block in self._blocks:

@@ -41,7 +41,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from storage.blockhash import BLOCK_BYTES, BlockHasher, FileHasher
+from storage.blockhash import BLOCK_BYTES, BlockHasher, FileHasher, tensor_digest
 from storage.errors import CorruptSnapshot
 
 FORMAT_V1 = "trainer-tree-v1"
@@ -258,8 +258,9 @@ class ContentPlan:
             for offset, nbytes in self.regions:
                 h.update(view[offset : offset + nbytes])
             return "sha256:" + h.hexdigest()
-        splits = [RegionSplit(0, 0, offset, nbytes) for offset, nbytes in self.regions]
-        return combine(self.canonical, tensor_digests(splits, [], extra_blocks(view, splits)))
+        return combine(
+            self.canonical, [tensor_digest(view[offset : offset + n]) for offset, n in self.regions]
+        )
 
 
 def content_plan(tree: Mapping[str, Any], arena_nbytes: int) -> ContentPlan:
