@@ -43,6 +43,7 @@ from trainer.distributed import is_initialized, shutdown
 from trainer.errors import SnapshotError, UsageError
 from trainer.exports import BestPolicy, Exporter, json_metric
 from trainer.journal import Journal
+from trainer.placement import settle_homes
 from trainer.provenance import Provenance
 from trainer.resume import ResumePolicy, Resumer
 from trainer.settings import STAGING_MODES, StagingMode, WorkerSettings
@@ -167,6 +168,11 @@ class Checkpointer:
         #: a node copy's writer); a shard writer (FSDP) writes but rank 0 commits.
         self.commits = self.rank == 0
         self._writers: tuple[int, ...] | None = None
+        #: Per rank: the writer whose directory is that rank's node's checkpoint dir (None: that
+        #: node holds no copy, ``--no-node-copies``); settled with the writers.
+        self.homes: tuple[int | None, ...] = (0,) * self.world_size
+        #: Per rank: its local rank on its node (settled with the writers).
+        self.local_ranks: tuple[int, ...] = tuple(range(self.world_size))
         self.last_snapshot_step: int | None = None
         self.resumed_from: int | None = None
         self.last_digest: str | None = None
@@ -461,36 +467,46 @@ class Checkpointer:
         With node copies, each node's local rank 0 drops a probe file into its checkpoint dir
         and, after everyone did, looks for the others' probes: a dir shared between nodes (NFS)
         shows several, and only the lowest of those ranks writes there, so two processes never
-        commit the same step into one directory.
+        commit the same step into one directory. Also settles :attr:`homes`: for every rank, the
+        writer whose directory is its node's checkpoint dir (None: its node holds no copy), which
+        a sharded snapshot needs to place every rank's shard file in every copy.
         """
         if self._writers is not None:
             return self._writers
         settings = self.settings
         multinode = settings.local_world_size < self.world_size
-        if not (is_initialized() and multinode and settings.node_copies):
-            self._writers = (0,)
+        if not (is_initialized() and multinode):
+            self._writers, self.homes = (0,), (0,) * self.world_size
+            self.local_ranks = tuple(range(self.world_size))
             self.writes = self.commits = self.rank == 0
             return self._writers
+        copies = settings.node_copies
         probes = os.path.join(self.paths.run_dir, "copy-probes")
         mine = os.path.join(probes, f"{settings.launch_token or 'probe'}-{self.rank}")
-        if settings.local_rank == 0:
+        if copies and settings.local_rank == 0:
             os.makedirs(probes, exist_ok=True)
             with open(mine, "w"):
                 pass
-        dist.barrier()
+        if copies:
+            dist.barrier()
         prefix = f"{settings.launch_token or 'probe'}-"
         shared_with: list[int] = []
-        if settings.local_rank == 0:
+        if copies and settings.local_rank == 0:
             for name in os.listdir(probes):
                 if name.startswith(prefix) and name[len(prefix):].isdigit():
                     shared_with.append(int(name[len(prefix):]))
-        candidate = settings.local_rank == 0 and min(shared_with, default=self.rank) == self.rank
+        # (node, local rank, the writer of this node's dir when it is a node leader)
+        owner = min(shared_with, default=self.rank) if settings.local_rank == 0 else None
         decisions: list[Any] = [None] * self.world_size
-        dist.all_gather_object(decisions, candidate)
-        if settings.local_rank == 0:
+        dist.all_gather_object(decisions, (settings.group_rank, settings.local_rank, owner))
+        if copies and settings.local_rank == 0:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(mine)
-        self._writers = tuple(r for r, writes in enumerate(decisions) if writes)
+        self.local_ranks = tuple(int(lr) for _n, lr, _o in decisions)
+        self._writers, self.homes = settle_homes(
+            [(int(n), int(lr)) for n, lr, _o in decisions],
+            {int(n): int(o) for n, lr, o in decisions if o is not None} if copies else None,
+        )
         self.writes = self.commits = self.rank in self._writers
         if self.rank == 0:
             log.info("snapshot.node_copies", writers=list(self._writers))

@@ -10,13 +10,17 @@ written, and hashes them on the global block grid of :mod:`storage.sharded`. Glo
 writes the rest of the state with the codec (``tree.json`` + ``tensors.bin``: scheduler, scaler,
 extras, progress, every rank's RNGs and loader position, and every non-tensor leaf of the model
 and optimizer state) and the shard index. The writer threads report over a dedicated gloo group
-(created once, as DCP's ``async_save`` does) in a fixed order (temporary directory from rank 0,
-then every rank's report), and rank 0 commits the manifest only after every rank reported its
+(created once, as DCP's ``async_save`` does) in a fixed order (the writers' temporary directories,
+the exchange between nodes, then every rank's report), and rank 0 commits the manifest only after every rank reported its
 file, size, checksum and digest contributions (barrier-then-commit over shards).
 
-On several nodes (ranks not sharing rank 0's disk) shards are not written on several disks: the
-state is gathered to rank 0 (``full_state_dict``) and written in the same format with one chunk
-per tensor (same digest), with a one-time ``snapshot.gathered_multinode`` warning.
+On several nodes every node holds a complete copy, as DDP's node copies do (:mod:`trainer.placement`):
+each node's local rank 0 commits the same manifest in its own checkpoint dir, its node's ranks
+write their shard files there, and every shard file is also sent, in the background, to one
+carrier rank on each other node, which writes it into its node's copy, hashed while received
+(rank 0 checks each copy's checksums against the owners' before committing). A lost node then
+loses no snapshot. ``--no-node-copies``: only rank 0's node holds a copy, other nodes' shards
+are carried to it.
 
 Resume reads the index as DCP ``Metadata`` (:class:`ShardReader`, a DCP ``StorageReader`` over
 our files), loads into scratch tensors in the *current* sharding with ``dcp.load`` (DCP's planner
@@ -47,7 +51,6 @@ from torch.distributed.checkpoint.metadata import (
 )
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
     get_state_dict,
     set_state_dict,
 )
@@ -60,7 +63,7 @@ from storage.content import BLOCK_ALIGN_MIN_BYTES, check_digest, content_plan
 from storage.errors import CorruptSnapshot
 from storage.hashfile import HashingFile
 from storage.layout import TENSORS_FILE, TREE_FILE
-from storage.manifest import FileEntry, Manifest
+from storage.manifest import CHECKSUM_ALGORITHM, FileEntry, Manifest
 from storage.settings import StorageSettings
 from storage.sharded import (
     BLOCK_BYTES,
@@ -88,6 +91,7 @@ from storage.sharded import (
 from trainer import codec
 from trainer.distributed import is_initialized
 from trainer.errors import CodecError, SnapshotError, StateMismatch, UsageError
+from trainer.placement import CopyPlan
 from trainer.resume import apply_state, parse_snapshot_tree
 
 if TYPE_CHECKING:
@@ -100,6 +104,9 @@ log = structlog.get_logger("trainer.sharded")
 #: goes through the shards (a plain tensor, e.g. Adam's ``step``, as one chunk written by rank 0).
 _ROUTED = ("$[shared][model][", "$[shared][optimizer][", "$[shared][ema][")
 _ALIGN = 64
+#: Shard files travel to the other nodes' copies in pieces of this size (memory per incoming
+#: file on a carrier; a multiple of the O_DIRECT alignment).
+_EXCHANGE_PIECE = 32 << 20
 
 
 def uses_dtensors(model: torch.nn.Module) -> bool:
@@ -324,6 +331,40 @@ def _assemble(
     return shared_digests(shared_node(root), digest_of)
 
 
+def _hash_buffer(buf: torch.Tensor) -> tuple[FileEntry, list[bytes]]:
+    """The entry a shard file of exactly ``buf`` would have (for a rank writing no copy)."""
+    h = BlockHasher()
+    view = buf.numpy().data if buf.numel() else memoryview(b"")
+    h.update(view)
+    return FileEntry(size=len(view), checksum=h.hexdigest(), algorithm=CHECKSUM_ALGORITHM), h.blocks()
+
+
+def _check_copies(plan: CopyPlan, reports: list[Any]) -> None:
+    """Every copy holds every rank's shard file, each equal to its owner's (size, checksum).
+
+    A rank's own file sits in its home directory; a carried one was hashed by its carrier
+    while received, so a file torn or altered on the way fails here, before any commit."""
+    owners = {rep[1]: rep[2] for rep in reports if rep[1] is not None}
+    for w in plan.writers:
+        held: dict[str, FileEntry] = {}
+        for r, rep in enumerate(reports):
+            if plan.homes[r] != w:
+                continue
+            if rep[1] is not None:
+                held[rep[1]] = rep[2]
+            for fname, entry in rep[5]:
+                held[fname] = entry
+        missing = sorted(set(owners) - set(held))
+        if missing:
+            raise SnapshotError(f"the copy of writer {w} lacks {missing}")
+        for fname, entry in held.items():
+            want = owners.get(fname)
+            if want is None or (entry.size, entry.checksum, entry.algorithm) != (
+                want.size, want.checksum, want.algorithm
+            ):
+                raise SnapshotError(f"the copy of writer {w}: {fname} differs from its owner's file")
+
+
 # -- the snapshot host --------------------------------------------------------------------------
 
 
@@ -334,20 +375,34 @@ class ShardedSnapshots:
         self.ckpt = ckpt
         self.staging = ShardStaging(pin_memory=torch.cuda.is_available())
         self._group: Any = None
-        self._warned_gathered = False
+        self._plan: CopyPlan | None = None
         self._chunk_bytes = StorageSettings.from_env().write_chunk_bytes
 
-    @property
-    def gathered(self) -> bool:
-        """Ranks on several nodes: gather to rank 0 (this version writes one node's disk)."""
-        return self.ckpt.settings.local_world_size < self.ckpt.world_size
+    def _placement(self) -> CopyPlan:
+        """Where this group's copies go (collective the first time, on the training thread).
+
+        One node: every rank writes into rank 0's directory. Several nodes: every writer
+        (each node's local rank 0 with node copies, else global rank 0) commits a complete copy
+        on its own node, its node's ranks writing their shard files there and carriers
+        receiving the other nodes' files (:mod:`trainer.placement`).
+        """
+        ckpt = self.ckpt
+        if self._plan is None:
+            writers = ckpt._settle_writers()
+            # Every rank of a sharded snapshot writes (and its writer thread must be waited for);
+            # the writers commit a copy on their node.
+            ckpt.writes = True
+            self._plan = CopyPlan.make(writers, ckpt.homes, ckpt.local_ranks)
+            if ckpt.rank == 0 and self._plan.transfers:
+                log.info("snapshot.sharded_copies", writers=list(writers),
+                         transfers=len(self._plan.transfers))
+        return self._plan
 
     # -- state dicts --
 
-    def _shared(self, *, full: bool = False) -> dict[str, Any]:
+    def _shared(self) -> dict[str, Any]:
         state = self.ckpt.state
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True) if full else None
-        msd, osd = get_state_dict(state.model, state.optimizer, options=options)
+        msd, osd = get_state_dict(state.model, state.optimizer)
         shared = state.shared_state_dict()
         shared["model"], shared["optimizer"] = msd, osd
         return shared
@@ -374,13 +429,9 @@ class ShardedSnapshots:
         started = time.perf_counter()
         ckpt._settle_staging()
         group = self._gloo()
-        gathered_mode = self.gathered and ckpt.world_size > 1
-        if gathered_mode and not self._warned_gathered and ckpt.rank == 0:
-            log.warning("snapshot.gathered_multinode", world_size=ckpt.world_size,
-                        local_world_size=ckpt.settings.local_world_size)
-        self._warned_gathered = True
+        plan = self._placement()
         rank_states = ckpt._gather_rank_states()
-        shared = self._shared(full=gathered_mode)
+        shared = self._shared()
         ckpt.last_snapshot_step = step
         if ckpt.rank == 0:
             if rank_states is None:
@@ -390,10 +441,8 @@ class ShardedSnapshots:
                 raise SnapshotError(f"ranks reached different steps at snapshot time: {steps}")
         enc = encode(
             self._obj(shared, rank_states if ckpt.rank == 0 else None),
-            rank=ckpt.rank, world_size=ckpt.world_size, gathered=gathered_mode,
+            rank=ckpt.rank, world_size=ckpt.world_size, gathered=False,
         )
-        if gathered_mode and ckpt.rank != 0:
-            enc.chunks, enc.file_nbytes = [], 0  # rank 0 holds the full tensors
         gathered_at = time.perf_counter()
         if ckpt._snapshot_job is not None:
             ckpt._snapshot_job.wait()  # both buffers are reused: the previous write must be done
@@ -407,7 +456,7 @@ class ShardedSnapshots:
         stall = time.perf_counter() - started
         ckpt.last_stall_s = stall
         log.info("snapshot.sharded_staged", step=step, stall_s=round(stall, 6),
-                 wait_s=round(waited, 6), bytes=enc.file_nbytes, gathered=gathered_mode)
+                 wait_s=round(waited, 6), bytes=enc.file_nbytes)
         ckpt.faults.point("after_staging", step)
         metadata = ckpt.provenance.manifest_metadata(
             ckpt.state, ckpt._last_metrics, attempt=ckpt.settings.attempt
@@ -415,7 +464,7 @@ class ShardedSnapshots:
         epoch = ckpt.state.epoch
 
         def job() -> None:
-            self._write(step, epoch, enc, buf, arena, metadata, group, gathered_mode)
+            self._write(step, epoch, enc, buf, arena, metadata, group, plan)
 
         ckpt._snapshot_job = ckpt.writer.submit(job, label=f"sharded-snapshot@{step}")
 
@@ -428,55 +477,84 @@ class ShardedSnapshots:
         arena: torch.Tensor | None,
         metadata: dict[str, Any],
         group: Any,
-        gathered_mode: bool,
+        plan: CopyPlan,
     ) -> None:
-        """Writer thread of every rank: the same collectives in the same order on each."""
+        """Writer thread of every rank: the same collectives in the same order on each.
+
+        1. every writer opens its temporary directory; all ranks learn every directory and
+           every rank's file size; 2. each rank writes its own shard file into its home
+           directory; 3. shard files are exchanged with the carriers of the other copies;
+        4. every rank's report reaches rank 0, which checks that each copy holds every file
+           with the owner's checksum and commits its own copy; 5. the other writers commit the
+           same manifest over their files; 6. every rank learns every copy's outcome.
+        """
         ckpt = self.ckpt
         started = time.perf_counter()
         rank, world = ckpt.rank, ckpt.world_size
         distributed = is_initialized() and world > 1
-        writer = None
+        writer: Any = None
         error: BaseException | None = None
-        # 1. Rank 0 opens the temporary directory; every rank learns its path (same node).
-        head: list[Any] = [None]
-        if rank == 0:
+        # 1. Heads: every writer's temporary directory (or why it has none) and every file size.
+        head: Any = None
+        if rank in plan.writers:
             try:
                 writer = ckpt.store.begin(step, on_phase=lambda phase: ckpt.faults.point(phase, step))
-                head[0] = ("ok", writer.tmp_path)
+                head = ("ok", writer.tmp_path)
             except BaseException as exc:
                 error = exc
-                head[0] = ("error", f"{type(exc).__name__}: {exc}")
+                head = ("error", f"{type(exc).__name__}: {exc}")
+        heads: list[Any] = [None] * world
         if distributed:
-            dist.broadcast_object_list(head, src=0, group=group)
-        # 2. Every rank writes its own shard file (none when it holds no chunk).
-        report: Any
+            dist.all_gather_object(heads, (head, enc.file_nbytes), group=group)
+        else:
+            heads = [(head, enc.file_nbytes)]
+        home = plan.homes[rank]
+        home_dir: str | None = None
+        if home is not None and heads[home][0] is not None and heads[home][0][0] == "ok":
+            home_dir = str(heads[home][0][1])
+        name = shard_file_name(rank)
+        entry: FileEntry | None = None
+        file_blocks: list[bytes] = []
+        carried: list[tuple[str, FileEntry]] = []
+        report: Any = None
+        # 2. This rank's own shard file, into its home directory.
         try:
-            if head[0][0] != "ok":
-                raise SnapshotError(f"rank 0 could not start snapshot {step}: {head[0][1]}")
-            name = shard_file_name(rank)
-            entry: FileEntry | None = None
-            file_blocks: list[bytes] = []
+            if home is not None and home_dir is None:
+                raise SnapshotError(f"writer {home} could not start snapshot {step}: {heads[home][0]}")
             if enc.chunks:
-                entry, file_blocks = self._write_file(writer, head[0][1], name, buf)
-            # The digest contributions: whole grid blocks from the file checksum's blocks (one
-            # hashing pass per byte), only edge pieces and short blocks hashed again.
-            digests = _chunk_digests(buf, enc.chunks, file_blocks)
-            report = ("ok", name if entry else None, entry, [
-                (c.key, c.chunk(name), d.to_wire()) for c, (_k, d) in
-                zip(enc.chunks, digests, strict=True)
-            ], [(c.key, c.dtype, c.shape) for c in enc.chunks])
+                if home_dir is not None:
+                    entry, file_blocks = self._write_file(writer if home == rank else None,
+                                                          home_dir, name, buf)
+                else:  # no copy on this node: only the checksum, for the manifest
+                    entry, file_blocks = _hash_buffer(buf)
         except BaseException as exc:
-            if error is None:
-                error = exc
+            error = error or exc
             report = ("error", f"{type(exc).__name__}: {exc}")
-        # 3. Every rank's report reaches rank 0.
+        # 3. The exchange: every transfer of the plan, whatever happened above (the peers wait).
+        try:
+            carried = self._exchange(plan, buf, [int(h[1]) for h in heads], home_dir, group)
+        except BaseException as exc:
+            error = error or exc
+            report = report or ("error", f"{type(exc).__name__}: {exc}")
+        if report is None:
+            try:
+                # The digest contributions: whole grid blocks from the file checksum's blocks
+                # (one hashing pass per byte), only edge pieces and short blocks hashed again.
+                digests = _chunk_digests(buf, enc.chunks, file_blocks)
+                report = ("ok", name if entry else None, entry, [
+                    (c.key, c.chunk(name), d.to_wire()) for c, (_k, d) in
+                    zip(enc.chunks, digests, strict=True)
+                ], [(c.key, c.dtype, c.shape) for c in enc.chunks], carried)
+            except BaseException as exc:
+                error = error or exc
+                report = ("error", f"{type(exc).__name__}: {exc}")
+        # 4. Every rank's report reaches rank 0, which commits its copy.
         reports: list[Any] | None = [None] * world if rank == 0 else None
         if distributed:
             dist.gather_object(report, reports, dst=0, group=group)
         else:
             reports = [report]
-        # 4. Rank 0 commits after every rank reported.
-        outcome: list[Any] = [None]
+        payload: list[Any] = [None]
         if rank == 0:
             try:
                 if error is not None:
@@ -487,34 +565,55 @@ class ShardedSnapshots:
                     if rep is None or rep[0] != "ok":
                         raise SnapshotError(f"rank {r} failed writing its shards of step {step}: "
                                             f"{'no report' if rep is None else rep[1]}")
-                digest, manifest = self._commit(step, epoch, enc, arena, metadata, writer, reports,
-                                                gathered_mode)
-                outcome[0] = ("ok", digest)
+                _check_copies(plan, reports)
+                digest, manifest, small = self._commit(step, epoch, enc, arena, metadata, writer,
+                                                       reports)
+                payload[0] = ("ok", digest, manifest.to_json(), small)
                 seconds = time.perf_counter() - started
                 ckpt.last_write_s = seconds
                 log.info("snapshot.sharded_committed", step=step, bytes=manifest.total_bytes,
-                         seconds=round(seconds, 4), digest=digest, files=len(manifest.files))
+                         seconds=round(seconds, 4), digest=digest, files=len(manifest.files),
+                         copies=len(plan.writers))
             except BaseException as exc:
                 if writer is not None:
                     writer.abort()
                 error = error or exc
-                outcome[0] = ("error", f"{type(exc).__name__}: {exc}")
-        # 5. Every rank learns the outcome (and the digest).
+                payload[0] = ("error", f"{type(exc).__name__}: {exc}")
         if distributed:
-            dist.broadcast_object_list(outcome, src=0, group=group)
-        if outcome[0] is not None and outcome[0][0] == "ok":
-            ckpt.last_digest = outcome[0][1]
+            dist.broadcast_object_list(payload, src=0, group=group)
+        # 5. The other writers commit the same manifest over their copy's files.
+        mine: Any = None
+        if rank != 0 and writer is not None:
+            if payload[0][0] == "ok":
+                try:
+                    self._commit_copy(writer, name if entry else None, payload[0][2], payload[0][3])
+                    mine = ("ok", None)
+                except BaseException as exc:
+                    error = error or exc
+                    mine = ("error", f"{type(exc).__name__}: {exc}")
+            else:
+                writer.abort()
+        # 6. Every rank learns every copy's outcome before any returns (a preempted rank exits
+        # only once each node's copy is committed or known lost).
+        outcomes: list[Any] = [None] * world
+        if distributed and len(plan.writers) > 1:
+            dist.all_gather_object(outcomes, mine, group=group)
+        if payload[0][0] == "ok":
+            ckpt.last_digest = payload[0][1]
+            failed = {r: o[1] for r, o in enumerate(outcomes) if o is not None and o[0] != "ok"}
+            if failed and rank == 0:
+                log.warning("snapshot.node_copy_failed", step=step, writers=failed)
         if error is not None:
             raise error
-        if outcome[0] is not None and outcome[0][0] != "ok" and rank != 0:
-            log.warning("snapshot.sharded_failed_on_rank0", step=step, error=outcome[0][1])
+        if payload[0][0] != "ok" and rank != 0:
+            log.warning("snapshot.sharded_failed_on_rank0", step=step, error=payload[0][1])
         if rank == 0:
             ckpt.faults.point("after_commit", step)
 
     def _write_file(
-        self, writer: Any, tmp_path: str, name: str, buf: torch.Tensor
+        self, writer: Any, directory: str, name: str, buf: torch.Tensor
     ) -> tuple[FileEntry, list[bytes]]:
-        """Write this rank's staged shard file; rank 0 through its writer, others beside it.
+        """Write this rank's staged shard file; a writer's through its writer, others beside it.
 
         Returns its entry and its checksum's 64 KiB block hashes."""
         view = buf.numpy().data
@@ -523,7 +622,7 @@ class ShardedSnapshots:
                 f.write(view)
             hf: HashingFile = f
         else:
-            hf = HashingFile(os.path.join(tmp_path, name), self._chunk_bytes, direct=True)
+            hf = HashingFile(os.path.join(directory, name), self._chunk_bytes, direct=True)
             try:
                 hf.write(view)
             except BaseException:
@@ -532,6 +631,76 @@ class ShardedSnapshots:
         entry: FileEntry = hf.close()
         hasher = hf.hasher
         return entry, hasher.blocks() if isinstance(hasher, BlockHasher) else []
+
+    def _exchange(
+        self, plan: CopyPlan, buf: torch.Tensor, sizes: list[int], home_dir: str | None, group: Any
+    ) -> list[tuple[str, FileEntry]]:
+        """Send this rank's shard file to its carriers and write the files it carries.
+
+        Point-to-point over the writers' gloo group in pieces of ``_EXCHANGE_PIECE`` bytes: each
+        round posts every send and receive of this rank for that piece and waits for them, so
+        memory stays one piece per incoming file and no pair can deadlock. A file that cannot
+        be written (disk full) is still received to the end, so that its sender is not left
+        waiting, and the error is raised after the last piece."""
+        rank = self.ckpt.rank
+        sends = [c for s, c in plan.transfers if s == rank and sizes[s]]
+        recvs = [s for s, c in plan.transfers if c == rank and sizes[s]]
+        if not sends and not recvs:
+            return []
+        if recvs and home_dir is None:
+            # The plan only makes ranks of a copy's node carriers; without its directory every
+            # received byte is dropped and the copy fails at rank 0's check.
+            log.warning("snapshot.carrier_without_directory", rank=rank)
+        files: dict[int, HashingFile | None] = {}
+        error: BaseException | None = None
+        for s in recvs:
+            if home_dir is None:
+                files[s] = None
+                continue
+            try:
+                files[s] = HashingFile(os.path.join(home_dir, shard_file_name(s)), self._chunk_bytes,
+                                       direct=True)
+            except BaseException as exc:
+                error = error or exc
+                files[s] = None
+        pieces = {s: codec.page_aligned_empty(min(_EXCHANGE_PIECE, sizes[s])) for s in recvs}
+        longest = max(sizes[s] for s in (*recvs, rank) if sizes[s])
+        try:
+            for lo in range(0, longest, _EXCHANGE_PIECE):
+                ops = []
+                if lo < sizes[rank]:
+                    piece = buf[lo : min(lo + _EXCHANGE_PIECE, sizes[rank])]
+                    ops += [dist.isend(piece, dst=c, group=group) for c in sends]
+                incoming = [s for s in recvs if lo < sizes[s]]
+                for s in incoming:
+                    n = min(_EXCHANGE_PIECE, sizes[s] - lo)
+                    ops.append(dist.irecv(pieces[s][:n], src=s, group=group))
+                for op in ops:
+                    if op is not None:  # None only for a rank outside the group
+                        op.wait()
+                for s in incoming:
+                    f = files[s]
+                    if f is None:
+                        continue
+                    n = min(_EXCHANGE_PIECE, sizes[s] - lo)
+                    try:
+                        f.write(pieces[s][:n].numpy().data)
+                    except BaseException as exc:
+                        error = error or exc
+                        f.discard()
+                        files[s] = None
+            carried = []
+            for s, f in files.items():
+                if f is not None:
+                    carried.append((shard_file_name(s), f.close()))
+        except BaseException:
+            for f in files.values():
+                if f is not None:
+                    f.discard()
+            raise
+        if error is not None:
+            raise error
+        return carried
 
     def _commit(
         self,
@@ -542,17 +711,19 @@ class ShardedSnapshots:
         metadata: dict[str, Any],
         writer: Any,
         reports: list[Any],
-        gathered_mode: bool,
-    ) -> tuple[str, Manifest]:
-        """Rank 0: adopt every rank's file, write the rest and the index, digest, commit."""
+    ) -> tuple[str, Manifest, dict[str, bytes]]:
+        """Rank 0: adopt the shard files of its copy, write the rest and the index, digest,
+        commit. Returns the digest, the manifest and the small files every other copy needs."""
         ckpt = self.ckpt
+        plan = self._placement()
         by_key: dict[str, list[Chunk]] = {}
         parts: dict[str, list[ChunkDigest]] = {}
         meta: dict[str, tuple[str, tuple[int, ...]]] = {}
-        for r, (_ok, name, entry, chunks, shapes) in enumerate(reports):
+        for r, (_ok, name, entry, chunks, shapes, _carried) in enumerate(reports):
             if name is not None and entry is not None and r != 0:
-                # Written by rank r into this temporary directory: its size is checked here,
-                # its sha256 (computed while written) is taken from the report.
+                # Written into this temporary directory by rank r, or by the carrier of rank r's
+                # file (checked equal by _check_copies): its size is checked here, its checksum
+                # (computed while written) is taken from the report.
                 writer.adopt(name, entry)
             for key, chunk, wire in chunks:
                 by_key.setdefault(key, []).append(chunk)
@@ -579,14 +750,15 @@ class ShardedSnapshots:
         )
         digest, shared_components = _assemble(enc.encoded.root, view, totals, parts)
         components.update(shared_components)
+        small = {TREE_FILE: enc.encoded.tree_bytes(), SHARD_INDEX_FILE: index_bytes(entries)}
         with writer.open(TENSORS_FILE, direct=True) as f:
             f.write(view)
-        writer.write_bytes(TREE_FILE, enc.encoded.tree_bytes())
-        writer.write_bytes(SHARD_INDEX_FILE, index_bytes(entries))
+        for fname, data in small.items():
+            writer.write_bytes(fname, data)
         metadata = dict(metadata)
         metadata["sharded"] = {
             "format": SHARDED_FORMAT, "block_bytes": BLOCK_BYTES, "rest_digest": rest_digest,
-            "gathered": gathered_mode,
+            "copies": len(plan.writers),
         }
         manifest = writer.commit(
             run_id=ckpt.run_id, epoch=epoch, world_size=ckpt.world_size, digest=digest,
@@ -594,7 +766,27 @@ class ShardedSnapshots:
         )
         ckpt.last_components = components
         ckpt.last_components_step = step
-        return digest, manifest
+        if len(plan.writers) > 1:
+            small[TENSORS_FILE] = bytes(view)
+        return digest, manifest, small
+
+    def _commit_copy(self, writer: Any, own: str | None, raw: bytes, small: dict[str, bytes]) -> None:
+        """A writer other than rank 0: rank 0's manifest over this node's copy of every file.
+
+        The shard files were written here by this node's ranks and carriers (their sizes are
+        checked on adoption, their checksums were checked equal to their owners' by rank 0);
+        the small files are written from rank 0's bytes and checked by the commit."""
+        manifest = Manifest.from_json(raw)
+        for fname, data in small.items():
+            if fname == TENSORS_FILE:
+                with writer.open(fname, direct=True) as f:
+                    f.write(data)
+            else:
+                writer.write_bytes(fname, data)
+        for fname, entry in sorted(manifest.files.items()):
+            if fname not in small and fname != own:
+                writer.adopt(fname, entry)
+        writer.commit_manifest(manifest, raw=raw)
 
     # -- live digest --
 

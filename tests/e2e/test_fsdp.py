@@ -6,8 +6,9 @@ over shards never sees its report) is relaunched, resumes from the newest comple
 finishes with every snapshot bit-identical to an uninterrupted golden run of the same command. A
 2-rank snapshot resumes on 2 nodes x 1 rank (two supervisors on loopback, one of them with an
 empty disk: the holder broadcasts the verified files) and, the world and sharding being the
-golden run's, the snapshots written from there (gathered to rank 0 on several nodes) carry the
-golden digests too.
+golden run's, the snapshots written from there carry the golden digests too, with a complete copy
+on each node. On two nodes under ``--nodes 1:2``, losing rank 0's node for good (no mirror) costs
+nothing: the other node re-forms alone on one rank, resumes its own copy (resharded) and finishes.
 """
 
 from __future__ import annotations
@@ -127,15 +128,125 @@ def test_two_rank_snapshot_resumes_on_two_nodes(golden: Any, tmp_path: Path) -> 
             kill_and_wait(find_processes({"ORCH_CHECKPOINT_DIR": str(node)}), 10)
     logs = "\n".join((tmp_path / f"node-{r}.err").read_text()[-3000:] for r in range(2))
     assert codes == [0, 0], logs
-    got: dict[int, str] = {}
-    for node in nodes:
-        got.update({s: d for s, d in harness.digests(harness.snapshots(node)).items() if s > 10})
     # Resumed at 10 (the resume verified the loaded state's digest against step 10's manifest),
-    # then the same world and sharding as the golden run: the same states, gathered to rank 0.
-    assert got == {15: digests[15], 20: digests[20]}, logs
+    # then the same world and sharding as the golden run: the same states, and every node
+    # holds a complete copy of each (its own shard and the other node's, carried to it).
+    for node in nodes:
+        got = {s: d for s, d in harness.digests(harness.snapshots(node)).items() if s > 10}
+        assert got == {15: digests[15], 20: digests[20]}, logs
+    for step in (15, 20):
+        copies = [(node / "snapshots" / f"step-{step:012d}") for node in nodes]
+        for copy in copies:
+            assert {p.name for p in copy.iterdir()} >= {"shard-00000.bin", "shard-00001.bin"}
+        assert (copies[0] / "manifest.json").read_bytes() == (copies[1] / "manifest.json").read_bytes()
     # It resumed (a fresh start would reach the same digests): from step 10, whose files only
     # node 0 held, broadcast to the other node and verified there.
     assert {harness.status(node)["resumed_from_step"] for node in nodes} == {10}
     worker_logs = "\n".join(p.read_text() for p in tmp_path.rglob("attempt-*.log"))
     assert '"resume.cross_node"' in worker_logs and '"resume.sharded_loaded"' in worker_logs
-    assert '"snapshot.gathered_multinode"' in worker_logs
+    assert '"snapshot.sharded_copies"' in worker_logs
+
+
+def test_rank0_node_lost_for_good_resumes_its_own_copy_on_the_other_node(
+    golden: Any, tmp_path: Path
+) -> None:
+    """FSDP on 2 nodes x 1 rank under ``--nodes 1:2``, no mirror: every node holds a complete
+    copy of each sharded snapshot (its own shard written, the other carried to it). Rank 0's
+    node is killed for good; the other node re-forms the group alone, resumes its own copy on
+    one rank (DCP reshards 2 -> 1) with the digest the 2-rank group saved, and finishes."""
+    _ckpt, digests = golden
+    port = harness.free_port()
+    env = harness.base_env(ORCH_RDZV_JOIN_TIMEOUT_S="90", ORCH_RDZV_LAST_CALL_S="2")
+    procs: dict[int, subprocess.Popen[str]] = {}
+
+    def ckpt(node: int) -> Path:
+        return tmp_path / f"node-{node}"
+
+    for node in (0, 1):
+        args = [*harness.ORCH, "launch", "--nodes", "1:2", "--nproc-per-node", "1",
+                "--node-rank", str(node), "--rdzv-endpoint", f"127.0.0.1:{port}",
+                "--run-id", "fsdp-lost", "--checkpoint-dir", str(ckpt(node)),
+                "--checkpoint-every", str(EVERY), "--max-restarts", "3", "--keep-local", "all",
+                # The example records its world size in hparams (its batch is per rank).
+                "--allow-config-change", *SCRIPT, "--step-delay", "0.2"]
+        procs[node] = subprocess.Popen(
+            args, env=env, cwd=harness.REPO, text=True, stdout=subprocess.DEVNULL,
+            stderr=(tmp_path / f"node-{node}.err").open("w"), start_new_session=True,
+        )
+
+    def logs() -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in tmp_path.glob("*.err"))
+
+    def copies_of(step: int) -> tuple[int] | None:
+        """(node of rank 0,) once both nodes committed ``step`` and rank 0 passed it by 2."""
+        if not all((ckpt(n) / "snapshots" / f"step-{step:012d}" / "manifest.json").exists()
+                   for n in (0, 1)):
+            return None
+        for node in (0, 1):
+            p = harness.progress(ckpt(node), 0)
+            if p is not None and p["step"] >= step + 2:
+                return (node,)
+        return None
+
+    try:
+        (victim,) = wait_until(lambda: copies_of(10), timeout=240,
+                               what="step 10 committed on both nodes")
+        survivor = 1 - victim
+        os.killpg(procs[victim].pid, signal.SIGKILL)
+        procs[victim].wait(timeout=30)
+        kill_and_wait(find_processes({"ORCH_CHECKPOINT_DIR": str(ckpt(victim))}), 10)
+        assert procs[survivor].wait(timeout=300) == 0, logs()
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
+        for node in (0, 1):
+            kill_and_wait(find_processes({"ORCH_CHECKPOINT_DIR": str(ckpt(node))}), 10)
+    st = harness.status(ckpt(survivor))
+    assert st["phase"] == "done" and st["step"] == STEPS, st
+    resumed = st["resumed_from_step"]
+    assert resumed is not None and resumed >= 10, st
+    snaps = {s["step"]: s for s in harness.snapshots(ckpt(survivor))}
+    # The copy it resumed was written by the 2-rank group, on this node, with the golden digest
+    # (same world and sharding up to there); the resume verified the loaded state against it.
+    assert snaps[resumed]["valid"] and snaps[resumed]["world_size"] == 2
+    assert snaps[resumed]["digest"] == digests[resumed]
+    assert snaps[STEPS]["valid"] and snaps[STEPS]["world_size"] == 1
+    worker_logs = "\n".join(p.read_text() for p in ckpt(survivor).rglob("attempt-*.log"))
+    assert '"resume.sharded_loaded"' in worker_logs and '"saved_world_size": 2' in worker_logs
+
+
+def test_without_node_copies_rank0s_node_holds_every_shard(golden: Any, tmp_path: Path) -> None:
+    """``--no-node-copies`` on 2 nodes x 1 rank: the other node's shards are carried to rank
+    0's node, which holds complete snapshots with the golden digests; the other node none."""
+    _ckpt, digests = golden
+    nodes = [tmp_path / "node-0", tmp_path / "node-1"]
+    port = harness.free_port()
+    procs = []
+    try:
+        for rank, node in enumerate(nodes):
+            args = [*harness.ORCH, "launch", "--nodes", "2", "--nproc-per-node", "1",
+                    "--node-rank", str(rank), "--rdzv-endpoint", f"127.0.0.1:{port}",
+                    "--run-id", "fsdp-one-copy", "--checkpoint-dir", str(node),
+                    "--checkpoint-every", str(EVERY), "--max-restarts", "0",
+                    "--keep-local", "all", "--no-node-copies", *SCRIPT]
+            procs.append(subprocess.Popen(
+                args, env=harness.base_env(ORCH_RDZV_JOIN_TIMEOUT_S="90"), cwd=harness.REPO,
+                text=True, stdout=subprocess.DEVNULL, stderr=(tmp_path / f"node-{rank}.err").open("w"),
+                start_new_session=True,
+            ))
+        codes = [p.wait(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        for node in nodes:
+            kill_and_wait(find_processes({"ORCH_CHECKPOINT_DIR": str(node)}), 10)
+    logs = "\n".join((tmp_path / f"node-{r}.err").read_text()[-3000:] for r in range(2))
+    assert codes == [0, 0], logs
+    held = {i: harness.digests(harness.snapshots(node)) for i, node in enumerate(nodes)}
+    holder = 0 if held[0] else 1  # torchrun, not --node-rank, places global rank 0
+    assert held[holder] == digests and held[1 - holder] == {}, logs
+    final = nodes[holder] / "snapshots" / f"step-{STEPS:012d}"
+    assert {p.name for p in final.iterdir()} >= {"shard-00000.bin", "shard-00001.bin"}
