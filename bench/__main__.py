@@ -1,28 +1,35 @@
-"""``python -m bench``: run the legs, write JSON and a markdown table."""
+"""``python -m bench``: run the legs, write JSON and a markdown table.
+
+Each run works in a fresh scratch directory, run-* under --workdir (default ./.bench), which
+it deletes when it exits (normally, on an error, Ctrl-C or SIGTERM), after killing whatever
+process of the run is still alive; --keep-scratch keeps it. The --workdir directory itself is
+never deleted.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import logging
 import os
 import shlex
 import sys
-import tempfile
 import time
 import traceback
 from typing import Any
 
 import structlog
 
-from bench import core, curves, legs, report
+from bench import core, curves, legs, report, scratch
 
 DEFAULT_SIZES = "100M,1G"
 QUICK_SIZES = "100M"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help=f"sizes {QUICK_SIZES}, fewer repeats: a few minutes on 2 cores")
     p.add_argument("--sizes", default=None,
@@ -35,7 +42,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="mirror leg: also time our upload with each of these parts in flight "
                         "(comma-separated, e.g. 1,4,8; default: no sweep)")
     p.add_argument("--workdir", default=None,
-                   help="scratch directory on the disk under test (default: a temp dir under ./.bench)")
+                   help="directory on the disk under test; the run's scratch is a new run-* "
+                        "directory in it, deleted at exit (the directory itself is kept; "
+                        "default: ./.bench)")
+    p.add_argument("--keep-scratch", action="store_true",
+                   help="keep the run-* scratch directory (snapshots, saves, logs; tens of GB "
+                        "for a full run) after exit and print its path")
     p.add_argument("--json", dest="json_path", default="bench-results.json")
     p.add_argument("--markdown", dest="md_path", default=None,
                    help="default: the JSON path with .md")
@@ -71,13 +83,11 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [s for s in selected if s not in legs.LEGS]
         if unknown:
             raise ValueError(f"unknown legs {unknown}; choose from {list(legs.LEGS)}")
-        base = args.workdir or os.path.join(os.getcwd(), ".bench")
-        os.makedirs(base, exist_ok=True)
         config = core.BenchConfig(
             sizes=sizes,
             quick=args.quick,
             repeats=args.repeats if args.repeats is not None else (3 if args.quick else 5),
-            workdir=tempfile.mkdtemp(prefix="run-", dir=base),
+            workdir="",  # the run's scratch, made once the arguments are known to be good
             device=args.device,
             legs=selected,
             part_concurrency=parse_ints(args.part_concurrency),
@@ -85,6 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    with scratch.sigterm_exits(), scratch.run_dir(args.workdir, keep=args.keep_scratch) as workdir:
+        return run_legs(args, argv, dataclasses.replace(config, workdir=workdir))
+
+
+def run_legs(args: argparse.Namespace, argv: list[str] | None, config: core.BenchConfig) -> int:
+    """The legs of ``config`` in its scratch dir; the JSON, markdown and chart written."""
+    sizes = config.sizes
     doc: dict[str, Any] = {
         "command": "python -m bench " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

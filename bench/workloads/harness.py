@@ -29,6 +29,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from bench import core
+from bench.scratch import RUN_VAR
 from contract import polling
 from contract.env import ATTEMPT_VAR
 from orchestrator.launcher import find_processes, kill_and_wait
@@ -60,11 +61,16 @@ def _bin(name: str) -> list[str]:
 
 
 def base_env(**extra: str) -> dict[str, str]:
-    """Our environment without launcher variables, single-threaded, the repo importable."""
+    """Our environment without launcher variables, single-threaded, the repo importable.
+
+    The bench run's own marker (:data:`bench.scratch.RUN_VAR`) stays: it is how the run finds
+    whatever a leg left alive before deleting its scratch directory.
+    """
     env = {
         k: v for k, v in os.environ.items()
-        if not k.startswith(("ORCH_", "TORCHELASTIC_", "BENCH_"))
-        and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+        if k == RUN_VAR or (
+            not k.startswith(("ORCH_", "TORCHELASTIC_", "BENCH_"))
+            and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"))
     }
     path = env.get("PYTHONPATH")
     env.update(
