@@ -4,7 +4,8 @@ Each completed step appends ``"<step> <time.time()>\\n"`` to the progress file (
 so the harness sees exactly when every step completed. Rank 0 also appends one JSON line per
 process start to the phases file (when the script started, finished its imports, joined the
 process group, built the model and loaded its checkpoint), and writes the final state's digest
-(:func:`bench.core.tensor_digest` of model + optimizer) to the result file at the end.
+(:func:`bench.core.tensor_digest` of model + optimizer) to the result file at the end. With
+``--pace FILE`` every rank holds before each step until the harness allows it (:class:`Pace`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import argparse
 import json
 import os
 import time
+from collections.abc import Callable
 from typing import IO, Any
 
 import torch
@@ -30,6 +32,8 @@ def parse_args(argv: list[str] | None = None, *, plain: bool = False) -> argpars
     p.add_argument("--progress", required=True, help="file each completed step is appended to")
     p.add_argument("--phases", default=None, help="file of per-start timestamps (JSON lines)")
     p.add_argument("--result", default=None, help="JSON file with the final digest")
+    p.add_argument("--pace", default=None,
+                   help="hold before step K until this file holds a number >= K (the harness's leash)")
     if plain:
         p.add_argument("--ckpt", required=True, help="the checkpoint file (torch.save)")
     args = p.parse_args(argv)
@@ -74,6 +78,43 @@ class Progress:
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
+
+
+class Pace:
+    """``--pace FILE``: step ``k`` starts only once FILE holds a number >= ``k``.
+
+    The harness writes the step it wants to interrupt the run after (atomically, by rename), so
+    the run waits there instead of running on past it or to its end. Every rank reads the file
+    itself; a missing or unreadable file allows nothing yet. The number only grows (the harness
+    never lowers it), so a value once read is kept. Without a file nothing is held.
+    ``release_if``: stop holding when it turns true (ours: a SIGTERM that reached the rank
+    itself, which it honours at the next step boundary).
+    """
+
+    def __init__(self, path: str | None, *, release_if: Callable[[], bool] | None = None,
+                 interval: float = 0.005) -> None:
+        self._path = path
+        self._release_if = release_if
+        self._interval = interval
+        self._allowed = 0
+
+    def wait(self, step: int) -> None:
+        if self._path is None:
+            return
+        while self._allowed < step:
+            self._allowed = max(self._allowed, read_pace(self._path))
+            if self._allowed >= step or (self._release_if is not None and self._release_if()):
+                return
+            time.sleep(self._interval)
+
+
+def read_pace(path: str) -> int:
+    """The step a paced run may run to; 0 when the file is missing or unreadable."""
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return 0
 
 
 def append_json(path: str | None, doc: dict[str, Any]) -> None:

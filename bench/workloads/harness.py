@@ -6,7 +6,10 @@ torchrun, the ranks, even ranks that torchrun started in their own sessions or t
 their parent) and SIGKILLs whatever is left when the leg ends, so nothing survives a leg; it
 can also be frozen (SIGSTOP) while another job is measured. Time is read from the workloads'
 progress files, whose lines carry the wall-clock time at which each step completed; the first
-step of a resumed attempt is the first line after that attempt's start-up record.
+step of a resumed attempt is the first line after that attempt's start-up record. A paced job
+(the lost leg's) runs only as far as its pace file allows (:func:`set_pace`): the harness holds
+it at the step it interrupts it after, so neither the run's end nor steps run on while a signal
+takes effect can overtake the leg's schedule.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from bench import core
 from bench.scratch import RUN_VAR
 from contract import polling
 from contract.env import ATTEMPT_VAR
+from contract.paths import RunPaths
 from orchestrator.launcher import find_processes, kill_and_wait
 from orchestrator.runstate import read_json_lines
 from storage import layout
@@ -84,7 +88,11 @@ def base_env(**extra: str) -> dict[str, str]:
 
 
 def steps_for(config: core.BenchConfig) -> int:
-    """Total steps of every recovery run of this bench run (one golden run serves both legs)."""
+    """Total steps of every recovery run of this bench run (one golden run serves both legs).
+
+    Resume: 4 steps per kill. Lost (paced, so exact): 8 per SIGTERM + SIGKILL pair, the last
+    kill held at step 8n + 3 of 8n + 12; checked before each interruption (``bench.legs.lost``).
+    """
     return EVERY * (2 * samples_per_case(config) + 3)
 
 
@@ -105,13 +113,15 @@ class Workload:
     every: int = EVERY
     seed: int = 7
 
-    def args(self, files: RunFiles, *, plain: bool) -> list[str]:
+    def args(self, files: RunFiles, *, plain: bool, paced: bool = False) -> list[str]:
         out = [
             "--size", str(self.size), "--steps", str(self.steps), "--seed", str(self.seed),
             "--progress", files.progress, "--phases", files.phases, "--result", files.result,
         ]
         if plain:
             out += ["--every", str(self.every), "--ckpt", files.plain_ckpt]
+        if paced:
+            out += ["--pace", files.pace]
         return out
 
 
@@ -141,6 +151,11 @@ class RunFiles:
     @property
     def log(self) -> str:
         return os.path.join(self.root, "launcher.log")
+
+    @property
+    def pace(self) -> str:
+        """A paced run's leash: the last step it may run (see :func:`set_pace`)."""
+        return os.path.join(self.root, "pace.txt")
 
     @property
     def ckpt_dir(self) -> str:
@@ -395,19 +410,23 @@ class Job:
 
 
 def ours_job(files: RunFiles, workload: Workload, *, max_restarts: int = 10, flags: Sequence[str] = (),
-             **env: str) -> Job:
+             paced: bool = False, **env: str) -> Job:
+    """``orchestrator launch`` of ``ours.py``; ``paced``: held before step 1 until :func:`set_pace`."""
+    if paced:
+        set_pace(files, 0)
     argv = [
         *_bin("orchestrator"), "launch", "--nproc-per-node", "2", "--checkpoint-dir", files.ckpt_dir,
         "--checkpoint-every", str(workload.every), "--max-restarts", str(max_restarts), *flags,
-        OURS, *workload.args(files, plain=False),
+        OURS, *workload.args(files, plain=False, paced=paced),
     ]
     return Job(argv, files=files, env=base_env(**env))
 
 
-def plain_command(files: RunFiles, workload: Workload, *, max_restarts: int | None = None) -> list[str]:
+def plain_command(files: RunFiles, workload: Workload, *, max_restarts: int | None = None,
+                  paced: bool = False) -> list[str]:
     extra = [] if max_restarts is None else ["--max-restarts", str(max_restarts)]
     return [*_bin("torchrun"), "--standalone", "--nproc-per-node", "2", *extra, PLAIN,
-            *workload.args(files, plain=True)]
+            *workload.args(files, plain=True, paced=paced)]
 
 
 def plain_job(files: RunFiles, workload: Workload, *, max_restarts: int | None = None) -> Job:
@@ -416,11 +435,31 @@ def plain_job(files: RunFiles, workload: Workload, *, max_restarts: int | None =
     return Job(plain_command(files, workload, max_restarts=max_restarts), files=files)
 
 
-def plain_loop_job(files: RunFiles, workload: Workload) -> Job:
-    """The baseline relauncher: ``until torchrun ...; do :; done``."""
+def plain_loop_job(files: RunFiles, workload: Workload, *, paced: bool = False) -> Job:
+    """The baseline relauncher: ``until torchrun ...; do :; done``; ``paced`` as in :func:`ours_job`."""
     os.makedirs(files.plain_dir, exist_ok=True)
-    argv = ["bash", "-c", 'until "$@"; do :; done', "bench-loop", *plain_command(files, workload)]
+    if paced:
+        set_pace(files, 0)
+    argv = ["bash", "-c", 'until "$@"; do :; done', "bench-loop",
+            *plain_command(files, workload, paced=paced)]
     return Job(argv, files=files)
+
+
+def set_pace(files: RunFiles, step: int) -> None:
+    """Let a paced run (every attempt, relaunches too) run up to and including ``step``, then hold.
+
+    Written atomically; the ranks poll it before every step. Only ever raised: a rank keeps the
+    highest value it has read.
+    """
+    tmp = f"{files.pace}.tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{step}\n")
+    os.replace(tmp, files.pace)
+
+
+def preempt_requested(files: RunFiles) -> bool:
+    """Ours: the supervisor's preemption request for its ranks is on disk (not yet answered)."""
+    return os.path.exists(RunPaths.of(files.ckpt_dir).preempt_request)
 
 
 def committed(files: RunFiles, step: int) -> bool:

@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 import trainer  # noqa: E402
 from bench import core  # noqa: E402
 from bench.workloads import common  # noqa: E402
+from trainer import preemption  # noqa: E402
 
 T_IMPORTED = time.time()
 
@@ -46,8 +47,10 @@ def main() -> None:
             "t_loaded": t_loaded,
         })
     progress = common.Progress(args.progress, ctx.rank == 0)
+    pace = common.Pace(args.pace, release_if=preemption.signalled)
     try:
         for step in range(start + 1, args.steps + 1):
+            pace.wait(step)
             x = common.batch(model, seed=args.seed, step=step, rank=ctx.rank, n=args.batch)
             core.step_on(ddp, optimizer, x)
             ckpt.step_done(step)

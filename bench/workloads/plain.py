@@ -68,8 +68,10 @@ def main() -> None:
             "t_model": t_model, "t_loaded": t_loaded, "world_size": world,
         })
     progress = common.Progress(args.progress, rank == 0)
+    pace = common.Pace(args.pace)
     try:
         for step in range(start + 1, args.steps + 1):
+            pace.wait(step)
             x = common.batch(model, seed=args.seed, step=step, rank=rank, n=args.batch)
             core.step_on(ddp, optimizer, x)
             if step % every == 0 and rank == 0:
