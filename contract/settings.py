@@ -178,6 +178,9 @@ REGISTRY: Final[tuple[Var, ...]] = (
     # -- storage (storage.settings.StorageSettings) --------------------------------------------
     _v("ORCH_STORAGE_WRITE_CHUNK_BYTES", "int", 16 * MiB, "storage",
        "Largest single write() of a snapshot file (and the O_DIRECT buffer size)."),
+    _v("ORCH_STORAGE_HASH_THREADS", "int", 2, "storage",
+       "Threads hashing one large snapshot file beside its writes (its 64 KiB block checksums "
+       "are independent); 1: a single hashing thread."),
     _v("ORCH_STORAGE_READ_CHUNK_BYTES", "int", 16 * MiB, "storage",
        "Largest single read() when checksumming or reading a snapshot file."),
     _v("ORCH_STORAGE_DIRECT_IO", "bool", True, "storage",

@@ -76,6 +76,21 @@ class BlockHasher:
         """Bytes fed so far."""
         return self._size
 
+    @property
+    def aligned(self) -> bool:
+        """Whether the bytes fed so far end on a block boundary (:meth:`add_blocks` may follow)."""
+        return self._partial_len == 0
+
+    def add_blocks(self, hashes: list[bytes], nbytes: int) -> None:
+        """Append the hashes of ``nbytes`` of whole blocks hashed elsewhere (by
+        :func:`block_hashes`, e.g. on another thread), as if :meth:`update` had been fed them."""
+        if self._partial_len:
+            raise ValueError("add_blocks after a partial block")
+        if nbytes != len(hashes) * BLOCK_BYTES:
+            raise ValueError(f"{len(hashes)} block hashes for {nbytes} bytes")
+        self._blocks.extend(hashes)
+        self._size += nbytes
+
     def blocks(self) -> list[bytes]:
         """Every block's sha256 (32 bytes each), the last partial block included."""
         if self._partial_len:
@@ -92,6 +107,15 @@ class BlockHasher:
 
     def hexdigest(self) -> str:
         return self.digest().hex()
+
+
+def block_hashes(data: bytes | bytearray | memoryview) -> list[bytes]:
+    """The sha256 of each whole 64 KiB block of ``data`` (a multiple of the block size)."""
+    view = memoryview(data).cast("B")
+    if len(view) % BLOCK_BYTES:
+        raise ValueError(f"{len(view)} bytes is not a whole number of blocks")
+    sha = hashlib.sha256
+    return [sha(view[at : at + BLOCK_BYTES]).digest() for at in range(0, len(view), BLOCK_BYTES)]
 
 
 def new_hasher(algorithm: str) -> FileHasher:

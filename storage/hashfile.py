@@ -18,7 +18,14 @@ from types import TracebackType
 
 import numpy as np
 
-from storage.blockhash import SHA256_BLOCKS, FileHasher, new_hasher
+from storage.blockhash import (
+    BLOCK_BYTES,
+    SHA256_BLOCKS,
+    BlockHasher,
+    FileHasher,
+    block_hashes,
+    new_hasher,
+)
 from storage.errors import StorageError, os_error
 from storage.manifest import FileEntry
 
@@ -36,7 +43,10 @@ class HashingFile:
 
     Hashing a chunk runs on a helper thread while the chunk is written (hashlib and ``os.write``
     both release the GIL), so the file costs max(hash, write) rather than their sum, and a
-    background writer never stalls the training thread. With ``direct`` the file is opened with
+    background writer never stalls the training thread. With ``hash_threads`` > 1 and a
+    ``sha256-b64k`` checksum, up to that many threads hash consecutive chunks at once (each
+    chunk's block hashes are independent of the others'; they are joined in order), so a disk
+    faster than one SHA-256 core is not held to its speed. With ``direct`` the file is opened with
     ``O_DIRECT`` (bypassing the page cache) and aligned chunks go straight to the device; an
     unaligned tail, or a filesystem that refuses ``O_DIRECT`` (tmpfs), falls back to buffered
     writes, and ``close()`` fsyncs either way.
@@ -50,9 +60,11 @@ class HashingFile:
         on_error: Callable[[], None] | None = None,
         direct: bool = False,
         algorithm: str = SHA256_BLOCKS,
+        hash_threads: int = 1,
     ) -> None:
         self.path = path
         self._chunk = chunk_bytes
+        self._threads = max(1, hash_threads)
         self._on_error = on_error
         self._algorithm = algorithm
         self._hash: FileHasher = new_hasher(algorithm)
@@ -103,17 +115,32 @@ class HashingFile:
         view = memoryview(data).cast("B")
         total = len(view)
         if total > self._chunk and self._hasher is None:
-            self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="storage-hash")
+            self._hasher = ThreadPoolExecutor(max_workers=self._threads, thread_name_prefix="storage-hash")
+        h = self._hash
+        blocks = h if isinstance(h, BlockHasher) else None
+        # Parallel: whole-block chunks hashed by any free thread, joined in order below.
+        parallel = (self._threads > 1 and self._hasher is not None and blocks is not None
+                    and blocks.aligned and self._chunk % BLOCK_BYTES == 0)
         pending: Future[None] | None = None
+        pieces: list[tuple[Future[list[bytes]], int]] = []
+        tail: memoryview | None = None
         try:
             for pos in range(0, total, self._chunk):
                 chunk = view[pos : pos + self._chunk]
                 if self._hasher is None:
-                    self._hash.update(chunk)
+                    h.update(chunk)
+                elif parallel:
+                    whole = len(chunk) - len(chunk) % BLOCK_BYTES  # short only in the last chunk
+                    pieces.append((self._hasher.submit(block_hashes, chunk[:whole]), whole))
+                    if whole < len(chunk):
+                        tail = chunk[whole:]
                 else:
-                    # One hashing thread takes the chunks in order and runs at its own pace
-                    # beside the writes; the caller's buffer is only read until write() returns.
-                    pending = self._hasher.submit(self._hash.update, chunk)
+                    # Updates in order, each beside the write of its chunk (the pool may have
+                    # several threads: the previous update must be done before the next starts);
+                    # the caller's buffer is only read until write() returns.
+                    if pending is not None:
+                        pending.result()
+                    pending = self._hasher.submit(h.update, chunk)
                 self._write_all(chunk)
         except OSError as exc:
             self._failed()
@@ -121,6 +148,11 @@ class HashingFile:
         finally:
             if pending is not None:
                 pending.result()
+            if blocks is not None and pieces:
+                for fut, nbytes in pieces:
+                    blocks.add_blocks(fut.result(), nbytes)
+                if tail is not None:
+                    blocks.update(tail)
         return total
 
     def close(self) -> FileEntry:

@@ -129,6 +129,7 @@ class SnapshotWriter:
             on_error=self.abort,
             direct=direct and self._settings.direct_io,
             algorithm=algorithm,
+            hash_threads=self._settings.hash_threads,
         )
         self._files[name] = f
         return f

@@ -376,7 +376,8 @@ class ShardedSnapshots:
         self.staging = ShardStaging(pin_memory=torch.cuda.is_available())
         self._group: Any = None
         self._plan: CopyPlan | None = None
-        self._chunk_bytes = StorageSettings.from_env().write_chunk_bytes
+        storage = StorageSettings.from_env()
+        self._chunk_bytes, self._hash_threads = storage.write_chunk_bytes, storage.hash_threads
 
     def _placement(self) -> CopyPlan:
         """Where this group's copies go (collective the first time, on the training thread).
@@ -622,7 +623,8 @@ class ShardedSnapshots:
                 f.write(view)
             hf: HashingFile = f
         else:
-            hf = HashingFile(os.path.join(directory, name), self._chunk_bytes, direct=True)
+            hf = HashingFile(os.path.join(directory, name), self._chunk_bytes, direct=True,
+                             hash_threads=self._hash_threads)
             try:
                 hf.write(view)
             except BaseException:
@@ -659,7 +661,7 @@ class ShardedSnapshots:
                 continue
             try:
                 files[s] = HashingFile(os.path.join(home_dir, shard_file_name(s)), self._chunk_bytes,
-                                       direct=True)
+                                       direct=True, hash_threads=self._hash_threads)
             except BaseException as exc:
                 error = error or exc
                 files[s] = None
