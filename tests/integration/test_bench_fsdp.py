@@ -7,29 +7,16 @@ every resume, ours and ``dcp.load``, on 1 and 2 ranks, restores the saved full s
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support.bench_run import run_bench
 
 
 @pytest.mark.timeout(120)
 def test_fsdp_leg_runs_and_gates(tmp_path: Path) -> None:
-    out = tmp_path / "r.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--legs", "fsdp", "--sizes", "2M", "--repeats", "1",
-         "--json", str(out), "--workdir", str(tmp_path / "w")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=110,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    doc = json.loads(out.read_text())
-    assert doc["errors"] == []
+    doc = run_bench(tmp_path, "fsdp", "2M", repeats=1, timeout=110)
     (leg,) = doc["legs"]
     assert leg["leg"] == "fsdp" and leg["size"] == "2M"
     assert leg["size_bytes"] > 0

@@ -10,30 +10,17 @@ asserted.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support.bench_run import run_bench
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
 
 
 def test_lost_leg_interrupts_on_schedule(tmp_path: Path) -> None:
-    out = tmp_path / "r.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--legs", "lost", "--sizes", "2M", "--repeats", "2",
-         "--json", str(out), "--workdir", str(tmp_path / "w")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    doc = json.loads(out.read_text())
-    assert doc["errors"] == []
+    doc = run_bench(tmp_path, "lost", "2M", repeats=2, timeout=400)
     (leg,) = doc["legs"]
     assert leg["correctness"]["ok"] is True and leg["correctness"]["checked"] == 3, leg["correctness"]
     s = leg["scalars"]

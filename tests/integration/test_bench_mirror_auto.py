@@ -9,19 +9,14 @@ asserted (shared, noisy machines): the fields must be there and sane, the cap in
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from bench import core, report
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support.bench_run import run_bench
 
 
 def _positive(x: Any) -> bool:
@@ -30,18 +25,9 @@ def _positive(x: Any) -> bool:
 
 @pytest.mark.timeout(300)
 def test_mirror_leg_measures_the_auto_cap(tmp_path: Path) -> None:
-    out = tmp_path / "r.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "ORCH_MIRROR_AUTO_WINDOW_S": "1"}
-    env.pop("ORCH_MIRROR_AUTO_MIN_MBPS", None)
-    env.pop("ORCH_MIRROR_MAX_MBPS", None)
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--legs", "mirror", "--sizes", "4M", "--repeats", "1",
-         "--json", str(out), "--workdir", str(tmp_path / "w")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=270,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    doc = json.loads(out.read_text())
-    assert doc["errors"] == []
+    doc = run_bench(tmp_path, "mirror", "4M", repeats=1, timeout=270,
+                    env={"ORCH_MIRROR_AUTO_WINDOW_S": "1"},
+                    drop=("ORCH_MIRROR_AUTO_MIN_MBPS", "ORCH_MIRROR_MAX_MBPS"))
     (leg,) = doc["legs"]
     assert leg["leg"] == "mirror" and leg["size"] == "4M"
     assert leg["correctness"]["ok"] is True, leg["notes"]
