@@ -54,7 +54,17 @@ def settle_homes(
     missing = sorted({node for node, _lr in nodes} - set(owners))
     if missing:
         raise ValueError(f"nodes {missing} have no leader (local rank 0)")
-    homes = tuple(owners[node] for node, _lr in nodes)
+
+    def home(node: int) -> int:
+        # Probes seen through a lagging NFS listing can name an owner that itself saw an even
+        # lower one: the directories are then all the same, so follow the chain to its end.
+        r, seen = owners[node], set()
+        while 0 <= r < len(nodes) and owners.get(nodes[r][0], r) != r and r not in seen:
+            seen.add(r)
+            r = owners[nodes[r][0]]
+        return r
+
+    homes = tuple(home(node) for node, _lr in nodes)
     writers = tuple(sorted(set(homes)))
     if writers[0] != 0 or any(not 0 <= w < len(nodes) or homes[w] != w for w in writers):
         raise ValueError(f"inconsistent checkpoint dir owners {dict(owners)}")

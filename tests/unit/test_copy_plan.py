@@ -86,6 +86,13 @@ def test_two_shared_directories_and_a_private_one() -> None:
     assert Counter(c for _s, c in plan.transfers if plan.homes[c] == 4) == {4: 2, 5: 2}
 
 
+def test_owners_seen_through_a_lagging_listing_resolve_to_one_writer() -> None:
+    # Node 2 saw node 1's probe, node 1 saw node 0's: one directory, written by rank 0 once.
+    nodes = _nodes(3, 1)
+    plan = _plan(nodes, {0: 0, 1: 0, 2: 1})
+    assert plan.writers == (0,) and plan.homes == (0, 0, 0) and plan.transfers == ()
+
+
 def test_uneven_nodes_still_reach_every_copy() -> None:
     nodes = [(0, 0), (0, 1), (0, 2), (1, 0)]
     plan = _plan(nodes, {0: 0, 1: 3})
