@@ -257,6 +257,9 @@ _CHAINED = (
 )
 #: A frame line: also how a SyntaxError in the script starts (it has no "Traceback" header).
 _FRAME = re.compile(rb'^\s+File "[^"]*", line \d+')
+#: A traceback's last line: ``Type: message`` or a bare ``Type`` (a dotted name, no spaces).
+#: Another line at column 0 inside a traceback is another process's, interleaved in the pipe.
+_EXCEPTION_LINE = re.compile(rb"^[A-Za-z_][\w.]*(?::(?:\s.*)?)?$")
 _RULE = re.compile(rb"^={20,}\s*$")
 
 
@@ -335,6 +338,11 @@ class EchoFilter:
         if state == self._TRACEBACK:
             if not stripped or text[:1].isspace() or stripped == _TRACEBACK or stripped in _CHAINED:
                 return self._hide()
+            if not _EXCEPTION_LINE.match(stripped):
+                # Another rank's ordinary line, written between two lines of this traceback
+                # (seen in CI: "rank 1 attempt 1 ..." between a frame and its source line):
+                # echoed, and the traceback goes on.
+                return raw
             self._state = self._AFTER_EXCEPTION  # "Type: message", the traceback's last line
             return self._hide()
         if state == self._AFTER_EXCEPTION:

@@ -188,6 +188,32 @@ def test_ordinary_lines_pass_and_every_traceback_shape_is_held_back() -> None:
                     + "=" * 60 + "\nnot a summary\nan unterminated last line\n")
 
 
+def test_another_ranks_line_inside_a_traceback_is_echoed_and_the_traceback_still_held() -> None:
+    # The attempt log of a CI failure: rank 1's print landed between rank 0's frame line and
+    # its source line; the rest of the traceback used to reach the terminal.
+    data = b"".join([
+        b"rank 0 attempt 1 args=['always']\n",
+        b"Traceback (most recent call last):\n",
+        b'  File "/tmp/worker.py", line 17, in <module>\n',
+        b"rank 1 attempt 1 args=['always']\n",
+        b'    raise RuntimeError("this script always fails")\n',
+        b"RuntimeError: this script always fails\n",
+        b"Epoch 3 done\n",
+    ])
+    text, _ = _filtered(data, chunk=7)
+    assert text == ("rank 0 attempt 1 args=['always']\n" + NOTE
+                    + "rank 1 attempt 1 args=['always']\nEpoch 3 done\n")
+
+
+@pytest.mark.parametrize("line", [b"KeyboardInterrupt", b"RuntimeError: boom", b"ValueError:",
+                                  b"torch.distributed.DistBackendError: NCCL error",
+                                  b"ExceptionGroup: 2 errors (2 sub-exceptions)"])
+def test_a_tracebacks_last_line_ends_it(line: bytes) -> None:
+    data = b'Traceback (most recent call last):\n  File "x.py", line 1, in f\n' + line + b"\nafter\n"
+    text, _ = _filtered(data)
+    assert text == NOTE + "after\n"
+
+
 def test_without_anything_to_hide_the_echo_is_unchanged() -> None:
     data = b"".join(f"rank {r} step {s}\n".encode() for s in range(50) for r in range(2))
     text, echo = _filtered(data)
