@@ -478,7 +478,7 @@ class Checkpointer:
         if not (is_initialized() and multinode):
             self._writers, self.homes = (0,), (0,) * self.world_size
             self.local_ranks = tuple(range(self.world_size))
-            self.writes = self.commits = self.rank == 0
+            self._settle_roles()
             return self._writers
         copies = settings.node_copies
         probes = os.path.join(self.paths.run_dir, "copy-probes")
@@ -507,10 +507,16 @@ class Checkpointer:
             [(int(n), int(lr)) for n, lr, _o in decisions],
             {int(n): int(o) for n, lr, o in decisions if o is not None} if copies else None,
         )
-        self.writes = self.commits = self.rank in self._writers
+        self._settle_roles()
         if self.rank == 0:
             log.info("snapshot.node_copies", writers=list(self._writers))
         return self._writers
+
+    def _settle_roles(self) -> None:
+        """``commits``: this rank commits a copy on its node (one of the writers); ``writes``:
+        it writes snapshot files at all, which every rank of a sharded snapshot does."""
+        self.commits = self._writers is not None and self.rank in self._writers
+        self.writes = self.commits or self.sharding is not None
 
     def live_digest(self) -> str | None:
         """Digest a snapshot taken now would record (collective; the value on rank 0, else None).

@@ -172,7 +172,7 @@ def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def _local_part(key: str, t: torch.Tensor, *, rank: int, world_size: int, gathered: bool) -> tuple[
+def _local_part(key: str, t: torch.Tensor, *, rank: int, world_size: int) -> tuple[
     tuple[int, ...], tuple[int, ...], torch.Tensor] | None:
     """``(offsets, sizes, local data)`` of the part of ``t`` this rank writes, or None.
 
@@ -182,7 +182,7 @@ def _local_part(key: str, t: torch.Tensor, *, rank: int, world_size: int, gather
     """
     shape = tuple(t.shape)
     if not isinstance(t, DTensor):
-        if rank != 0 and not gathered:
+        if rank != 0:
             return None
         return (0,) * len(shape), shape, t.detach()
     mesh, placements = t.device_mesh, t.placements
@@ -212,7 +212,7 @@ def _local_part(key: str, t: torch.Tensor, *, rank: int, world_size: int, gather
     return offset, local_shape, local
 
 
-def encode(obj: Any, *, rank: int, world_size: int, gathered: bool) -> _Encoded:
+def encode(obj: Any, *, rank: int, world_size: int) -> _Encoded:
     """Encode a snapshot (or shared-only) object; lay out this rank's chunks in its shard file."""
     enc = _Encoder()
     root = enc.encode(obj, "$")
@@ -220,7 +220,7 @@ def encode(obj: Any, *, rank: int, world_size: int, gathered: bool) -> _Encoded:
     chunks: list[_LocalChunk] = []
     pos = 0
     for key, t in enc.sharded:
-        part = _local_part(key, t, rank=rank, world_size=world_size, gathered=gathered)
+        part = _local_part(key, t, rank=rank, world_size=world_size)
         if part is None:
             continue
         offsets, sizes, local = part
@@ -390,9 +390,6 @@ class ShardedSnapshots:
         ckpt = self.ckpt
         if self._plan is None:
             writers = ckpt._settle_writers()
-            # Every rank of a sharded snapshot writes (and its writer thread must be waited for);
-            # the writers commit a copy on their node.
-            ckpt.writes = True
             self._plan = CopyPlan.make(writers, ckpt.homes, ckpt.local_ranks)
             if ckpt.rank == 0 and self._plan.transfers:
                 log.info("snapshot.sharded_copies", writers=list(writers),
@@ -442,7 +439,7 @@ class ShardedSnapshots:
                 raise SnapshotError(f"ranks reached different steps at snapshot time: {steps}")
         enc = encode(
             self._obj(shared, rank_states if ckpt.rank == 0 else None),
-            rank=ckpt.rank, world_size=ckpt.world_size, gathered=False,
+            rank=ckpt.rank, world_size=ckpt.world_size,
         )
         gathered_at = time.perf_counter()
         if ckpt._snapshot_job is not None:
@@ -568,7 +565,7 @@ class ShardedSnapshots:
                                             f"{'no report' if rep is None else rep[1]}")
                 _check_copies(plan, reports)
                 digest, manifest, small = self._commit(step, epoch, enc, arena, metadata, writer,
-                                                       reports)
+                                                       reports, plan)
                 payload[0] = ("ok", digest, manifest.to_json(), small)
                 seconds = time.perf_counter() - started
                 ckpt.last_write_s = seconds
@@ -713,11 +710,11 @@ class ShardedSnapshots:
         metadata: dict[str, Any],
         writer: Any,
         reports: list[Any],
+        plan: CopyPlan,
     ) -> tuple[str, Manifest, dict[str, bytes]]:
         """Rank 0: adopt the shard files of its copy, write the rest and the index, digest,
         commit. Returns the digest, the manifest and the small files every other copy needs."""
         ckpt = self.ckpt
-        plan = self._placement()
         by_key: dict[str, list[Chunk]] = {}
         parts: dict[str, list[ChunkDigest]] = {}
         meta: dict[str, tuple[str, tuple[int, ...]]] = {}
@@ -796,8 +793,7 @@ class ShardedSnapshots:
         """The digest a sharded snapshot taken now would record (collective; rank 0's value,
         None elsewhere). Equal for the same state under any sharding or world size."""
         ckpt = self.ckpt
-        enc = encode(self._obj(self._shared(), None), rank=ckpt.rank, world_size=ckpt.world_size,
-                     gathered=False)
+        enc = encode(self._obj(self._shared(), None), rank=ckpt.rank, world_size=ckpt.world_size)
         return self._collective_digest(enc, enc.encoded.root, None)
 
     def _collective_digest(
@@ -915,8 +911,7 @@ class ShardedSnapshots:
         if not isinstance(obj, dict) or not {"shared", "ranks", "world_size"} <= obj.keys():
             raise CorruptSnapshot(f"step {step}: tree.json does not hold a training state")
         # Targets: the live state's tensors in the current sharding, as scratch copies.
-        live = encode(self._obj(self._shared(), None), rank=ckpt.rank, world_size=ckpt.world_size,
-                      gathered=False)
+        live = encode(self._obj(self._shared(), None), rank=ckpt.rank, world_size=ckpt.world_size)
         live_by_key = dict(live.tensors)
         saved_keys = {r["key"] for r in records(tree["root"]) if r.get("t") == SHARDED_TAG}
         if saved_keys != set(index):

@@ -143,7 +143,7 @@ def _write_sharded(store: LocalSnapshotStore, step: int, obj: dict[str, Any], sp
     """Commit ``obj`` as a sharded snapshot split over ``splits`` files at random row
     boundaries (uneven, some empty); return the digest of the gathered state."""
     rng = random.Random(seed)
-    enc = encode(obj, rank=0, world_size=1, gathered=True)
+    enc = encode(obj, rank=0, world_size=1)
     arena = codec.StagingArena().stage(enc.encoded)
     arena_view = arena.numpy().data if enc.encoded.arena_nbytes else memoryview(b"")
     totals = {c.key: c.total for c in enc.chunks}
@@ -184,7 +184,7 @@ def _write_sharded(store: LocalSnapshotStore, step: int, obj: dict[str, Any], sp
     writer.commit(
         run_id="t", epoch=0, world_size=3, digest=gathered,
         metadata={"sharded": {"format": SHARDED_FORMAT, "block_bytes": BLOCK_BYTES,
-                              "rest_digest": rest, "gathered": False}},
+                              "rest_digest": rest, "copies": 1}},
         components={**rank_components, **components},
     )
     return gathered

@@ -30,7 +30,7 @@ def mesh() -> Iterator[Any]:
 
 
 def _digest(obj: dict[str, Any]) -> str:
-    enc = encode(obj, rank=0, world_size=1, gathered=False)
+    enc = encode(obj, rank=0, world_size=1)
     arena = codec.StagingArena().stage(enc.encoded)
     view = arena.numpy().data if enc.encoded.arena_nbytes else memoryview(b"")
     totals = {c.key: c.total for c in enc.chunks}
@@ -55,10 +55,10 @@ def test_shard0_and_replicate_digest_like_plain_tensors(mesh: Any) -> None:
 def test_other_placements_are_refused(mesh: Any) -> None:
     w = distribute_tensor(torch.randn(4, 6), mesh, [Shard(1)])
     with pytest.raises(UsageError, match="Shard"):
-        encode(_shared({"w": w}), rank=0, world_size=1, gathered=False)
+        encode(_shared({"w": w}), rank=0, world_size=1)
 
 
 def test_a_mesh_smaller_than_the_world_is_refused(mesh: Any) -> None:
     w = distribute_tensor(torch.randn(4, 6), mesh, [Shard(0)])
     with pytest.raises(UsageError, match="1-D mesh"):
-        encode(_shared({"w": w}), rank=0, world_size=2, gathered=False)
+        encode(_shared({"w": w}), rank=0, world_size=2)
