@@ -7,7 +7,10 @@ from collections import Counter
 
 import pytest
 
+from storage.manifest import FileEntry
+from trainer.errors import SnapshotError
 from trainer.placement import CopyPlan, settle_homes, shard_transfers
+from trainer.sharded import _check_copies
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -118,3 +121,26 @@ def test_inconsistent_owners_are_refused(
 def test_a_writer_with_no_rank_in_its_directory_is_refused() -> None:
     with pytest.raises(ValueError, match="no rank"):
         shard_transfers([0, 0], [0, 1], [0, 1])
+
+
+def _entry(fill: str) -> FileEntry:
+    return FileEntry(size=10, checksum=fill * 64)
+
+
+def _report(name: str, entry: FileEntry, carried: list[tuple[str, FileEntry]]) -> tuple[object, ...]:
+    return ("ok", name, entry, [], [], carried)
+
+
+def test_rank0_refuses_a_copy_missing_a_shard_or_holding_a_different_one() -> None:
+    """Two nodes of one rank: each copy holds its own shard and the other node's, carried."""
+    plan = _plan(_nodes(2, 1), {0: 0, 1: 1})
+    a, b = _entry("a"), _entry("b")
+    good = [_report("shard-00000.bin", a, [("shard-00001.bin", b)]),
+            _report("shard-00001.bin", b, [("shard-00000.bin", a)])]
+    _check_copies(plan, good)
+    torn = [good[0], _report("shard-00001.bin", b, [("shard-00000.bin", _entry("c"))])]
+    with pytest.raises(SnapshotError, match="differs from its owner"):
+        _check_copies(plan, torn)
+    lost = [good[0], _report("shard-00001.bin", b, [])]
+    with pytest.raises(SnapshotError, match="lacks"):
+        _check_copies(plan, lost)
